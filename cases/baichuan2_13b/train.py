@@ -1,0 +1,160 @@
+"""One rank of the Baichuan2 ZeRO-3 case; ``memdiag run`` launches it through torchrun.
+
+    python -m torch.distributed.run --nproc_per_node 2 -m cases.baichuan2_13b.train RUN_DIR
+
+It reads the resolved configuration from ``RUN_DIR/run.json``, starts memdiag's
+instrumentation before anything heavy is imported, and trains with DeepSpeed. Phases outside
+DeepSpeed's own calls (``init``, ``model_build``, ``teardown``) are marked here; the rest come
+from memdiag's DeepSpeed hooks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from memdiag import instrument
+from memdiag.config import RunConfig, load_ds_config
+from memdiag.phases import StepRecord
+
+log = logging.getLogger("memdiag.case")
+
+
+def build_model(config: RunConfig, ds_config: dict):
+    """``zero_init``: parameters partitioned as they are created. ``reference``: what the
+    benchmark does - the whole model in fp32 on every rank, partitioned only later by
+    ``deepspeed.initialize``."""
+    import deepspeed
+    import torch
+
+    from cases.baichuan2_13b.modeling_baichuan import BaichuanConfig, BaichuanForCausalLM
+
+    model_cfg = BaichuanConfig(**{k: v for k, v in config.model.items() if k != "scale"})
+    if config.load == "reference":
+        if config.checkpoint:
+            return BaichuanForCausalLM.from_pretrained(config.checkpoint, dtype=torch.float32)
+        return BaichuanForCausalLM(model_cfg)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        if config.checkpoint:
+            return BaichuanForCausalLM.from_pretrained(config.checkpoint, dtype=torch.float32)
+        return BaichuanForCausalLM(model_cfg)
+
+
+def make_optimizer(model, ds_config: dict):
+    """torch's AdamW with the ds_config's settings: DeepSpeed's own AdamW would JIT-compile
+    FusedAdam (~50 s on CPU) and needs a compiler on every node."""
+    import torch
+
+    params = dict(ds_config.pop("optimizer", {}).get("params", {}))
+    ds_config["zero_allow_untested_optimizer"] = True
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    return torch.optim.AdamW(model.parameters(), **params)
+
+
+def _redirect_output(log_path: Path) -> int:
+    """Send this rank's stdout/stderr (DeepSpeed's chatter) to its log file; return a
+    descriptor of the original stdout for rank 0's progress lines."""
+    progress_fd = os.dup(1)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return progress_fd
+
+
+class Progress:
+    """One plain line per step on rank 0: safe to interleave with other logs and to pipe."""
+
+    def __init__(self, fd: int, total_steps: int, ranks: int) -> None:
+        self._out = os.fdopen(fd, "w", buffering=1)
+        self.total = total_steps
+        self.ranks = ranks
+
+    def __call__(self, record: StepRecord) -> None:
+        loss = "n/a" if record.loss is None else f"{record.loss:.4f}"
+        rate = record.tokens / record.step_time_s if record.step_time_s > 0 else 0.0
+        self._out.write(
+            f"[memdiag] step {record.step}/{self.total}  loss {loss}  "
+            f"{record.step_time_s:.2f} s/step  {rate:,.0f} token/s on rank 0\n"
+        )
+
+    def line(self, text: str) -> None:
+        self._out.write(f"[memdiag] {text}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run_dir = Path(argv[0])
+    config = RunConfig.from_dict(json.loads((run_dir / "run.json").read_text())["config"])
+    inst = instrument.start(run_dir, config.sample_hz)
+    tracker = inst.tracker
+    rank = inst.identity.rank
+    progress_fd = _redirect_output(run_dir / "logs" / f"rank-{rank}.log")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    progress = Progress(progress_fd, config.steps, inst.identity.world_size) if rank == 0 else None
+
+    with tracker.phase_scope("init"):
+        import torch
+
+        import deepspeed
+        from cases.baichuan2_13b import modeling_baichuan  # noqa: F401  (import cost belongs here)
+
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        backend = "gloo" if config.hardware.accelerator == "cpu" else "nccl"
+        deepspeed.init_distributed(dist_backend=backend)
+        if config.hardware.accelerator == "cuda":
+            torch.cuda.set_device(inst.identity.local_rank)
+        torch.manual_seed(config.seed)
+        ds_config = load_ds_config(config)
+
+    from cases.baichuan2_13b.data import batches
+
+    data = batches(
+        source=config.data["source"],
+        path=config.data.get("path"),
+        seed=config.data.get("seed", 0),
+        seq_len=config.seq_len,
+        vocab_size=config.model["vocab_size"],
+        micro_batch=config.micro_batch,
+        rank=rank,
+        world_size=inst.identity.world_size,
+    )
+    with tracker.phase_scope("model_build"):
+        model = build_model(config, ds_config)
+    optimizer = make_optimizer(model, ds_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if progress:
+        tracker.step_listeners.append(progress)
+        progress.line(f"training {config.steps} steps on {inst.identity.world_size} ranks")
+
+    engine.train()
+    device = engine.device
+    for _ in range(config.steps):
+        for _ in range(config.grad_accum):
+            input_ids = next(data).to(device)
+            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            engine.backward(loss)
+            engine.step()
+
+    with tracker.phase_scope("teardown"):
+        del engine, optimizer, model
+        import gc
+
+        gc.collect()
+        deepspeed.comm.barrier()
+        torch.distributed.destroy_process_group()
+    inst.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from memdiag.cli import main
+
+sys.exit(main())

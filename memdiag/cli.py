@@ -1,0 +1,38 @@
+"""The ``memdiag`` command: parse arguments, call a subcommand, turn errors into one line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from memdiag import __version__
+from memdiag.commands import report, run
+from memdiag.errors import MemdiagError
+
+COMMANDS = {"run": run, "report": report}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memdiag", description="memory diagnostics for DeepSpeed ZeRO-3 training"
+    )
+    parser.add_argument("--version", action="version", version=f"memdiag {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in COMMANDS.values():
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="memdiag: %(message)s")
+    try:
+        return COMMANDS[args.command].main(args)
+    except MemdiagError as exc:
+        print(f"memdiag: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""``memdiag report RUN_DIR``: (re)build summary.json and report.html from the timelines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from memdiag.report import build_figures, write_report
+from memdiag.summary import Summary, summarize
+from memdiag.timeline import format as fmt
+from memdiag.timeline import read_run
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("report", help="rebuild a run's report.html and summary.json")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+
+
+def build(run_dir: Path) -> tuple[Summary, Path]:
+    run = read_run(run_dir)
+    summary = summarize(run)
+    (run_dir / fmt.SUMMARY_JSON).write_text(json.dumps(summary.to_dict(), indent=2))
+    path = write_report(run, summary, build_figures(run, summary), run_dir / fmt.REPORT_HTML)
+    return summary, path
+
+
+def main(args: argparse.Namespace) -> int:
+    for run_dir in args.run_dirs:
+        _, path = build(run_dir)
+        print(f"memdiag: wrote {path}")
+    return 0

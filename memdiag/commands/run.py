@@ -1,0 +1,52 @@
+"""``memdiag run case=NAME [key=value ...]``: run a case instrumented, then summarise and draw."""
+
+from __future__ import annotations
+
+import argparse
+
+from memdiag import launch
+from memdiag.commands import report
+from memdiag.config import compose
+from memdiag.units import format_bytes
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run a case with memory instrumentation and write a report",
+        description="Overrides use Hydra's key=value form: case=baichuan2_13b model.scale=tiny "
+        "steps=20 nproc_per_node=2 seq_len=256 load=reference reports_dir=PATH",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = compose(args.overrides)
+    if config.selection_note:
+        print(f"memdiag: {config.selection_note}", flush=True)
+    run_dir = launch.make_run_dir(config)
+    spec = launch.initial_spec(config, run_dir)
+    print(
+        f"memdiag: {config.case} model.scale={config.model.get('scale')} "
+        f"({spec['num_parameters'] / 1e6:,.1f}M parameters), layout {config.layout}, "
+        f"load={config.load}, {config.steps} steps of seq_len {config.seq_len}; "
+        f"host limit {format_bytes(spec['host_limit_bytes'])} ({spec['host_limit_source']})",
+        flush=True,
+    )
+    print(f"memdiag: run directory {run_dir}", flush=True)
+    code = launch.run_local(config, run_dir, spec)
+    summary, html_path = report.build(run_dir)
+    if code != 0:
+        print(f"memdiag: the run failed (torchrun exit code {code}); partial report: {html_path}")
+        excerpt = launch.failure_excerpt(run_dir)
+        if excerpt:
+            print(excerpt)
+        return 1
+    rate = summary.tokens_per_s_per_device
+    print(
+        f"memdiag: done. loss {summary.loss:.4f}, "
+        f"{'n/a' if rate is None else f'{rate:,.1f}'} token/p/s, host peak per node "
+        + ", ".join(f"{h} {format_bytes(b)}" for h, b in summary.host_peak_bytes_per_node.items())
+    )
+    print(f"memdiag: report {html_path}")
+    return 0

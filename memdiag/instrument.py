@@ -1,0 +1,120 @@
+"""Start memdiag inside one rank: timeline writer, device probe, phase tracker, sampler, hooks.
+
+Used by the case's training entry and (for ``memdiag run -- CMD``) by the injected
+sitecustomize. Everything it starts is stopped and flushed at exit, also on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import memdiag
+from memdiag import hooks
+from memdiag.phases import PhaseTracker
+from memdiag.probes.device import DeviceProbe
+from memdiag.sampler import Sampler
+from memdiag.timeline import format as fmt
+from memdiag.timeline.writer import TimelineWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankIdentity:
+    """Where this process sits in the job, from the launcher's environment variables."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    host: str = field(default_factory=socket.gethostname)
+
+    @classmethod
+    def from_env(cls) -> RankIdentity:
+        env = os.environ
+        world_size = int(env.get("WORLD_SIZE", "1"))
+        return cls(
+            rank=int(env.get("RANK", "0")),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            world_size=world_size,
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world_size))),
+        )
+
+
+class Instrumentation:
+    """Everything memdiag runs inside one rank; ``stop`` is idempotent."""
+
+    def __init__(self, run_dir: Path, identity: RankIdentity, sample_hz: float) -> None:
+        self.identity = identity
+        self._warned: set[str] = set()
+        self.device = DeviceProbe.detect(identity.local_rank)
+        header = {
+            "tool_version": memdiag.__version__,
+            "rank": identity.rank,
+            "local_rank": identity.local_rank,
+            "world_size": identity.world_size,
+            "local_world_size": identity.local_world_size,
+            "host": identity.host,
+            "pid": os.getpid(),
+            "sample_hz": sample_hz,
+            "device_source": self.device.source if self.device else None,
+            "device_total_bytes": self.device.total_bytes if self.device else None,
+        }
+        self.writer = TimelineWriter(fmt.rank_path(run_dir, identity.rank), header)
+        self.tracker = PhaseTracker(self.writer.write, self.device, self.warn_once)
+        if self.device is not None and self.device.nvml_error:
+            self.warn_once("nvml", self.device.nvml_error)
+        self.sampler = Sampler(self.writer, self.tracker, self.device, 1.0 / sample_hz)
+        self._stopped = False
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        log.warning(message)
+        self.writer.write({"kind": fmt.WARNING, "t": time.time_ns(), "key": key, "message": message})
+
+    def start(self) -> Instrumentation:
+        hooks.install(self.tracker, self.warn_once)
+        self.sampler.start()
+        atexit.register(self.stop)
+        _chain_sigterm(self.stop)
+        return self
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.sampler.stop()
+        self.writer.close()
+
+
+def _chain_sigterm(stop) -> None:
+    """On SIGTERM flush the timeline, then behave as the previous handler would."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        stop()
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread; atexit still flushes on a normal exit
+        pass
+
+
+def start(run_dir: str | Path, sample_hz: float = 100.0) -> Instrumentation:
+    return Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz).start()
+
+

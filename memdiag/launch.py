@@ -1,0 +1,163 @@
+"""Start runs: the run directory, run.json, and the ranks through torchrun.
+
+torchrun (``torch.distributed.run``) starts the ranks as real processes; memdiag waits for it,
+then records how it ended. Files the launch causes outside the run directory (torchelastic's
+TMPDIR files) are kept inside it and removed afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from memdiag.config import RunConfig
+from memdiag.probes import cgroup
+from memdiag.probes.host import read_meminfo
+from memdiag.timeline import format as fmt
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_run_dir(config: RunConfig) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    run_dir = Path(config.reports_dir) / config.case / f"{stamp}-{config.layout}"
+    (run_dir / fmt.TIMELINE_DIR).mkdir(parents=True, exist_ok=False)
+    (run_dir / "logs").mkdir()
+    return run_dir
+
+
+def host_limit(config: RunConfig) -> tuple[int, str]:
+    """The host RAM a node may use, and where that figure came from."""
+    if config.host_ram_bytes is not None:
+        return config.host_ram_bytes, "host_ram override"
+    if config.hardware.host_ram_bytes is not None:
+        return config.hardware.host_ram_bytes, f"hardware profile {config.hardware.name}"
+    total = read_meminfo().total_bytes
+    files = cgroup.locate()
+    limit = cgroup.read(files).limit_bytes if files else None
+    if limit is not None and limit < total:
+        return limit, f"memory cgroup v{files.version} limit"
+    return total, "MemTotal of this machine"
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "deepspeed", "transformers"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_run_json(run_dir: Path, data: dict) -> None:
+    tmp = run_dir / (fmt.RUN_JSON + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(run_dir / fmt.RUN_JSON)
+
+
+def initial_spec(config: RunConfig, run_dir: Path) -> dict:
+    case = importlib.import_module(f"cases.{config.case}")
+    limit, limit_source = host_limit(config)
+    return {
+        "case": config.case,
+        "layout": config.layout,
+        "world_size": config.world_size,
+        "hosts": [platform.node()],
+        "config": config.to_dict(),
+        "num_parameters": case.num_parameters(config.model),
+        "host_limit_bytes": limit,
+        "host_limit_source": limit_source,
+        "versions": _versions(),
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "status": "running",
+        "run_dir": str(run_dir),
+    }
+
+
+def rank_env(config: RunConfig, run_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["TMPDIR"] = str(run_dir / "tmp")
+    (run_dir / "tmp").mkdir(exist_ok=True)
+    paths = [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if config.hardware.accelerator == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // config.nproc_per_node)))
+    return env
+
+
+def torchrun_command(config: RunConfig, run_dir: Path) -> list[str]:
+    case = importlib.import_module(f"cases.{config.case}")
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes=1",
+        f"--nproc_per_node={config.nproc_per_node}",
+        "-m",
+        case.ENTRY_MODULE,
+        str(run_dir),
+    ]
+
+
+def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
+    """Run the ranks on this node; returns torchrun's exit code and records the end in run.json."""
+    write_run_json(run_dir, spec)
+    launcher_log = open(run_dir / "logs" / "launcher.log", "w")
+    started = time.monotonic()
+    process = subprocess.Popen(
+        torchrun_command(config, run_dir),
+        env=rank_env(config, run_dir),
+        cwd=REPO_ROOT,
+        stderr=launcher_log,
+        start_new_session=False,
+    )
+    status = "failed"
+    try:
+        code = process.wait()
+        status = "completed" if code == 0 else "failed"
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        status = "interrupted"
+    finally:
+        launcher_log.close()
+        shutil.rmtree(run_dir / "tmp", ignore_errors=True)
+    spec.update(
+        status=status,
+        exit_code=code,
+        ended_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        duration_s=round(time.monotonic() - started, 3),
+    )
+    write_run_json(run_dir, spec)
+    return code
+
+
+def failure_excerpt(run_dir: Path, lines: int = 15) -> str:
+    """The end of the first rank log that holds a traceback (or of the launcher's log)."""
+    logs = sorted((run_dir / "logs").glob("rank-*.log")) + [run_dir / "logs" / "launcher.log"]
+    for log_file in logs:
+        try:
+            text = log_file.read_text(errors="replace")
+        except OSError:
+            continue
+        if "Traceback" in text or log_file.name == "launcher.log":
+            tail = [line for line in text.splitlines() if line.strip()][-lines:]
+            return f"{log_file}:\n" + "\n".join(tail)
+    return ""

@@ -1,0 +1,1 @@
+"""Probes read one figure fast. Each is a pure parser plus a thin reader naming its source."""

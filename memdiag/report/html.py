@@ -1,0 +1,112 @@
+"""A self-contained report page: plotly.js inline (opens offline), summary as plain HTML."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import plotly.graph_objects as go
+
+from memdiag.summary import Summary
+from memdiag.timeline.reader import Run
+from memdiag.units import format_bytes
+
+GIB = 2**30
+
+
+def benchmark_row(run: Run, summary: Summary) -> dict[str, str]:
+    """The benchmark's table: 配置 | fix_hp | token/p/s | loss | mem | MFU."""
+    config = run.spec.get("config", {})
+    hardware = config.get("hardware", {}).get("name", "?")
+    layout = f"{config.get('nnodes', '?')}x{config.get('nproc_per_node', '?')}"
+    mem = "/"
+    if summary.device_peak_bytes is not None and summary.device_total_bytes:
+        mem = f"{summary.device_peak_bytes / GIB:.2f}/{summary.device_total_bytes / GIB:.0f}"
+    fix_hp = " ".join(o for o in config.get("overrides", []) if not o.startswith("case=")) or "/"
+    return {
+        "配置": f"{hardware} {layout}",
+        "fix_hp": fix_hp,
+        "token/p/s": "/" if summary.tokens_per_s_per_device is None else f"{summary.tokens_per_s_per_device:.1f}",
+        "loss": "/" if summary.loss is None else f"{summary.loss:.2f}",
+        "mem": mem,
+        "MFU": "/" if summary.mfu is None else f"{summary.mfu * 100:.1f}%",
+    }
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row.values()) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _summary_html(run: Run, summary: Summary) -> str:
+    notes = []
+    if summary.device_source:
+        notes.append(f"mem: peak/total GiB from {summary.device_source}")
+    notes.append(
+        summary.mfu_formula
+        + (f"; peak {summary.peak_flops:.3g} FLOP/s" if summary.peak_flops else "; no peak FLOP/s in the hardware profile, so no MFU")
+    )
+    host_rows = [
+        {"rank": rank, "host RSS peak": format_bytes(peak)}
+        for rank, peak in summary.host_peak_bytes_per_rank.items()
+    ]
+    node_rows = [
+        {"node": host, "host RSS peak (sum of ranks at one moment)": format_bytes(peak)}
+        for host, peak in summary.host_peak_bytes_per_node.items()
+    ]
+    problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary.problems)
+    return (
+        "<h2>Summary</h2>"
+        + _table([benchmark_row(run, summary)])
+        + "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes)
+        + "<h3>Host RAM peaks</h3>"
+        + _table(node_rows)
+        + _table(host_rows)
+        + (f"<h3>What is missing</h3><ul class='problems'>{problems}</ul>" if problems else "")
+    )
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}
+th{background:#f4f4f4}.note{color:#555;font-size:.9em;margin:.2em 0}.problems{color:#a40}
+"""
+
+
+def write_report(run: Run, summary: Summary, figures: dict[str, go.Figure], path: Path) -> Path:
+    import plotly.io as pio
+
+    config = run.spec.get("config", {})
+    title = f"memdiag: {config.get('case', 'run')} {run.path.name}"
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        _summary_html(run, summary),
+    ]
+    for index, (name, figure) in enumerate(figures.items()):
+        parts.append(
+            f"<section class='figure' data-figure='{html.escape(name)}'>"
+            + pio.to_html(
+                figure,
+                full_html=False,
+                include_plotlyjs=index == 0,
+                div_id=f"fig-{name}",
+                config={"displaylogo": False},
+            )
+            + "</section>"
+        )
+    parts.append(
+        "<script type='application/json' id='memdiag-summary'>"
+        + html.escape(json.dumps(summary.to_dict()), quote=False)
+        + "</script></body></html>"
+    )
+    path.write_text("".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,96 @@
+"""The per-rank sampler: a daemon thread that writes one sample per tick."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from memdiag.phases import PhaseTracker
+from memdiag.probes.device import DeviceProbe
+from memdiag.probes.host import SelfStatusReader
+from memdiag.timeline import format as fmt
+from memdiag.timeline.writer import TimelineWriter
+
+log = logging.getLogger(__name__)
+
+NVML_INTERVAL_S = 0.1
+"""NVML's per-process query costs ~100 us; 10 Hz is plenty for a figure that moves slowly."""
+
+
+class Sampler:
+    """Samples host RSS/HWM and device memory at ``interval_s`` on deadlines (no drift).
+
+    A failing read is logged once and the tick skipped: the sampler never raises into the
+    process it watches.
+    """
+
+    def __init__(
+        self,
+        writer: TimelineWriter,
+        tracker: PhaseTracker,
+        device: DeviceProbe | None,
+        interval_s: float = 0.01,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s}")
+        self.interval_s = interval_s
+        self._writer = writer
+        self._tracker = tracker
+        self._device = device
+        self._status = SelfStatusReader()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="memdiag-sampler", daemon=True)
+        self._errors = 0
+        self._next_nvml = 0.0
+        self.samples_written = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._writer.flush()
+
+    def sample_once(self) -> dict:
+        mem = self._status.read()
+        record = {
+            "kind": fmt.SAMPLE,
+            "t": time.time_ns(),
+            "phase": self._tracker.phase,
+            "step": self._tracker.step,
+            "rss_bytes": mem.rss_bytes,
+            "hwm_bytes": mem.hwm_bytes,
+        }
+        if self._device is not None:
+            device = self._device.read(with_nvml=self._nvml_due())
+            record["device_allocated_bytes"] = device.allocated_bytes
+            record["device_reserved_bytes"] = device.reserved_bytes
+            if device.nvml_used_bytes is not None:
+                record["nvml_used_bytes"] = device.nvml_used_bytes
+        return record
+
+    def _nvml_due(self) -> bool:
+        now = time.monotonic()
+        if now >= self._next_nvml:
+            self._next_nvml = now + NVML_INTERVAL_S
+            return True
+        return False
+
+    def _loop(self) -> None:
+        deadline = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._writer.write(self.sample_once())
+                self.samples_written += 1
+            except Exception:  # never let a probe failure escape the thread
+                self._errors += 1
+                if self._errors == 1:
+                    log.exception("memdiag sampler: a sample failed; further failures are counted")
+            deadline += self.interval_s
+            now = time.monotonic()
+            if deadline < now:  # fell behind (e.g. a stalled /proc read): skip, don't burst
+                deadline = now + self.interval_s
+            self._stop.wait(deadline - now)

@@ -1,0 +1,114 @@
+"""The run's summary in the benchmark's terms (token/p/s, loss, mem, MFU) plus host peaks.
+
+Computed from the timeline reader only, so the summary, the checks and the report agree.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from memdiag.timeline.reader import RankTimeline, Run
+
+MFU_FORMULA = "MFU = token/p/s x 6 x parameters / peak FLOP/s per device (PaLM, no attention FLOPs)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Summary:
+    tokens_per_s_per_device: float | None
+    """Mean over steady steps (the first step, which warms up, is left out when there are more)."""
+    loss: float | None
+    """Last step's loss, averaged over ranks."""
+    steps: int
+    device_peak_bytes: int | None
+    device_total_bytes: int | None
+    device_source: str | None
+    mfu: float | None
+    mfu_formula: str
+    peak_flops: float | None
+    num_parameters: int | None
+    host_peak_bytes_per_rank: dict[str, int]
+    host_peak_bytes_per_node: dict[str, int]
+    """Highest sum of the node's ranks' RSS at one moment (samples aligned in time)."""
+    host_limit_bytes: int | None
+    problems: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def node_total_series(ranks: list[RankTimeline], grid_ns: np.ndarray) -> np.ndarray:
+    """Sum of the ranks' RSS on ``grid_ns``, each rank's last sample carried forward (zero
+    before its first sample and after its last)."""
+    total = np.zeros(len(grid_ns))
+    for timeline in ranks:
+        if not len(timeline.t_ns):
+            continue
+        index = np.searchsorted(timeline.t_ns, grid_ns, side="right") - 1
+        valid = (index >= 0) & (grid_ns <= timeline.t_ns[-1])
+        rss = timeline.columns["rss_bytes"]
+        total[valid] += rss[index[valid]]
+    return total
+
+
+def ranks_by_host(run: Run) -> dict[str, list[RankTimeline]]:
+    hosts: dict[str, list[RankTimeline]] = defaultdict(list)
+    for rank in run.rank_ids:
+        timeline = run.ranks[rank]
+        hosts[timeline.header.get("host", "?")].append(timeline)
+    return dict(hosts)
+
+
+def node_peak_bytes(ranks: list[RankTimeline]) -> int:
+    grid = np.unique(np.concatenate([t.t_ns for t in ranks]))
+    return int(node_total_series(ranks, grid).max()) if len(grid) else 0
+
+
+def _throughput(steps: list[dict]) -> float | None:
+    timed = [s for s in steps if s.get("step_time_s")]
+    if len(timed) > 1:
+        timed = timed[1:]
+    seconds = sum(s["step_time_s"] for s in timed)
+    return sum(s["tokens"] for s in timed) / seconds if seconds > 0 else None
+
+
+def summarize(run: Run) -> Summary:
+    config = run.spec.get("config", {})
+    hardware = config.get("hardware", {})
+    first = run.ranks[run.rank_ids[0]] if run.ranks else None
+    rank0_steps = first.steps if first else []
+    last_losses = [
+        t.steps[-1]["loss"] for t in run.ranks.values() if t.steps and t.steps[-1].get("loss") is not None
+    ]
+    rate = _throughput(rank0_steps)
+    device_peaks = [p for p in (t.device_peak_bytes() for t in run.ranks.values()) if p is not None]
+    peak_flops = hardware.get("peak_flops")
+    num_parameters = run.spec.get("num_parameters")
+    mfu = None
+    if rate and peak_flops and num_parameters:
+        mfu = rate * 6 * num_parameters / peak_flops
+    host_peaks = {
+        str(rank): peak
+        for rank, t in sorted(run.ranks.items())
+        if (peak := t.host_peak_bytes()) is not None
+    }
+    return Summary(
+        tokens_per_s_per_device=rate,
+        loss=float(np.mean(last_losses)) if last_losses else None,
+        steps=len(rank0_steps),
+        device_peak_bytes=max(device_peaks) if device_peaks else None,
+        device_total_bytes=first.header.get("device_total_bytes") if first else None,
+        device_source=first.header.get("device_source") if first else None,
+        mfu=mfu,
+        mfu_formula=MFU_FORMULA,
+        peak_flops=peak_flops,
+        num_parameters=num_parameters,
+        host_peak_bytes_per_rank=host_peaks,
+        host_peak_bytes_per_node={
+            host: node_peak_bytes(ranks) for host, ranks in ranks_by_host(run).items()
+        },
+        host_limit_bytes=run.spec.get("host_limit_bytes"),
+        problems=list(run.problems),
+    )

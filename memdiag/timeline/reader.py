@@ -1,0 +1,187 @@
+"""The one reader of run directories: checks, planner calibration and reports all use it.
+
+Tolerant by design: a torn last line (the writer was killed mid-write), a missing or empty
+rank file, or a missing run.json are recorded in ``Run.problems`` and reading goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from memdiag.errors import UsageError
+from memdiag.timeline import format as fmt
+
+SAMPLE_COLUMNS = (
+    "rss_bytes",
+    "hwm_bytes",
+    "device_allocated_bytes",
+    "device_reserved_bytes",
+    "nvml_used_bytes",
+)
+
+
+@dataclass
+class Phase:
+    """One closed (or, in a killed run, still open) phase of one rank."""
+
+    name: str
+    begin_ns: int
+    end_ns: int | None
+    step: int | None
+    depth: int
+    host_peak_bytes: int | None = None
+    device_peak_bytes: int | None = None
+    module: str | None = None
+
+
+@dataclass
+class RankTimeline:
+    rank: int
+    path: Path
+    header: dict
+    t_ns: np.ndarray
+    columns: dict[str, np.ndarray]
+    """Sample columns by name; NaN where a sample lacks the figure."""
+    sample_phase: list[str]
+    sample_step: np.ndarray
+    events: list[dict]
+    torn_lines: int = 0
+
+    @property
+    def phases(self) -> list[Phase]:
+        return phases_from_events(self.events)
+
+    @property
+    def steps(self) -> list[dict]:
+        return [e for e in self.events if e["kind"] == fmt.STEP]
+
+    def host_peak_bytes(self) -> int | None:
+        """Highest RSS this rank reached: samples and exact per-phase peaks together."""
+        candidates = [int(np.nanmax(self.columns["rss_bytes"]))] if len(self.t_ns) else []
+        candidates += [p.host_peak_bytes for p in self.phases if p.host_peak_bytes is not None]
+        return max(candidates) if candidates else None
+
+    def device_peak_bytes(self) -> int | None:
+        candidates = []
+        if len(self.t_ns) and not np.all(np.isnan(self.columns["device_allocated_bytes"])):
+            candidates.append(int(np.nanmax(self.columns["device_allocated_bytes"])))
+        candidates += [p.device_peak_bytes for p in self.phases if p.device_peak_bytes is not None]
+        return max(candidates) if candidates else None
+
+
+@dataclass
+class Run:
+    path: Path
+    spec: dict
+    ranks: dict[int, RankTimeline]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def rank_ids(self) -> list[int]:
+        return sorted(self.ranks)
+
+
+def phases_from_events(events: list[dict]) -> list[Phase]:
+    """Pair phase_begin/phase_end events (they nest); unclosed phases keep ``end_ns=None``."""
+    stack: list[Phase] = []
+    done: list[Phase] = []
+    for event in events:
+        kind = event["kind"]
+        if kind == fmt.PHASE_BEGIN:
+            stack.append(Phase(event["phase"], event["t"], None, event.get("step"), len(stack)))
+        elif kind == fmt.PHASE_END and stack and stack[-1].name == event["phase"]:
+            phase = stack.pop()
+            phase.end_ns = event["t"]
+            phase.host_peak_bytes = event.get("host_peak_bytes")
+            phase.device_peak_bytes = event.get("device_peak_bytes")
+            done.append(phase)
+    done.extend(stack)
+    return sorted(done, key=lambda p: (p.begin_ns, p.depth))
+
+
+def _check_version(header: dict, path: Path) -> None:
+    version = str(header.get("format_version", "0"))
+    major = version.split(".")[0]
+    if major != fmt.FORMAT_VERSION.split(".")[0]:
+        raise UsageError(
+            f"{path} has timeline format {version}; this memdiag reads "
+            f"{fmt.FORMAT_VERSION.split('.')[0]}.x: use the memdiag version that wrote it"
+        )
+
+
+def read_rank_file(path: Path, rank: int) -> tuple[RankTimeline | None, list[str]]:
+    problems: list[str] = []
+    lines = path.read_bytes().split(b"\n")
+    records: list[dict] = []
+    torn = 0
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            torn += 1
+            where = "last line" if number >= len(lines) - 2 else f"line {number + 1}"
+            problems.append(f"{path.name}: skipped a torn {where} (the writer was cut off)")
+    if not records or records[0].get("kind") != fmt.HEADER:
+        problems.append(f"{path.name}: empty or without a header line; rank {rank} has no data")
+        return None, problems
+    header = records[0]
+    _check_version(header, path)
+    samples = [r for r in records if r.get("kind") == fmt.SAMPLE]
+    events = [r for r in records[1:] if r.get("kind") != fmt.SAMPLE]
+    t_ns = np.fromiter((s["t"] for s in samples), dtype=np.int64, count=len(samples))
+    columns = {
+        name: np.array([s.get(name) for s in samples], dtype=np.float64) for name in SAMPLE_COLUMNS
+    }
+    timeline = RankTimeline(
+        rank=rank,
+        path=path,
+        header=header,
+        t_ns=t_ns,
+        columns=columns,
+        sample_phase=[s.get("phase", "") for s in samples],
+        sample_step=np.array([s.get("step", -1) for s in samples], dtype=np.int64),
+        events=events,
+        torn_lines=torn,
+    )
+    return timeline, problems
+
+
+def read_run(path: str | Path) -> Run:
+    run_dir = Path(path)
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir} is not a run directory; pass a directory under reports/")
+    problems: list[str] = []
+    spec: dict = {}
+    run_json = run_dir / fmt.RUN_JSON
+    try:
+        spec = json.loads(run_json.read_text())
+    except FileNotFoundError:
+        problems.append("run.json is missing: the run's settings are unknown")
+    except ValueError:
+        problems.append("run.json is not valid JSON: the run's settings are unknown")
+    ranks: dict[int, RankTimeline] = {}
+    timeline_dir = run_dir / fmt.TIMELINE_DIR
+    for file in sorted(timeline_dir.glob("rank-*.jsonl")):
+        try:
+            rank = int(file.stem.split("-", 1)[1])
+        except ValueError:
+            problems.append(f"{file.name}: not a rank file name; ignored")
+            continue
+        timeline, file_problems = read_rank_file(file, rank)
+        problems += file_problems
+        if timeline is not None:
+            ranks[rank] = timeline
+    world_size = spec.get("world_size")
+    if world_size:
+        missing = [r for r in range(world_size) if not (timeline_dir / f"rank-{r}.jsonl").exists()]
+        if missing:
+            problems.append(f"no timeline for rank(s) {missing} of {world_size}")
+    if not ranks:
+        problems.append("no rank timelines with data")
+    return Run(path=run_dir, spec=spec, ranks=ranks, problems=problems)

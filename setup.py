@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="memdiag",
+    version="0.1.0",
+    description="Memory diagnostics for DeepSpeed ZeRO-3 training: plan, record, explain",
+    python_requires=">=3.10",
+    packages=find_packages(include=["memdiag", "memdiag.*", "cases", "cases.*"]),
+    package_data={"cases": ["*/conf/*.yaml", "*/conf/*/*.yaml", "*/*.json"]},
+    install_requires=[
+        # torch 2.13.0: the CPU build these machines carry; an open range pulls a CUDA build
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "transformers>=4.57,<6",
+        "safetensors>=0.4",
+        "hydra-core>=1.3,<1.4",
+        "numpy>=1.26",
+        "psutil>=5.9",
+        "nvidia-ml-py>=12",
+        "py-spy>=0.3.14",
+        "plotly>=5.20",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["memdiag=memdiag.cli:main"]},
+)
