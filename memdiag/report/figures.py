@@ -58,6 +58,22 @@ def _add_bands(fig: go.Figure, bands: list[tuple[str, float, float]]) -> None:
         )
 
 
+def _add_limit(fig: go.Figure, limit_bytes: int | None, data_max_bytes: float, label: str) -> str:
+    """Draw the limit when it is near the data; a far-off limit would flatten every curve, so
+    it is named in the subtitle instead."""
+    if not limit_bytes:
+        return ""
+    if data_max_bytes and limit_bytes > 3 * data_max_bytes:
+        return f"{label} {limit_bytes / GIB:.1f} GiB (off scale: peak is {data_max_bytes / limit_bytes:.1%} of it)"
+    fig.add_hline(
+        y=limit_bytes / GIB,
+        line={"color": "red", "dash": "dash"},
+        annotation_text=f"{label} {limit_bytes / GIB:.1f} GiB",
+        annotation_position="bottom right",
+    )
+    return ""
+
+
 def _add_steps(fig: go.Figure, run: Run, t0_ns: int, max_markers: int = 200) -> None:
     if not run.ranks:
         return
@@ -103,16 +119,12 @@ def host_figure(run: Run, summary: Summary) -> go.Figure:
                 name=f"node {host} total",
             )
         )
-    if summary.host_limit_bytes:
-        fig.add_hline(
-            y=summary.host_limit_bytes / GIB,
-            line={"color": "red", "dash": "dash"},
-            annotation_text=f"host RAM limit {summary.host_limit_bytes / GIB:.1f} GiB",
-        )
+    node_max = max(summary.host_peak_bytes_per_node.values(), default=0)
+    note = _add_limit(fig, summary.host_limit_bytes, node_max, "host RAM limit")
     _add_bands(fig, phase_bands(run, t0))
     _add_steps(fig, run, t0)
     fig.update_layout(
-        title="Host RAM (RSS) per rank and per node",
+        title="Host RAM (RSS) per rank and per node" + (f"<br><sup>{note}</sup>" if note else ""),
         xaxis_title="time since start (s)",
         yaxis_title="GiB",
         hovermode="x unified",
@@ -148,16 +160,13 @@ def device_figure(run: Run, summary: Summary) -> go.Figure:
                     name=f"rank {rank} {label}",
                 )
             )
-    if summary.device_total_bytes:
-        fig.add_hline(
-            y=summary.device_total_bytes / GIB,
-            line={"color": "red", "dash": "dash"},
-            annotation_text=f"device capacity {summary.device_total_bytes / GIB:.1f} GiB",
-        )
+    note = _add_limit(
+        fig, summary.device_total_bytes, summary.device_peak_bytes or 0, "device capacity"
+    )
     _add_bands(fig, phase_bands(run, t0))
     source = summary.device_source or "no device probe"
     fig.update_layout(
-        title=f"Device memory per rank<br><sup>source: {source}</sup>",
+        title=f"Device memory per rank<br><sup>source: {source}" + (f"; {note}" if note else "") + "</sup>",
         xaxis_title="time since start (s)",
         yaxis_title="GiB",
         hovermode="x unified",

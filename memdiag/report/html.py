@@ -13,19 +13,20 @@ from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
 GIB = 2**30
+NOT_HP = {"case", "reports_dir", "sample_hz"}
 
 
 def benchmark_row(run: Run, summary: Summary) -> dict[str, str]:
-    """The benchmark's table: 配置 | fix_hp | token/p/s | loss | mem | MFU."""
+    """The benchmark's table (配置 | fix_hp | token/p/s | loss | mem | MFU), headed in English."""
     config = run.spec.get("config", {})
     hardware = config.get("hardware", {}).get("name", "?")
     layout = f"{config.get('nnodes', '?')}x{config.get('nproc_per_node', '?')}"
     mem = "/"
     if summary.device_peak_bytes is not None and summary.device_total_bytes:
         mem = f"{summary.device_peak_bytes / GIB:.2f}/{summary.device_total_bytes / GIB:.0f}"
-    fix_hp = " ".join(o for o in config.get("overrides", []) if not o.startswith("case=")) or "/"
+    fix_hp = " ".join(o for o in config.get("overrides", []) if o.split("=")[0] not in NOT_HP) or "/"
     return {
-        "配置": f"{hardware} {layout}",
+        "config": f"{hardware} {layout}",
         "fix_hp": fix_hp,
         "token/p/s": "/" if summary.tokens_per_s_per_device is None else f"{summary.tokens_per_s_per_device:.1f}",
         "loss": "/" if summary.loss is None else f"{summary.loss:.2f}",

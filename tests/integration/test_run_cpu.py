@@ -1,0 +1,103 @@
+"""End to end: `memdiag run` on the CPU case, 2 real ranks through torchrun, DeepSpeed ZeRO-3."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ORDER = ["model_build", "zero_init", "ds_initialize", "forward", "backward", "step", "teardown"]
+
+
+def memdiag(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "memdiag", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    reports = tmp_path_factory.mktemp("reports")
+    result = memdiag("run", "case=baichuan2_13b", "steps=4", f"reports_dir={reports}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dirs = list((reports / "baichuan2_13b").iterdir())
+    assert len(run_dirs) == 1
+    return result, run_dirs[0]
+
+
+def test_first_line_states_the_cpu_choice(cpu_run):
+    result, _ = cpu_run
+    first = result.stdout.splitlines()[0]
+    assert "cpu" in first and "no accelerator" in first
+    assert re.search(r"step 4/4 .*loss", result.stdout)
+
+
+def test_both_ranks_recorded_every_phase_in_order(cpu_run):
+    _, run_dir = cpu_run
+    for rank in (0, 1):
+        records = read_jsonl(run_dir / "timeline" / f"rank-{rank}.jsonl")
+        assert records[0]["kind"] == "header" and records[0]["world_size"] == 2
+        begins = [r["phase"] for r in records if r["kind"] == "phase_begin"]
+        first_seen = [p for i, p in enumerate(begins) if p not in begins[:i]]
+        assert [p for p in first_seen if p in ORDER] == ORDER
+        assert begins.count("forward") == 4
+        ends = [r for r in records if r["kind"] == "phase_end"]
+        assert all(r["host_peak_bytes"] > 0 for r in ends)
+        samples = [r for r in records if r["kind"] == "sample"]
+        assert len(samples) > 50
+        assert {s["phase"] for s in samples} >= {"model_build", "forward"}
+
+
+def test_loss_is_finite_and_summary_matches_the_timeline(cpu_run):
+    _, run_dir = cpu_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert math.isfinite(summary["loss"]) and summary["steps"] == 4
+    assert summary["tokens_per_s_per_device"] > 0
+    for rank in (0, 1):
+        records = read_jsonl(run_dir / "timeline" / f"rank-{rank}.jsonl")
+        sample_max = max(r["rss_bytes"] for r in records if r["kind"] == "sample")
+        phase_max = max(r["host_peak_bytes"] for r in records if r["kind"] == "phase_end")
+        assert summary["host_peak_bytes_per_rank"][str(rank)] == max(sample_max, phase_max)
+    node_peak = next(iter(summary["host_peak_bytes_per_node"].values()))
+    per_rank = summary["host_peak_bytes_per_rank"].values()
+    assert max(per_rank) < node_peak <= sum(per_rank)
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["status"] == "completed" and spec["exit_code"] == 0
+    assert spec["versions"]["deepspeed"] == "0.19.8"
+
+
+def test_report_is_self_contained_with_a_trace_per_rank(cpu_run):
+    _, run_dir = cpu_run
+    html = (run_dir / "report.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # no external script: opens offline
+    assert not re.search(r"<link[^>]*\bhref=", html)
+    assert len(html) > 3_000_000  # plotly.js is inline
+    assert '"name":"rank 0 RSS"' in html and '"name":"rank 1 RSS"' in html
+    for column in ("config", "fix_hp", "token/p/s", "loss", "mem", "MFU"):
+        assert f"<th>{column}</th>" in html
+
+
+def test_no_leftovers_outside_the_run_dir(cpu_run):
+    _, run_dir = cpu_run
+    assert not (run_dir / "tmp").exists()
+
+
+def test_reference_loading_runs_and_has_no_zero_init(tmp_path):
+    result = memdiag("run", "load=reference", "steps=2", f"reports_dir={tmp_path}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = next((tmp_path / "baichuan2_13b").iterdir())
+    records = read_jsonl(run_dir / "timeline" / "rank-0.jsonl")
+    begins = [r["phase"] for r in records if r["kind"] == "phase_begin"]
+    assert "model_build" in begins and "zero_init" not in begins

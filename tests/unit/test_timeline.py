@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from memdiag.errors import UsageError
+from memdiag.timeline import TimelineWriter, read_run, rank_path
+from memdiag.timeline import format as fmt
+
+
+def write_rank(run_dir, rank, samples, events=()):
+    writer = TimelineWriter(rank_path(run_dir, rank), {"rank": rank, "host": "n0", "world_size": 2})
+    for t, rss in samples:
+        writer.write({"kind": fmt.SAMPLE, "t": t, "rss_bytes": rss, "phase": "forward", "step": 0})
+    for event in events:
+        writer.write(event)
+    writer.close()
+
+
+def test_round_trip_and_phases(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 2}))
+    events = [
+        {"kind": fmt.PHASE_BEGIN, "t": 5, "phase": "model_build", "step": 0},
+        {"kind": fmt.PHASE_BEGIN, "t": 6, "phase": "zero_init", "step": 0},
+        {"kind": fmt.PHASE_END, "t": 7, "phase": "zero_init", "host_peak_bytes": 300},
+        {"kind": fmt.PHASE_END, "t": 9, "phase": "model_build", "host_peak_bytes": 400},
+    ]
+    write_rank(tmp_path, 0, [(1, 100), (2, 250), (3, 120)], events)
+    write_rank(tmp_path, 1, [(1, 90), (2, 95)])
+    run = read_run(tmp_path)
+    assert run.problems == []
+    assert run.rank_ids == [0, 1]
+    r0 = run.ranks[0]
+    assert list(r0.columns["rss_bytes"]) == [100, 250, 120]
+    assert [(p.name, p.depth, p.host_peak_bytes) for p in r0.phases] == [
+        ("model_build", 0, 400),
+        ("zero_init", 1, 300),
+    ]
+    assert r0.host_peak_bytes() == 400  # the exact phase peak beats the sampled 250
+
+
+def test_torn_last_line_is_skipped_and_reported(tmp_path):
+    write_rank(tmp_path, 0, [(1, 100), (2, 200)])
+    with open(rank_path(tmp_path, 0), "a") as f:
+        f.write('{"kind":"sample","t":3,"rss_')
+    run = read_run(tmp_path)
+    assert len(run.ranks[0].t_ns) == 2
+    assert any("torn last line" in p for p in run.problems)
+    assert any("run.json is missing" in p for p in run.problems)
+
+
+def test_missing_and_empty_rank_files_are_reported(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 3}))
+    write_rank(tmp_path, 0, [(1, 100)])
+    rank_path(tmp_path, 1).write_text("")
+    run = read_run(tmp_path)
+    assert run.rank_ids == [0]
+    assert any("rank 1 has no data" in p for p in run.problems)
+    assert any("[2]" in p for p in run.problems)
+
+
+def test_unknown_major_version_is_refused(tmp_path):
+    path = rank_path(tmp_path, 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"kind": "header", "t": 0, "format_version": "9.0"}) + "\n")
+    with pytest.raises(UsageError, match="format 9.0"):
+        read_run(tmp_path)
+
+
+def test_writer_flushes_without_close(tmp_path):
+    writer = TimelineWriter(rank_path(tmp_path, 0), {"rank": 0})
+    writer.write({"kind": fmt.SAMPLE, "t": 1, "rss_bytes": 1})
+    writer.flush()
+    lines = rank_path(tmp_path, 0).read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["format_version"] == fmt.FORMAT_VERSION
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(UsageError, match="not a run directory"):
+        read_run(tmp_path / "nope")
