@@ -18,17 +18,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memdiag", description="memory diagnostics for DeepSpeed ZeRO-3 training"
     )
     parser.add_argument("--version", action="version", version=f"memdiag {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command_name", required=True)
     for module in COMMANDS.values():
         module.add_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command: list[str] = []
+    if "--" in argv:  # `memdiag run [key=value ...] -- CMD ARGS...`: CMD is not ours to parse
+        split = argv.index("--")
+        argv, command = argv[:split], argv[split + 1 :]
     args = build_parser().parse_args(argv)
+    if command:
+        if args.command_name != "run":
+            print("memdiag: error: `-- CMD` follows `memdiag run` only", file=sys.stderr)
+            return 2
+        args.command = command
     logging.basicConfig(level=logging.WARNING, format="memdiag: %(message)s")
     try:
-        return COMMANDS[args.command].main(args)
+        return COMMANDS[args.command_name].main(args)
     except MemdiagError as exc:
         print(f"memdiag: error: {exc}", file=sys.stderr)
         return exc.exit_code

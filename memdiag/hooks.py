@@ -1,24 +1,42 @@
 """DeepSpeed instrumentation by class patching, so models and engines built anywhere are seen.
 
-Patched: ``deepspeed.zero.Init`` (enter/exit -> phase ``zero_init``), ``deepspeed.initialize``
-(``ds_initialize``), ``DeepSpeedEngine.forward/backward/step`` (``forward``/``backward``/
-``step`` per micro-step; a ``step`` record at each gradient-accumulation boundary with loss,
-tokens and step time). A hook that fails records the error once and disables itself; the
-wrapped call always runs.
+Patched, with the phase each marks:
+- ``deepspeed.zero.Init`` enter/exit: ``zero_init``
+- ``transformers.PreTrainedModel.from_pretrained``: ``checkpoint_load``
+- ``deepspeed.initialize``: ``ds_initialize``
+- ``DeepSpeedEngine.forward/backward/step``: ``forward``/``backward``/``step`` per micro-step,
+  with categorised memory after each and a ``step`` record (loss, tokens, time) at every
+  gradient-accumulation boundary
+- ``DeepSpeedZeroOptimizer_Stage3.step``: ``optimizer_step``
+- ``DeepSpeedEngine.save_checkpoint/load_checkpoint``: ``checkpoint_save``/``checkpoint_load``
+- ZeRO-3's ``PartitionedParameterCoordinator.fetch_sub_module``: the current layer, so peaks
+  inside forward and backward are attributed to the layer being computed.
+
+A hook that fails records the error once and disables itself; the wrapped call always runs.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 from typing import Any, Callable
 
+from memdiag import categories
 from memdiag.phases import PhaseTracker, StepRecord
+from memdiag.timeline import format as fmt
 
 log = logging.getLogger(__name__)
 
 _ORIGINALS: list[tuple[Any, str, Any]] = []
+_LAYER_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def layer_name(module_name: str) -> str:
+    """``model.layers.3.mlp.up_proj`` -> ``model.layers.3``; names without an index stay."""
+    match = _LAYER_RE.match(module_name)
+    return match.group(1) if match else (module_name or "(root)")
 
 
 class _Hooks:
@@ -29,15 +47,19 @@ class _Hooks:
         self.micro_losses: list[Any] = []
         self.tokens = 0
         self.step_t0: float | None = None
+        self.saved = categories.SavedTensorCounter()
+        self.activations_bytes = 0
+        self.named_engines: set[int] = set()
 
-    def guarded(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+    def guarded(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         if name in self.disabled:
-            return
+            return None
         try:
-            fn(*args)
+            return fn(*args)
         except Exception as exc:
             self.disabled.add(name)
             self.warn_once(f"hook:{name}", f"memdiag hook {name} failed and is now off: {exc!r}")
+            return None
 
     def phase_wrapper(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -49,6 +71,13 @@ class _Hooks:
                 self.guarded(phase, self.tracker.end, phase)
 
         return wrapper
+
+    def name_layers(self, engine: Any) -> None:
+        if id(engine) in self.named_engines:
+            return
+        self.named_engines.add(id(engine))
+        for name, module in engine.module.named_modules():
+            module._memdiag_layer = layer_name(name)
 
     def on_forward(self, args: tuple, kwargs: dict, output: Any) -> None:
         if self.step_t0 is None:
@@ -63,6 +92,41 @@ class _Hooks:
             loss = output
         if loss is not None:
             self.micro_losses.append(loss.detach())
+
+    def record_memory(self, engine: Any, phase: str) -> None:
+        totals = categories.measure(engine, self.activations_bytes)
+        device = self.tracker.device
+        if device is not None:
+            allocator = device.read(with_nvml=False).allocated_bytes
+            source = device.source
+        else:
+            allocator = self.tracker.read_rss()
+            source = "process RSS"
+        record = {
+            "kind": fmt.MEMORY,
+            "t": time.time_ns(),
+            "phase": phase,
+            "step": self.tracker.step,
+            "allocator_bytes": allocator,
+            "allocator_source": source,
+        }
+        record.update({f"{name}_bytes": value for name, value in totals.items()})
+        record["other_bytes"] = allocator - sum(totals.values())
+        self.tracker.emit(record)
+
+    def record_model(self, engine: Any) -> None:
+        """What was built: true parameter count (ZeRO-3 partitioned ones by ``ds_numel``)."""
+        params = list(engine.module.parameters())
+        self.tracker.emit(
+            {
+                "kind": fmt.MODEL,
+                "t": time.time_ns(),
+                "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                "zero_stage": int(engine.zero_optimization_stage()),
+                "dtype": str(next((p.dtype for p in params), None)),
+                "model_class": type(engine.module).__name__,
+            }
+        )
 
     def on_step(self, engine: Any, steps_before: int) -> None:
         if engine.global_steps == steps_before:
@@ -85,8 +149,9 @@ def _patch(owner: Any, name: str, replacement: Any) -> None:
 
 
 def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> None:
-    """Patch DeepSpeed's classes; call once per process, before the model is built."""
+    """Patch DeepSpeed's (and transformers') classes; once per process, before the model."""
     import deepspeed
+    import torch
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     if _ORIGINALS:
@@ -110,19 +175,47 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
 
     _patch(init_cls, "__enter__", zero_init_enter)
     _patch(init_cls, "__exit__", zero_init_exit)
-    _patch(deepspeed, "initialize", hooks.phase_wrapper("ds_initialize", deepspeed.initialize))
+    ds_initialize = hooks.phase_wrapper("ds_initialize", deepspeed.initialize)
+
+    @functools.wraps(deepspeed.initialize)
+    def initialize(*args: Any, **kwargs: Any) -> Any:
+        result = ds_initialize(*args, **kwargs)
+        hooks.guarded("model_event", hooks.record_model, result[0])
+        return result
+
+    _patch(deepspeed, "initialize", initialize)
 
     forward = DeepSpeedEngine.forward
 
     @functools.wraps(forward)
     def engine_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        hooks.guarded("layers", hooks.name_layers, self)
         hooks.guarded("forward", tracker.begin, "forward")
+        hooks.saved.reset()
         try:
-            output = forward(self, *args, **kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(hooks.saved.pack, hooks.saved.unpack):
+                output = forward(self, *args, **kwargs)
         finally:
+            tracker.set_module(None)
             hooks.guarded("forward", tracker.end, "forward")
+        hooks.activations_bytes = hooks.saved.total_bytes
+        hooks.guarded("memory", hooks.record_memory, self, "forward")
         hooks.guarded("step_accounting", hooks.on_forward, args, kwargs, output)
         return output
+
+    backward = DeepSpeedEngine.backward
+
+    @functools.wraps(backward)
+    def engine_backward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        hooks.guarded("backward", tracker.begin, "backward")
+        try:
+            return backward(self, *args, **kwargs)
+        finally:
+            tracker.set_module(None)
+            hooks.guarded("backward", tracker.end, "backward")
+            hooks.activations_bytes = 0
+            hooks.saved.reset()
+            hooks.guarded("memory", hooks.record_memory, self, "backward")
 
     step = DeepSpeedEngine.step
 
@@ -134,12 +227,53 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
             result = step(self, *args, **kwargs)
         finally:
             hooks.guarded("step", tracker.end, "step")
+        hooks.guarded("memory", hooks.record_memory, self, "step")
         hooks.guarded("step_accounting", hooks.on_step, self, steps_before)
         return result
 
     _patch(DeepSpeedEngine, "forward", engine_forward)
-    _patch(DeepSpeedEngine, "backward", hooks.phase_wrapper("backward", DeepSpeedEngine.backward))
+    _patch(DeepSpeedEngine, "backward", engine_backward)
     _patch(DeepSpeedEngine, "step", engine_step)
+    for method, phase in (("save_checkpoint", "checkpoint_save"), ("load_checkpoint", "checkpoint_load")):
+        _patch(DeepSpeedEngine, method, hooks.phase_wrapper(phase, getattr(DeepSpeedEngine, method)))
+
+    _install_zero3(hooks, tracker)
+    _install_transformers(hooks)
+
+
+def _install_zero3(hooks: _Hooks, tracker: PhaseTracker) -> None:
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    fetch = PartitionedParameterCoordinator.fetch_sub_module
+
+    @functools.wraps(fetch)
+    def fetch_sub_module(self: Any, current_submodule: Any, *args: Any, **kwargs: Any) -> Any:
+        name = getattr(current_submodule, "_memdiag_layer", None)
+        if name is not None:
+            hooks.guarded("layers", tracker.set_module, name)
+        return fetch(self, current_submodule, *args, **kwargs)
+
+    _patch(PartitionedParameterCoordinator, "fetch_sub_module", fetch_sub_module)
+    _patch(
+        DeepSpeedZeroOptimizer_Stage3,
+        "step",
+        hooks.phase_wrapper("optimizer_step", DeepSpeedZeroOptimizer_Stage3.step),
+    )
+
+
+def _install_transformers(hooks: _Hooks) -> None:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return
+    original = PreTrainedModel.from_pretrained.__func__
+
+    @functools.wraps(original)
+    def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        return hooks.phase_wrapper("checkpoint_load", original)(cls, *args, **kwargs)
+
+    _patch(PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
 
 
 def uninstall() -> None:

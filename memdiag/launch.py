@@ -124,6 +124,12 @@ def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
         stderr=launcher_log,
         start_new_session=False,
     )
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "memdiag.node", str(run_dir), "--root-pid", str(process.pid)],
+        env=rank_env(config, run_dir),
+        cwd=REPO_ROOT,
+        stderr=launcher_log,
+    )
     status = "failed"
     try:
         code = process.wait()
@@ -137,6 +143,11 @@ def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
             code = process.wait()
         status = "interrupted"
     finally:
+        watcher.terminate()
+        try:
+            watcher.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            watcher.kill()
         launcher_log.close()
         shutil.rmtree(run_dir / "tmp", ignore_errors=True)
     spec.update(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from memdiag.probes.device import DeviceProbe
@@ -21,11 +21,41 @@ from memdiag.timeline import format as fmt
 log = logging.getLogger(__name__)
 
 
+ATTRIBUTED_PHASES = frozenset({"forward", "backward"})
+"""Phases whose peaks are broken down by layer (the ZeRO-3 sub-module being computed)."""
+
+
 @dataclass
 class _Frame:
     name: str
     host_peak_bytes: int = 0
     device_peak_bytes: int | None = None
+    module_host_peaks: dict[str, int] = field(default_factory=dict)
+    module_device_peaks: dict[str, int] = field(default_factory=dict)
+
+    def fold(self, module: str | None, host: int, device: int | None) -> None:
+        self.host_peak_bytes = max(self.host_peak_bytes, host)
+        if device is not None:
+            self.device_peak_bytes = max(self.device_peak_bytes or 0, device)
+        if module is None or self.name not in ATTRIBUTED_PHASES:
+            return
+        self.module_host_peaks[module] = max(self.module_host_peaks.get(module, 0), host)
+        if device is not None:
+            self.module_device_peaks[module] = max(self.module_device_peaks.get(module, 0), device)
+
+    def end_fields(self) -> dict:
+        fields: dict = {
+            "host_peak_bytes": self.host_peak_bytes,
+            "device_peak_bytes": self.device_peak_bytes,
+        }
+        if self.module_host_peaks:
+            fields["host_peak_module"] = max(self.module_host_peaks, key=self.module_host_peaks.get)
+            fields["module_host_peaks"] = self.module_host_peaks
+        if self.module_device_peaks:
+            peaks = self.module_device_peaks
+            fields["device_peak_module"] = max(peaks, key=peaks.get)
+            fields["module_device_peaks"] = peaks
+        return fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +75,9 @@ class PhaseTracker:
         device: DeviceProbe | None = None,
         warn_once: Callable[[str, str], None] | None = None,
     ) -> None:
-        self._emit = emit
-        self._device = device
+        self.emit = emit
+        self.device = device
+        self.module: str | None = None
         self._warn_once = warn_once or (lambda key, message: log.warning(message))
         self._status = SelfStatusReader()
         self._stack: list[_Frame] = []
@@ -71,20 +102,32 @@ class PhaseTracker:
                     "peaks are peaks since process start",
                 )
 
-    def _fold_peaks(self) -> tuple[int, int | None]:
+    def read_rss(self) -> int:
+        return self._status.read().rss_bytes
+
+    def _fold_peaks(self) -> None:
         host = self._status.read().hwm_bytes
         self._reset()
-        device = self._device.read_and_reset_peak() if self._device else None
+        device = self.device.read_and_reset_peak() if self.device else None
         for frame in self._stack:
-            frame.host_peak_bytes = max(frame.host_peak_bytes, host)
-            if device is not None:
-                frame.device_peak_bytes = max(frame.device_peak_bytes or 0, device)
-        return host, device
+            frame.fold(self.module, host, device)
+
+    def set_module(self, name: str | None) -> None:
+        """The layer now computing; the peak since the last change is charged to the previous."""
+        if name == self.module:
+            return
+        if self._stack:
+            self._fold_peaks()
+        self.module = name
 
     def begin(self, name: str) -> None:
         self._fold_peaks()
         self._stack.append(_Frame(name))
-        self._emit({"kind": fmt.PHASE_BEGIN, "t": time.time_ns(), "phase": name, "step": self.step})
+        begin = {"kind": fmt.PHASE_BEGIN, "t": time.time_ns(), "phase": name, "step": self.step}
+        begin["rss_bytes"] = self.read_rss()
+        if self.device is not None:
+            begin["device_allocated_bytes"] = self.device.read(with_nvml=False).allocated_bytes
+        self.emit(begin)
 
     def end(self, name: str) -> None:
         self._fold_peaks()
@@ -92,16 +135,9 @@ class PhaseTracker:
             self._warn_once(f"unbalanced:{name}", f"phase {name!r} ended while not innermost")
             return
         frame = self._stack.pop()
-        self._emit(
-            {
-                "kind": fmt.PHASE_END,
-                "t": time.time_ns(),
-                "phase": name,
-                "step": self.step,
-                "host_peak_bytes": frame.host_peak_bytes,
-                "device_peak_bytes": frame.device_peak_bytes,
-            }
-        )
+        record = {"kind": fmt.PHASE_END, "t": time.time_ns(), "phase": name, "step": self.step}
+        record.update(frame.end_fields())
+        self.emit(record)
 
     @contextmanager
     def phase_scope(self, name: str) -> Iterator[None]:
@@ -113,7 +149,7 @@ class PhaseTracker:
 
     def record_step(self, record: StepRecord) -> None:
         self.step = record.step
-        self._emit(
+        self.emit(
             {
                 "kind": fmt.STEP,
                 "t": time.time_ns(),

@@ -64,6 +64,8 @@ class Sampler:
             "rss_bytes": mem.rss_bytes,
             "hwm_bytes": mem.hwm_bytes,
         }
+        if self._tracker.module:
+            record["module"] = self._tracker.module
         if self._device is not None:
             device = self._device.read(with_nvml=self._nvml_due())
             record["device_allocated_bytes"] = device.allocated_bytes

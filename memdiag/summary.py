@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from memdiag.timeline.reader import RankTimeline, Run
+from memdiag.timeline.reader import NodeTimeline, RankTimeline, Run
 
 MFU_FORMULA = "MFU = token/p/s x 6 x parameters / peak FLOP/s per device (PaLM, no attention FLOPs)"
 
@@ -32,6 +32,9 @@ class Summary:
     host_peak_bytes_per_rank: dict[str, int]
     host_peak_bytes_per_node: dict[str, int]
     """Highest sum of the node's ranks' RSS at one moment (samples aligned in time)."""
+    node_watcher: dict[str, dict[str, int | None]]
+    """Per host, from the node watcher: peak of the ranks' summed RSS (children included) and
+    PSS, the lowest MemAvailable, and the cgroup's own peak."""
     host_limit_bytes: int | None
     problems: list[str]
 
@@ -66,6 +69,21 @@ def node_peak_bytes(ranks: list[RankTimeline]) -> int:
     return int(node_total_series(ranks, grid).max()) if len(grid) else 0
 
 
+def _nanmax(values: np.ndarray) -> int | None:
+    return None if not len(values) or np.all(np.isnan(values)) else int(np.nanmax(values))
+
+
+def node_watcher_figures(node: NodeTimeline) -> dict[str, int | None]:
+    rss_sum = np.nansum(np.vstack(list(node.rank_rss.values())), axis=0) if node.rank_rss else np.array([])
+    available = node.columns["mem_available_bytes"]
+    return {
+        "rss_sum_peak_bytes": _nanmax(rss_sum),
+        "pss_sum_peak_bytes": _nanmax(node.pss_total()),
+        "min_available_bytes": None if not len(available) else int(np.nanmin(available)),
+        "cgroup_peak_bytes": _nanmax(node.columns["cgroup_peak_bytes"]),
+    }
+
+
 def _throughput(steps: list[dict]) -> float | None:
     timed = [s for s in steps if s.get("step_time_s")]
     if len(timed) > 1:
@@ -85,7 +103,10 @@ def summarize(run: Run) -> Summary:
     rate = _throughput(rank0_steps)
     device_peaks = [p for p in (t.device_peak_bytes() for t in run.ranks.values()) if p is not None]
     peak_flops = hardware.get("peak_flops")
-    num_parameters = run.spec.get("num_parameters")
+    num_parameters = run.spec.get("num_parameters") or next(
+        (e["num_parameters"] for t in run.ranks.values() for e in t.events if e["kind"] == "model"),
+        None,
+    )
     mfu = None
     if rate and peak_flops and num_parameters:
         mfu = rate * 6 * num_parameters / peak_flops
@@ -109,6 +130,7 @@ def summarize(run: Run) -> Summary:
         host_peak_bytes_per_node={
             host: node_peak_bytes(ranks) for host, ranks in ranks_by_host(run).items()
         },
+        node_watcher={host: node_watcher_figures(node) for host, node in run.nodes.items()},
         host_limit_bytes=run.spec.get("host_limit_bytes"),
         problems=list(run.problems),
     )

@@ -18,9 +18,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "steps=20 nproc_per_node=2 seq_len=256 load=reference reports_dir=PATH",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.set_defaults(command=[])
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.command:
+        from memdiag.commands import profile
+
+        return profile.main(args.overrides, args.command)
     config = compose(args.overrides)
     if config.selection_note:
         print(f"memdiag: {config.selection_note}", flush=True)

@@ -20,7 +20,7 @@ TRAIN_PHASES = {"forward", "backward", "step"}
 
 
 def run_start_ns(run: Run) -> int:
-    starts = [t.header["t"] for t in run.ranks.values()]
+    starts = [t.header["t"] for t in run.ranks.values()] + [n.header["t"] for n in run.nodes.values()]
     return min(starts) if starts else 0
 
 
@@ -74,6 +74,27 @@ def _add_limit(fig: go.Figure, limit_bytes: int | None, data_max_bytes: float, l
     return ""
 
 
+def _add_peak_markers(fig: go.Figure, run: Run, t0_ns: int) -> None:
+    """One marker per rank at its highest exact phase peak, naming the phase and the layer."""
+    xs, ys, texts = [], [], []
+    for rank in run.rank_ids:
+        ends = [e for e in run.ranks[rank].events if e["kind"] == "phase_end" and e.get("host_peak_bytes")]
+        if not ends:
+            continue
+        top = max(ends, key=lambda e: (e["host_peak_bytes"], -e.get("depth", 0)))
+        where = f" in {top['host_peak_module']}" if top.get("host_peak_module") else ""
+        xs.append((top["t"] - t0_ns) / 1e9)
+        ys.append(top["host_peak_bytes"] / GIB)
+        texts.append(f"rank {rank} peak {top['host_peak_bytes'] / GIB:.3f} GiB: {top['phase']}{where} (step {top.get('step')})")
+    if xs:
+        fig.add_trace(
+            go.Scatter(
+                x=xs, y=ys, mode="markers", marker={"symbol": "triangle-down", "size": 12, "color": "crimson"},
+                name="exact phase peaks", text=texts, hoverinfo="text",
+            )
+        )
+
+
 def _add_steps(fig: go.Figure, run: Run, t0_ns: int, max_markers: int = 200) -> None:
     if not run.ranks:
         return
@@ -119,6 +140,7 @@ def host_figure(run: Run, summary: Summary) -> go.Figure:
                 name=f"node {host} total",
             )
         )
+    _add_peak_markers(fig, run, t0)
     node_max = max(summary.host_peak_bytes_per_node.values(), default=0)
     note = _add_limit(fig, summary.host_limit_bytes, node_max, "host RAM limit")
     _add_bands(fig, phase_bands(run, t0))
@@ -175,5 +197,147 @@ def device_figure(run: Run, summary: Summary) -> go.Figure:
     return fig
 
 
+CATEGORY_STACK = (
+    ("parameters", ("parameters_bytes",)),
+    ("gathered parameters", ("gathered_parameters_bytes",)),
+    ("gradients", ("gradients_bytes",)),
+    (
+        "optimizer states",
+        ("optimizer_master_bytes", "optimizer_exp_avg_bytes", "optimizer_exp_avg_sq_bytes", "optimizer_other_bytes"),
+    ),
+    ("activations", ("activations_bytes",)),
+    ("other", ("other_bytes",)),
+)
+
+
+def memory_records(run: Run, rank: int) -> list[dict]:
+    return [e for e in run.ranks[rank].events if e["kind"] == "memory"]
+
+
+def categories_figure(run: Run) -> go.Figure | None:
+    """Stacked categorised memory of the lowest rank, one point per micro-step phase end."""
+    if not run.ranks:
+        return None
+    rank = run.rank_ids[0]
+    records = memory_records(run, rank)
+    if not records:
+        return None
+    t0 = run_start_ns(run)
+    x = [(r["t"] - t0) / 1e9 for r in records]
+    labels = [f"step {r['step']} after {r['phase']}" for r in records]
+    fig = go.Figure()
+    for name, keys in CATEGORY_STACK:
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[sum(r.get(k, 0) for k in keys) / GIB for r in records],
+                mode="lines",
+                stackgroup="memory",
+                name=name,
+                text=labels,
+                hovertemplate="%{y:.4f} GiB<br>%{text}",
+            )
+        )
+    source = records[0].get("allocator_source", "")
+    fig.update_layout(
+        title=f"Categorised memory, rank {rank}<br><sup>stack sums to the allocator total ({source}); "
+        "other = total minus counted tensors</sup>",
+        xaxis_title="time since start (s)",
+        yaxis_title="GiB",
+        hovermode="x unified",
+        height=440,
+    )
+    return fig
+
+
+def layer_peaks(run: Run) -> tuple[dict[str, dict[str, float]], bool]:
+    """Phase -> layer -> highest rise above the phase's starting level (bytes), over all steps
+    and ranks; device figures when the run has them, else host. Also says which it used."""
+    device = any(
+        p.end_event and p.end_event.get("module_device_peaks")
+        for t in run.ranks.values()
+        for p in t.phases
+    )
+    peaks: dict[str, dict[str, float]] = {}
+    for timeline in run.ranks.values():
+        for phase in timeline.phases:
+            event = phase.end_event or {}
+            by_layer = event.get("module_device_peaks" if device else "module_host_peaks")
+            begin = phase.begin_device_bytes if device else phase.begin_rss_bytes
+            if not by_layer or begin is None:
+                continue
+            target = peaks.setdefault(phase.name, {})
+            for layer, value in by_layer.items():
+                target[layer] = max(target.get(layer, 0), value - begin)
+    return peaks, device
+
+
+def layers_figure(run: Run) -> go.Figure | None:
+    peaks, device = layer_peaks(run)
+    if not peaks:
+        return None
+    fig = go.Figure()
+    for phase, by_layer in peaks.items():
+        top = max(by_layer, key=by_layer.get)
+        fig.add_trace(
+            go.Bar(
+                x=list(by_layer),
+                y=[v / 2**20 for v in by_layer.values()],
+                name=f"{phase} (peak in {top})",
+            )
+        )
+    fig.update_layout(
+        title=f"Peak {'device' if device else 'host'} memory by layer, above the phase's starting level"
+        "<br><sup>highest over all steps and ranks; the layer is the ZeRO-3 sub-module being fetched</sup>",
+        barmode="group",
+        yaxis_title="MiB above phase start",
+        height=420,
+    )
+    return fig
+
+
+def node_figures(run: Run, summary: Summary) -> dict[str, go.Figure]:
+    figures = {}
+    t0 = run_start_ns(run)
+    for host, node in run.nodes.items():
+        if not len(node.t_ns):
+            continue
+        x = (node.t_ns - t0) / 1e9
+        fig = go.Figure()
+        for rank, rss in sorted(node.rank_rss.items()):
+            fig.add_trace(
+                go.Scatter(x=x, y=np.nan_to_num(rss) / GIB, mode="lines", stackgroup="ranks", name=f"rank {rank} RSS")
+            )
+        pss = node.pss_total()
+        keep = ~np.isnan(pss)
+        fig.add_trace(
+            go.Scatter(x=x[keep], y=pss[keep] / GIB, mode="lines+markers", line={"dash": "dot", "width": 2}, name="sum of PSS (shared pages once)")
+        )
+        used = node.columns["mem_total_bytes"] - node.columns["mem_available_bytes"]
+        fig.add_trace(go.Scatter(x=x, y=used / GIB, mode="lines", line={"color": "black", "width": 1}, name="node used (MemTotal - MemAvailable)"))
+        cgroup_usage = node.columns["cgroup_usage_bytes"]
+        if not np.all(np.isnan(cgroup_usage)):
+            fig.add_trace(go.Scatter(x=x, y=cgroup_usage / GIB, mode="lines", line={"color": "gray", "dash": "dash", "width": 1}, name="cgroup usage"))
+        top = max(float(np.nanmax(used)) if len(used) else 0.0, 1.0)
+        note = _add_limit(fig, summary.host_limit_bytes, top, "host RAM limit")
+        _add_bands(fig, phase_bands(run, t0))
+        fig.update_layout(
+            title=f"Node {host}: host RAM stacked by rank (node watcher)" + (f"<br><sup>{note}</sup>" if note else ""),
+            xaxis_title="time since start (s)",
+            yaxis_title="GiB",
+            hovermode="x unified",
+            height=460,
+        )
+        figures[f"node-{host}"] = fig
+    return figures
+
+
 def build_figures(run: Run, summary: Summary) -> dict[str, go.Figure]:
-    return {"host": host_figure(run, summary), "device": device_figure(run, summary)}
+    figures = {"host": host_figure(run, summary)}
+    figures.update(node_figures(run, summary))
+    figures["device"] = device_figure(run, summary)
+    for name, builder in (("categories", categories_figure), ("layers", layers_figure)):
+        figure = builder(run)
+        if figure is not None:
+            figures[name] = figure
+    return figures

@@ -20,6 +20,8 @@ SAMPLE = "sample"
 PHASE_BEGIN = "phase_begin"
 PHASE_END = "phase_end"
 STEP = "step"
+MEMORY = "memory"
+MODEL = "model"
 WARNING = "warning"
 KILLED = "killed"
 

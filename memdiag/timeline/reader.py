@@ -35,7 +35,9 @@ class Phase:
     depth: int
     host_peak_bytes: int | None = None
     device_peak_bytes: int | None = None
-    module: str | None = None
+    begin_rss_bytes: int | None = None
+    begin_device_bytes: int | None = None
+    end_event: dict | None = None
 
 
 @dataclass
@@ -74,11 +76,39 @@ class RankTimeline:
 
 
 @dataclass
+class NodeTimeline:
+    """The node watcher's view: system figures and every local rank's RSS/PSS over time."""
+
+    host: str
+    path: Path
+    header: dict
+    t_ns: np.ndarray
+    columns: dict[str, np.ndarray]
+    """System columns (``mem_total_bytes`` ...); NaN where absent."""
+    rank_rss: dict[int, np.ndarray]
+    """Rank -> RSS of the rank and its children per sample (NaN before it started / after it ended)."""
+    rank_pss: dict[int, np.ndarray]
+    """Rank -> PSS of the rank and its children; NaN on samples without a PSS read."""
+    events: list[dict]
+
+    def pss_total(self) -> np.ndarray:
+        """Sum of the ranks' PSS on the samples where every live rank had a PSS read."""
+        if not self.rank_pss:
+            return np.full(len(self.t_ns), np.nan)
+        stacked = np.vstack(list(self.rank_pss.values()))
+        rss = np.vstack(list(self.rank_rss.values()))
+        complete = ~np.any(np.isnan(stacked) & ~np.isnan(rss), axis=0) & np.any(~np.isnan(stacked), axis=0)
+        total = np.nansum(stacked, axis=0)
+        return np.where(complete, total, np.nan)
+
+
+@dataclass
 class Run:
     path: Path
     spec: dict
     ranks: dict[int, RankTimeline]
     problems: list[str] = field(default_factory=list)
+    nodes: dict[str, NodeTimeline] = field(default_factory=dict)
 
     @property
     def rank_ids(self) -> list[int]:
@@ -92,12 +122,23 @@ def phases_from_events(events: list[dict]) -> list[Phase]:
     for event in events:
         kind = event["kind"]
         if kind == fmt.PHASE_BEGIN:
-            stack.append(Phase(event["phase"], event["t"], None, event.get("step"), len(stack)))
+            stack.append(
+                Phase(
+                    event["phase"],
+                    event["t"],
+                    None,
+                    event.get("step"),
+                    len(stack),
+                    begin_rss_bytes=event.get("rss_bytes"),
+                    begin_device_bytes=event.get("device_allocated_bytes"),
+                )
+            )
         elif kind == fmt.PHASE_END and stack and stack[-1].name == event["phase"]:
             phase = stack.pop()
             phase.end_ns = event["t"]
             phase.host_peak_bytes = event.get("host_peak_bytes")
             phase.device_peak_bytes = event.get("device_peak_bytes")
+            phase.end_event = event
             done.append(phase)
     done.extend(stack)
     return sorted(done, key=lambda p: (p.begin_ns, p.depth))
@@ -114,19 +155,8 @@ def _check_version(header: dict, path: Path) -> None:
 
 
 def read_rank_file(path: Path, rank: int) -> tuple[RankTimeline | None, list[str]]:
-    problems: list[str] = []
-    lines = path.read_bytes().split(b"\n")
-    records: list[dict] = []
-    torn = 0
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            torn += 1
-            where = "last line" if number >= len(lines) - 2 else f"line {number + 1}"
-            problems.append(f"{path.name}: skipped a torn {where} (the writer was cut off)")
+    records, problems = _read_records(path)
+    torn = len(problems)
     if not records or records[0].get("kind") != fmt.HEADER:
         problems.append(f"{path.name}: empty or without a header line; rank {rank} has no data")
         return None, problems
@@ -148,6 +178,67 @@ def read_rank_file(path: Path, rank: int) -> tuple[RankTimeline | None, list[str
         sample_step=np.array([s.get("step", -1) for s in samples], dtype=np.int64),
         events=events,
         torn_lines=torn,
+    )
+    return timeline, problems
+
+
+NODE_COLUMNS = (
+    "mem_total_bytes",
+    "mem_available_bytes",
+    "cgroup_usage_bytes",
+    "cgroup_peak_bytes",
+    "cgroup_limit_bytes",
+)
+
+
+def _read_records(path: Path) -> tuple[list[dict], list[str]]:
+    problems: list[str] = []
+    lines = path.read_bytes().split(b"\n")
+    records: list[dict] = []
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            where = "last line" if number >= len(lines) - 2 else f"line {number + 1}"
+            problems.append(f"{path.name}: skipped a torn {where} (the writer was cut off)")
+    return records, problems
+
+
+def read_node_file(path: Path) -> tuple[NodeTimeline | None, list[str]]:
+    records, problems = _read_records(path)
+    if not records or records[0].get("kind") != fmt.HEADER:
+        problems.append(f"{path.name}: empty or without a header line; no node data")
+        return None, problems
+    header = records[0]
+    _check_version(header, path)
+    samples = [r for r in records if r.get("kind") == fmt.SAMPLE]
+    ranks = sorted({int(k) for s in samples for k in s.get("ranks", {})})
+    def rank_column(rank: int, key: str) -> np.ndarray:
+        values = []
+        for sample in samples:
+            entry = sample.get("ranks", {}).get(str(rank))
+            if entry is None or key not in entry:
+                values.append(np.nan)
+            elif key == "rss_bytes":
+                values.append(entry["rss_bytes"] + entry.get("children_rss_bytes", 0))
+            else:
+                values.append(entry[key])
+        return np.array(values, dtype=np.float64)
+
+    timeline = NodeTimeline(
+        host=header.get("host", path.stem.split("-", 1)[1]),
+        path=path,
+        header=header,
+        t_ns=np.array([s["t"] for s in samples], dtype=np.int64),
+        columns={
+            name: np.array([s.get(name) for s in samples], dtype=np.float64)
+            for name in NODE_COLUMNS
+        },
+        rank_rss={rank: rank_column(rank, "rss_bytes") for rank in ranks},
+        rank_pss={rank: rank_column(rank, "pss_bytes") for rank in ranks},
+        events=[r for r in records[1:] if r.get("kind") != fmt.SAMPLE],
     )
     return timeline, problems
 
@@ -184,4 +275,12 @@ def read_run(path: str | Path) -> Run:
             problems.append(f"no timeline for rank(s) {missing} of {world_size}")
     if not ranks:
         problems.append("no rank timelines with data")
-    return Run(path=run_dir, spec=spec, ranks=ranks, problems=problems)
+    nodes: dict[str, NodeTimeline] = {}
+    for file in sorted(timeline_dir.glob("node-*.jsonl")):
+        node, file_problems = read_node_file(file)
+        problems += file_problems
+        if node is not None:
+            nodes[node.host] = node
+    if not nodes and ranks:
+        problems.append("no node watcher timeline: node totals are summed from the rank files")
+    return Run(path=run_dir, spec=spec, ranks=ranks, problems=problems, nodes=nodes)

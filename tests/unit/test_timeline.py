@@ -27,7 +27,7 @@ def test_round_trip_and_phases(tmp_path):
     write_rank(tmp_path, 0, [(1, 100), (2, 250), (3, 120)], events)
     write_rank(tmp_path, 1, [(1, 90), (2, 95)])
     run = read_run(tmp_path)
-    assert run.problems == []
+    assert run.problems == ["no node watcher timeline: node totals are summed from the rank files"]
     assert run.rank_ids == [0, 1]
     r0 = run.ranks[0]
     assert list(r0.columns["rss_bytes"]) == [100, 250, 120]
@@ -77,3 +77,22 @@ def test_writer_flushes_without_close(tmp_path):
 def test_not_a_directory(tmp_path):
     with pytest.raises(UsageError, match="not a run directory"):
         read_run(tmp_path / "nope")
+
+
+def test_node_file_rank_columns_and_pss_total(tmp_path):
+    writer = TimelineWriter(tmp_path / "timeline" / "node-n0.jsonl", {"host": "n0"})
+    rows = [
+        {"0": {"pid": 1, "rss_bytes": 100, "children_rss_bytes": 5, "pss_bytes": 80}},
+        {"0": {"pid": 1, "rss_bytes": 110, "children_rss_bytes": 0}, "1": {"pid": 2, "rss_bytes": 50, "pss_bytes": 40}},
+        {"0": {"pid": 1, "rss_bytes": 120, "pss_bytes": 90}, "1": {"pid": 2, "rss_bytes": 60, "pss_bytes": 45}},
+    ]
+    for t, ranks in enumerate(rows):
+        writer.write({"kind": fmt.SAMPLE, "t": t, "mem_total_bytes": 1000, "mem_available_bytes": 900 - t, "ranks": ranks})
+    writer.close()
+    run = read_run(tmp_path)
+    node = run.nodes["n0"]
+    assert list(node.rank_rss[0]) == [105, 110, 120]  # children counted with their rank
+    assert list(node.rank_rss[1][1:]) == [50, 60]
+    total = node.pss_total()
+    assert total[0] == 80 and total[2] == 135
+    assert total[1] != total[1]  # NaN: rank 0 had no PSS read on that sample
