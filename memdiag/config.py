@@ -86,7 +86,16 @@ class RunConfig:
     dtype: str
     reports_dir: str
     sample_hz: float
+    instrument: bool
+    """False runs the case without memdiag's sampler and hooks (overhead baseline)."""
     seed: int
+    overhead_ab: int
+    """>0: alternate memdiag off/on every this many steps inside the run (bench/overhead)."""
+    inject_leak_mb: int
+    """>0: deliberately keep this many MB alive per step (exercises the leak check)."""
+    guard_fraction: float
+    guard_min_available_bytes: int
+    guard_grace_s: float
     host_ram_bytes: int | None
     model: dict
     hardware: HardwareProfile
@@ -106,6 +115,10 @@ class RunConfig:
             raise UsageError(f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise UsageError(f"zero.stage={self.zero_stage!r}: use 0, 1, 2 or 3")
+        if not 0 < self.guard_fraction <= 1:
+            raise UsageError(f"guard.fraction={self.guard_fraction} must be in (0, 1]")
+        if self.overhead_ab < 0 or self.inject_leak_mb < 0:
+            raise UsageError("overhead_ab and inject_leak_mb must be >= 0")
         if not self.sample_hz > 0:
             raise UsageError(f"sample_hz={self.sample_hz!r} must be positive")
         if self.seq_len > int(self.model.get("model_max_length", self.seq_len)):
@@ -272,7 +285,13 @@ def _to_run_config(raw: dict, overrides: list[str], case_path: Path, note: str) 
             dtype=raw["dtype"],
             reports_dir=str(raw["reports_dir"]),
             sample_hz=float(raw["sample_hz"]),
+            instrument=bool(raw["instrument"]),
             seed=raw["seed"],
+            overhead_ab=int(raw["overhead_ab"]),
+            inject_leak_mb=int(raw["inject_leak_mb"]),
+            guard_fraction=float(raw["guard"]["fraction"]),
+            guard_min_available_bytes=parse_size(raw["guard"]["min_available"], name="guard.min_available"),
+            guard_grace_s=float(raw["guard"]["grace_s"]),
             host_ram_bytes=None if host_ram is None else parse_size(host_ram, name="host_ram"),
             model=raw["model"],
             hardware=hardware,

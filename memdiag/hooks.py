@@ -23,13 +23,23 @@ import re
 import time
 from typing import Any, Callable
 
+from dataclasses import asdict
+
 from memdiag import categories
+from memdiag.probes.malloc import read_malloc_stats
 from memdiag.phases import PhaseTracker, StepRecord
 from memdiag.timeline import format as fmt
 
 log = logging.getLogger(__name__)
 
 _ORIGINALS: list[tuple[Any, str, Any]] = []
+_INSTALLED: list[_Hooks] = []
+
+
+def set_active(active: bool) -> None:
+    """Switch every hook on or off in place (bench/overhead alternates within one run)."""
+    for hooks in _INSTALLED:
+        hooks.active = active
 _LAYER_RE = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 
 
@@ -50,6 +60,7 @@ class _Hooks:
         self.saved = categories.SavedTensorCounter()
         self.activations_bytes = 0
         self.named_engines: set[int] = set()
+        self.active = True
 
     def guarded(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         if name in self.disabled:
@@ -64,6 +75,8 @@ class _Hooks:
     def phase_wrapper(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not self.active:
+                return fn(*args, **kwargs)
             self.guarded(phase, self.tracker.begin, phase)
             try:
                 return fn(*args, **kwargs)
@@ -128,6 +141,30 @@ class _Hooks:
             }
         )
 
+    def record_malloc(self, after: str) -> None:
+        """glibc's freed-but-kept bytes after a phase (the not_released evidence)."""
+        stats = read_malloc_stats()
+        if stats is not None:
+            self.tracker.emit({"kind": fmt.MALLOC, "t": time.time_ns(), "after": after} | asdict(stats))
+
+    def record_model_input(self, model: Any) -> None:
+        """The model as handed to deepspeed.initialize: already partitioned (built under
+        zero.Init) or whole on this rank, and in which dtype (the 5290 evidence)."""
+        if model is None:
+            return
+        params = list(model.parameters())
+        partitioned = any(hasattr(p, "ds_id") for p in params)
+        materialised = sum(p.numel() * p.element_size() for p in params if not hasattr(p, "ds_id"))
+        self.tracker.emit(
+            {
+                "kind": fmt.MODEL_INPUT,
+                "t": time.time_ns(),
+                "partitioned": partitioned,
+                "dtype": str(next((p.dtype for p in params), None)),
+                "materialised_bytes": materialised,
+            }
+        )
+
     def on_step(self, engine: Any, steps_before: int) -> None:
         if engine.global_steps == steps_before:
             return  # inside gradient accumulation
@@ -157,6 +194,7 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
     if _ORIGINALS:
         return
     hooks = _Hooks(tracker, warn_once)
+    _INSTALLED.append(hooks)
 
     init_cls = deepspeed.zero.Init
     enter, exit_ = init_cls.__enter__, init_cls.__exit__
@@ -179,8 +217,10 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
 
     @functools.wraps(deepspeed.initialize)
     def initialize(*args: Any, **kwargs: Any) -> Any:
+        hooks.guarded("model_event", hooks.record_model_input, kwargs.get("model"))
         result = ds_initialize(*args, **kwargs)
         hooks.guarded("model_event", hooks.record_model, result[0])
+        hooks.guarded("malloc_event", hooks.record_malloc, "ds_initialize")
         return result
 
     _patch(deepspeed, "initialize", initialize)
@@ -189,6 +229,8 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
 
     @functools.wraps(forward)
     def engine_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hooks.active:
+            return forward(self, *args, **kwargs)
         hooks.guarded("layers", hooks.name_layers, self)
         hooks.guarded("forward", tracker.begin, "forward")
         hooks.saved.reset()
@@ -207,6 +249,8 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
 
     @functools.wraps(backward)
     def engine_backward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hooks.active:
+            return backward(self, *args, **kwargs)
         hooks.guarded("backward", tracker.begin, "backward")
         try:
             return backward(self, *args, **kwargs)
@@ -221,6 +265,8 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
 
     @functools.wraps(step)
     def engine_step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hooks.active:
+            return step(self, *args, **kwargs)
         steps_before = self.global_steps
         hooks.guarded("step", tracker.begin, "step")
         try:
@@ -250,7 +296,7 @@ def _install_zero3(hooks: _Hooks, tracker: PhaseTracker) -> None:
     @functools.wraps(fetch)
     def fetch_sub_module(self: Any, current_submodule: Any, *args: Any, **kwargs: Any) -> Any:
         name = getattr(current_submodule, "_memdiag_layer", None)
-        if name is not None:
+        if name is not None and hooks.active:
             hooks.guarded("layers", tracker.set_module, name)
         return fetch(self, current_submodule, *args, **kwargs)
 

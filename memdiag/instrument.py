@@ -88,6 +88,14 @@ class Instrumentation:
         _chain_sigterm(self.stop)
         return self
 
+    def set_active(self, active: bool) -> None:
+        """Pause or resume sampling and hooks in place (bench/overhead's in-run A/B)."""
+        hooks.set_active(active)
+        if active:
+            self.sampler.resume()
+        else:
+            self.sampler.pause()
+
     def stop(self) -> None:
         if self._stopped:
             return
@@ -114,7 +122,18 @@ def _chain_sigterm(stop) -> None:
         pass
 
 
+_ACTIVE: list[Instrumentation] = []
+
+
 def start(run_dir: str | Path, sample_hz: float = 100.0) -> Instrumentation:
-    return Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz).start()
+    """Start memdiag in this process (once; a second call returns the running one)."""
+    if not _ACTIVE:
+        _ACTIVE.append(Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz).start())
+    return _ACTIVE[0]
+
+
+def stop_all() -> None:
+    for active in _ACTIVE:
+        active.stop()
 
 

@@ -124,12 +124,24 @@ def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
         stderr=launcher_log,
         start_new_session=False,
     )
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "memdiag.node", str(run_dir), "--root-pid", str(process.pid)],
-        env=rank_env(config, run_dir),
-        cwd=REPO_ROOT,
-        stderr=launcher_log,
-    )
+    watcher = None
+    if config.instrument:
+        watcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memdiag.node",
+                str(run_dir),
+                f"--root-pid={process.pid}",
+                f"--guard-limit-bytes={spec['host_limit_bytes']}",
+                f"--guard-fraction={config.guard_fraction}",
+                f"--guard-min-available-bytes={config.guard_min_available_bytes}",
+                f"--guard-grace-s={config.guard_grace_s}",
+            ],
+            env=rank_env(config, run_dir),
+            cwd=REPO_ROOT,
+            stderr=launcher_log,
+        )
     status = "failed"
     try:
         code = process.wait()
@@ -143,13 +155,16 @@ def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
             code = process.wait()
         status = "interrupted"
     finally:
-        watcher.terminate()
-        try:
-            watcher.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            watcher.kill()
+        if watcher is not None:
+            watcher.terminate()
+            try:
+                watcher.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                watcher.kill()
         launcher_log.close()
         shutil.rmtree(run_dir / "tmp", ignore_errors=True)
+    if guard_event(run_dir) is not None:
+        status = "stopped_by_guard"
     spec.update(
         status=status,
         exit_code=code,
@@ -158,6 +173,18 @@ def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
     )
     write_run_json(run_dir, spec)
     return code
+
+
+def guard_event(run_dir: Path) -> dict | None:
+    """The node watcher's guard event, if it stopped this run."""
+    for path in (run_dir / fmt.TIMELINE_DIR).glob("node-*.jsonl"):
+        for line in path.read_text(errors="replace").splitlines():
+            if '"kind":"guard"' in line.replace(" ", ""):
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    continue
+    return None
 
 
 def failure_excerpt(run_dir: Path, lines: int = 15) -> str:

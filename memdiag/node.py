@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import memdiag
+from memdiag.guard import GuardConfig, guard_reason, py_spy_dump, stop_ranks
 from memdiag.probes import cgroup
 from memdiag.probes.host import read_meminfo, read_proc_status, read_pss_bytes
 from memdiag.timeline import format as fmt
@@ -105,7 +106,11 @@ class NodeWatcher:
         interval_s: float = 0.1,
         pss_interval_s: float = 1.0,
         host: str | None = None,
+        guard: GuardConfig | None = None,
     ) -> None:
+        self.run_dir = Path(run_dir)
+        self.guard = guard
+        self.guard_fired = False
         self.host = host or socket.gethostname()
         self.root_pid = root_pid
         self.interval_s = interval_s
@@ -121,6 +126,12 @@ class NodeWatcher:
                 "interval_s": interval_s,
                 "pss_interval_s": pss_interval_s,
                 "cgroup_version": self.cgroup_files.version if self.cgroup_files else None,
+                "guard": None if guard is None else {
+                    "limit_bytes": guard.limit_bytes,
+                    "fraction": guard.fraction,
+                    "min_available_bytes": guard.min_available_bytes,
+                    "grace_s": guard.grace_s,
+                },
             },
         )
         if self.cgroup_files is None:
@@ -189,12 +200,43 @@ class NodeWatcher:
                 pass
         return entry
 
+    def enforce_guard(self, sample: dict) -> None:
+        """Stop the job, with every rank's stack, when the sample crosses the guard."""
+        if self.guard is None or self.guard_fired:
+            return
+        reason = guard_reason(self.guard, sample)
+        if reason is None:
+            return
+        self.guard_fired = True
+        pids = {rank: procs.pid for rank, procs in self._ranks.items()}
+        stacks = {}
+        for rank, pid in pids.items():
+            path = self.run_dir / "stacks" / f"rank-{rank}.txt"
+            py_spy_dump(pid, path)
+            stacks[str(rank)] = str(path.relative_to(self.run_dir))
+        self.writer.write(
+            {
+                "kind": fmt.GUARD,
+                "t": sample["t"],
+                "reason": reason,
+                "node_rss_bytes": sum(r["rss_bytes"] + r.get("children_rss_bytes", 0) for r in sample["ranks"].values()),
+                "limit_bytes": self.guard.limit_bytes,
+                "mem_available_bytes": sample.get("mem_available_bytes"),
+                "stacks": stacks,
+                "action": f"SIGTERM to ranks {sorted(pids)}, SIGKILL after {self.guard.grace_s:g} s",
+            }
+        )
+        self.writer.flush()
+        stop_ranks(pids, self.guard.grace_s)
+
     def run(self) -> None:
         deadline = time.monotonic()
         errors = 0
         while not self.stop_event.is_set():
             try:
-                self.writer.write(self.sample_once())
+                sample = self.sample_once()
+                self.writer.write(sample)
+                self.enforce_guard(sample)
             except Exception as exc:  # a watcher must outlive a bad read
                 errors += 1
                 if errors == 1:
@@ -210,8 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root-pid", type=int, required=True)
     parser.add_argument("--interval-s", type=float, default=0.1)
     parser.add_argument("--pss-interval-s", type=float, default=1.0)
+    parser.add_argument("--guard-limit-bytes", type=int, default=None)
+    parser.add_argument("--guard-fraction", type=float, default=0.95)
+    parser.add_argument("--guard-min-available-bytes", type=int, default=0)
+    parser.add_argument("--guard-grace-s", type=float, default=10.0)
     args = parser.parse_args(argv)
-    watcher = NodeWatcher(args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s)
+    guard = None
+    if args.guard_limit_bytes or args.guard_min_available_bytes:
+        guard = GuardConfig(
+            limit_bytes=args.guard_limit_bytes,
+            fraction=args.guard_fraction,
+            min_available_bytes=args.guard_min_available_bytes,
+            grace_s=args.guard_grace_s,
+        )
+    watcher = NodeWatcher(args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, guard=guard)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: watcher.stop_event.set())
     watcher.run()

@@ -40,6 +40,8 @@ class Sampler:
         self._device = device
         self._status = SelfStatusReader()
         self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
         self._thread = threading.Thread(target=self._loop, name="memdiag-sampler", daemon=True)
         self._errors = 0
         self._next_nvml = 0.0
@@ -48,8 +50,15 @@ class Sampler:
     def start(self) -> None:
         self._thread.start()
 
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._running.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
         self._writer.flush()
@@ -84,6 +93,10 @@ class Sampler:
     def _loop(self) -> None:
         deadline = time.monotonic()
         while not self._stop.is_set():
+            if not self._running.is_set():
+                self._running.wait(0.1)
+                deadline = time.monotonic()
+                continue
             try:
                 self._writer.write(self.sample_once())
                 self.samples_written += 1

@@ -37,6 +37,8 @@ class Summary:
     PSS, the lowest MemAvailable, and the cgroup's own peak."""
     host_limit_bytes: int | None
     problems: list[str]
+    warnings: list[str]
+    """Probe and hook failures the ranks and node watchers recorded (each once per source)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -133,4 +135,16 @@ def summarize(run: Run) -> Summary:
         node_watcher={host: node_watcher_figures(node) for host, node in run.nodes.items()},
         host_limit_bytes=run.spec.get("host_limit_bytes"),
         problems=list(run.problems),
+        warnings=collect_warnings(run),
     )
+
+
+def collect_warnings(run: Run) -> list[str]:
+    by_message: dict[str, list[str]] = {}
+    sources = [(f"rank {r}", t.events) for r, t in sorted(run.ranks.items())]
+    sources += [(f"node {h}", n.events) for h, n in sorted(run.nodes.items())]
+    for source, events in sources:
+        for event in events:
+            if event["kind"] == "warning":
+                by_message.setdefault(event["message"], []).append(source)
+    return [f"{', '.join(where)}: {message}" for message, where in by_message.items()]

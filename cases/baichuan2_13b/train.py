@@ -15,11 +15,12 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from memdiag import instrument
 from memdiag.config import RunConfig, load_ds_config
-from memdiag.phases import StepRecord
+from memdiag.phases import PhaseTracker, StepRecord
 
 log = logging.getLogger("memdiag.case")
 
@@ -94,12 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     run_dir = Path(argv[0])
     config = RunConfig.from_dict(json.loads((run_dir / "run.json").read_text())["config"])
-    inst = instrument.start(run_dir, config.sample_hz)
-    tracker = inst.tracker
-    rank = inst.identity.rank
+    identity = instrument.RankIdentity.from_env()
+    inst = None
+    if config.instrument:
+        inst = instrument.start(run_dir, config.sample_hz)
+        tracker = inst.tracker
+    else:
+        tracker = PhaseTracker(lambda record: None)  # phase scopes only; nothing recorded
+    rank = identity.rank
     progress_fd = _redirect_output(run_dir / "logs" / f"rank-{rank}.log")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    progress = Progress(progress_fd, config.steps, inst.identity.world_size) if rank == 0 else None
+    progress = Progress(progress_fd, config.steps, identity.world_size) if rank == 0 else None
 
     with tracker.phase_scope("init"):
         import torch
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = "gloo" if config.hardware.accelerator == "cpu" else "nccl"
         deepspeed.init_distributed(dist_backend=backend)
         if config.hardware.accelerator == "cuda":
-            torch.cuda.set_device(inst.identity.local_rank)
+            torch.cuda.set_device(identity.local_rank)
         torch.manual_seed(config.seed)
         ds_config = load_ds_config(config)
 
@@ -126,33 +132,55 @@ def main(argv: list[str] | None = None) -> int:
         vocab_size=config.model["vocab_size"],
         micro_batch=config.micro_batch,
         rank=rank,
-        world_size=inst.identity.world_size,
+        world_size=identity.world_size,
     )
     with tracker.phase_scope("model_build"):
         model = build_model(config, ds_config)
     optimizer = make_optimizer(model, ds_config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if progress:
-        tracker.step_listeners.append(progress)
-        progress.line(f"training {config.steps} steps on {inst.identity.world_size} ranks")
+        progress.line(f"training {config.steps} steps on {identity.world_size} ranks")
 
     engine.train()
     device = engine.device
-    for _ in range(config.steps):
+    step_times_s, step_modes = [], []
+    leaked = []  # inject_leak_mb: what a careless training loop keeps alive
+    for step in range(config.steps):
+        memdiag_on = True
+        if config.overhead_ab and inst is not None:
+            memdiag_on = (step // config.overhead_ab) % 2 == 1
+            inst.set_active(memdiag_on)
+        started = time.perf_counter()
+        tokens, losses = 0, []
         for _ in range(config.grad_accum):
             input_ids = next(data).to(device)
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             engine.backward(loss)
             engine.step()
+            tokens += input_ids.numel()
+            losses.append(loss.detach())
+        step_times_s.append(time.perf_counter() - started)
+        step_modes.append("on" if memdiag_on and inst is not None else "off")
+        if config.inject_leak_mb:
+            leaked.append(torch.ones(config.inject_leak_mb * 2**20, dtype=torch.uint8))
+        if progress:
+            mean_loss = float(sum(float(x) for x in losses) / len(losses))
+            progress(StepRecord(step=step + 1, loss=mean_loss, tokens=tokens, step_time_s=step_times_s[-1]))
+    # the case's own clock, the same with and without memdiag (bench/overhead compares them)
+    if inst is not None:
+        inst.set_active(True)
+    (run_dir / "logs" / f"step_times-rank-{rank}.json").write_text(
+        json.dumps({"step_time_s": step_times_s, "memdiag": step_modes})
+    )
 
     with tracker.phase_scope("teardown"):
-        del engine, optimizer, model
+        del engine, optimizer, model, leaked
         import gc
 
         gc.collect()
         deepspeed.comm.barrier()
         torch.distributed.destroy_process_group()
-    inst.stop()
+    instrument.stop_all()
     return 0
 
 

@@ -120,6 +120,6 @@ def main(overrides: list[str], command: list[str]) -> int:
     launch.write_run_json(run_dir, spec)
     from memdiag.commands import report
 
-    _, html_path = report.build(run_dir)
+    _, html_path, _ = report.build(run_dir, with_checks=True)
     print(f"memdiag: {'done' if code == 0 else f'the command failed (exit code {code})'}; report {html_path}")
     return 0 if code == 0 else 1

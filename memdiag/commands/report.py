@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from memdiag.checks import read_findings, run_checks, write_findings
 from memdiag.report import build_figures, write_report
 from memdiag.summary import Summary, summarize
 from memdiag.timeline import format as fmt
@@ -17,11 +18,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
 
 
-def build(run_dir: Path) -> tuple[Summary, Path]:
+def build(run_dir: Path, *, with_checks: bool = False):
+    """summary.json and report.html (and, with checks, findings.json first) for one run."""
     run = read_run(run_dir)
     summary = summarize(run)
     (run_dir / fmt.SUMMARY_JSON).write_text(json.dumps(summary.to_dict(), indent=2))
-    path = write_report(run, summary, build_figures(run, summary), run_dir / fmt.REPORT_HTML)
+    findings = None
+    if with_checks:
+        findings = run_checks(run)
+        write_findings(run_dir, findings)
+    stored = read_findings(run_dir)
+    path = write_report(run, summary, build_figures(run, summary, stored), run_dir / fmt.REPORT_HTML, stored)
+    if with_checks:
+        return summary, path, findings
     return summary, path
 
 

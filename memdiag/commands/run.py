@@ -6,6 +6,7 @@ import argparse
 
 from memdiag import launch
 from memdiag.commands import report
+from memdiag.commands.check import format_finding
 from memdiag.config import compose
 from memdiag.units import format_bytes
 
@@ -40,7 +41,20 @@ def main(args: argparse.Namespace) -> int:
     )
     print(f"memdiag: run directory {run_dir}", flush=True)
     code = launch.run_local(config, run_dir, spec)
-    summary, html_path = report.build(run_dir)
+    summary, html_path, findings = report.build(run_dir, with_checks=True)
+    if summary.warnings:
+        spec["warnings"] = summary.warnings
+        launch.write_run_json(run_dir, spec)
+        for warning in summary.warnings:
+            print(f"memdiag: warning: {warning}")
+    for finding in findings:
+        if finding.severity != "info":
+            print(format_finding(finding))
+    guard = launch.guard_event(run_dir)
+    if guard is not None:
+        print(f"memdiag: the guard stopped the run: {guard['reason']}; stacks in {run_dir / 'stacks'}")
+        print(f"memdiag: report {html_path}")
+        return 1
     if code != 0:
         print(f"memdiag: the run failed (torchrun exit code {code}); partial report: {html_path}")
         excerpt = launch.failure_excerpt(run_dir)
@@ -48,10 +62,11 @@ def main(args: argparse.Namespace) -> int:
             print(excerpt)
         return 1
     rate = summary.tokens_per_s_per_device
+    loss = "n/a" if summary.loss is None else f"{summary.loss:.4f}"
     print(
-        f"memdiag: done. loss {summary.loss:.4f}, "
+        f"memdiag: done. loss {loss}, "
         f"{'n/a' if rate is None else f'{rate:,.1f}'} token/p/s, host peak per node "
         + ", ".join(f"{h} {format_bytes(b)}" for h, b in summary.host_peak_bytes_per_node.items())
     )
     print(f"memdiag: report {html_path}")
-    return 0
+    return 1 if any(f.severity == "error" for f in findings) else 0

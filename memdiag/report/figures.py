@@ -332,8 +332,24 @@ def node_figures(run: Run, summary: Summary) -> dict[str, go.Figure]:
     return figures
 
 
-def build_figures(run: Run, summary: Summary) -> dict[str, go.Figure]:
+def add_finding_marks(fig: go.Figure, run: Run, findings: list[dict]) -> None:
+    """A dotted line at every moment a finding refers to, labelled with its id."""
+    t0 = run_start_ns(run)
+    for finding in findings:
+        for moment in finding.get("moments", []):
+            fig.add_vline(
+                x=(moment["t"] - t0) / 1e9,
+                line={"color": "crimson" if finding["severity"] == "error" else "darkorange", "dash": "dot"},
+                annotation_text=f"{finding['id']}: {moment.get('label', '')}",
+                annotation_position="top right",
+                annotation_font_size=10,
+            )
+
+
+def build_figures(run: Run, summary: Summary, findings: list[dict] | None = None) -> dict[str, go.Figure]:
     figures = {"host": host_figure(run, summary)}
+    if findings:
+        add_finding_marks(figures["host"], run, findings)
     figures.update(node_figures(run, summary))
     figures["device"] = device_figure(run, summary)
     for name, builder in (("categories", categories_figure), ("layers", layers_figure)):

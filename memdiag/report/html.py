@@ -63,6 +63,7 @@ def _summary_html(run: Run, summary: Summary) -> str:
         for host, peak in summary.host_peak_bytes_per_node.items()
     ]
     problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary.problems)
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in summary.warnings)
     return (
         "<h2>Summary</h2>"
         + _table([benchmark_row(run, summary)])
@@ -71,17 +72,54 @@ def _summary_html(run: Run, summary: Summary) -> str:
         + _table(node_rows)
         + _table(host_rows)
         + (f"<h3>What is missing</h3><ul class='problems'>{problems}</ul>" if problems else "")
+        + (f"<h3>Probe and hook warnings</h3><ul class='problems'>{warnings}</ul>" if warnings else "")
     )
+
+
+def _status_html(run: Run) -> str:
+    status = run.spec.get("status")
+    if not status or status == "completed":
+        return ""
+    text = {
+        "stopped_by_guard": "memdiag's guard stopped the run before the host ran out of memory; see the oom_guard finding",
+        "failed": "the run failed; what was recorded up to then is shown",
+        "interrupted": "the run was interrupted; what was recorded up to then is shown",
+        "running": "run.json still says running: the launcher was killed; what was recorded is shown",
+    }.get(status, status)
+    return f"<p class='status'>Status: <b>{html.escape(status)}</b>: {html.escape(text)}</p>"
 
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}
 th{background:#f4f4f4}.note{color:#555;font-size:.9em;margin:.2em 0}.problems{color:#a40}
+.finding{margin:.4em 0}.finding.error b{color:#b00}.finding.warning b{color:#b60}
+.fix{background:#f6f6f6;padding:.4em;font-size:.85em;white-space:pre-wrap}.status{background:#fee;padding:.5em}
 """
 
 
-def write_report(run: Run, summary: Summary, figures: dict[str, go.Figure], path: Path) -> Path:
+def _findings_html(findings: list[dict]) -> str:
+    if not findings:
+        return "<h2>Findings</h2><p>No findings (run <code>memdiag check</code> to produce them).</p>"
+    items = []
+    for index, finding in enumerate(findings):
+        fix = f"<pre class='fix'>{html.escape(finding['fix'])}</pre>" if finding.get("fix") else ""
+        moments = ", ".join(m.get("label", "") for m in finding.get("moments", []))
+        where = f"<div class='note'>marked on the timeline: {html.escape(moments)}</div>" if moments else ""
+        items.append(
+            f"<li class='finding {finding['severity']}' id='finding-{index}'><b>[{finding['severity']}] "
+            f"{html.escape(finding['id'])}</b>: {html.escape(finding['message'])}{where}{fix}</li>"
+        )
+    return "<h2>Findings</h2><ul class='findings'>" + "".join(items) + "</ul>"
+
+
+def write_report(
+    run: Run,
+    summary: Summary,
+    figures: dict[str, go.Figure],
+    path: Path,
+    findings: list[dict] | None = None,
+) -> Path:
     import plotly.io as pio
 
     config = run.spec.get("config", {})
@@ -90,7 +128,9 @@ def write_report(run: Run, summary: Summary, figures: dict[str, go.Figure], path
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
+        _status_html(run),
         _summary_html(run, summary),
+        _findings_html(findings or []),
     ]
     for index, (name, figure) in enumerate(figures.items()):
         parts.append(

@@ -101,3 +101,56 @@ def test_reference_loading_runs_and_has_no_zero_init(tmp_path):
     records = read_jsonl(run_dir / "timeline" / "rank-0.jsonl")
     begins = [r["phase"] for r in records if r["kind"] == "phase_begin"]
     assert "model_build" in begins and "zero_init" not in begins
+
+
+def test_categorised_memory_is_exact(cpu_run):
+    """ZeRO-3, bf16, 2 ranks: each rank holds half the parameters in bf16, the fp32 master
+    and both Adam moments of its half; activations at least the fp32 attention scores."""
+    _, run_dir = cpu_run
+    spec = json.loads((run_dir / "run.json").read_text())
+    n, world = spec["num_parameters"], spec["world_size"]
+    model = spec["config"]["model"]
+    seq = spec["config"]["seq_len"]
+    records = read_jsonl(run_dir / "timeline" / "rank-0.jsonl")
+    memory = [r for r in records if r["kind"] == "memory"]
+    assert [m["phase"] for m in memory[:3]] == ["forward", "backward", "step"]
+    after_step = [m for m in memory if m["phase"] == "step"][-1]
+    share = n / world
+    assert share * 2 <= after_step["parameters_bytes"] <= share * 2 * 1.01  # bf16 + alignment
+    assert after_step["optimizer_master_bytes"] == 2 * after_step["parameters_bytes"]
+    assert after_step["optimizer_exp_avg_bytes"] == after_step["optimizer_master_bytes"]
+    assert after_step["optimizer_exp_avg_sq_bytes"] == after_step["optimizer_master_bytes"]
+    forward = [m for m in memory if m["phase"] == "forward"][-1]
+    scores = model["num_attention_heads"] * seq * seq * 4 * model["num_hidden_layers"]
+    assert forward["activations_bytes"] >= scores
+    assert all(m["activations_bytes"] == 0 for m in memory if m["phase"] == "backward")
+    counted = sum(v for k, v in after_step.items() if k.endswith("_bytes") and k not in ("allocator_bytes", "other_bytes"))
+    assert counted + after_step["other_bytes"] == after_step["allocator_bytes"]
+
+
+def test_forward_and_backward_peaks_name_their_layer(cpu_run):
+    _, run_dir = cpu_run
+    records = read_jsonl(run_dir / "timeline" / "rank-1.jsonl")
+    ends = [r for r in records if r["kind"] == "phase_end" and r["phase"] in ("forward", "backward")]
+    layers = {f"model.layers.{i}" for i in range(4)} | {"model.embed_tokens", "lm_head", "model.norm"}
+    for end in ends:
+        assert end["host_peak_module"] in layers | {"(root)", "model"}
+        assert layers <= set(end["module_host_peaks"])
+        assert max(end["module_host_peaks"].values()) == end["host_peak_bytes"]
+    begins = [r["phase"] for r in records if r["kind"] == "phase_begin"]
+    assert "optimizer_step" in begins
+
+
+def test_node_watcher_saw_both_ranks_with_pss(cpu_run):
+    _, run_dir = cpu_run
+    (node_file,) = (run_dir / "timeline").glob("node-*.jsonl")
+    samples = [r for r in read_jsonl(node_file) if r["kind"] == "sample"]
+    with_both = [s for s in samples if set(s["ranks"]) == {"0", "1"}]
+    assert len(with_both) > 10
+    assert any("pss_bytes" in s["ranks"]["0"] for s in with_both)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    watcher = next(iter(summary["node_watcher"].values()))
+    assert 0 < watcher["pss_sum_peak_bytes"] <= watcher["rss_sum_peak_bytes"]
+    html = (run_dir / "report.html").read_text()
+    assert "host RAM stacked by rank" in html and "Categorised memory" in html
+    assert "Peak host memory by layer" in html

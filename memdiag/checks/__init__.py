@@ -1,0 +1,68 @@
+"""Checks read recorded runs and return findings; one module each, in a registry."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Callable
+
+from memdiag.checks import device_headroom, guard, host_limit, leak, not_released, scaling_5290
+from memdiag.checks.finding import Finding
+from memdiag.timeline.reader import Run
+
+log = logging.getLogger(__name__)
+
+FINDINGS_JSON = "findings.json"
+
+CHECKS: dict[str, Callable[[Run], list[Finding]]] = {
+    "oom_guard": guard.check,
+    "host_limit": host_limit.check,
+    "scaling_5290": scaling_5290.check,
+    "not_released": not_released.check,
+    "leak": leak.check,
+    "device_headroom": device_headroom.check,
+}
+MULTI_RUN_CHECKS: dict[str, Callable[[list[Run]], list[Finding]]] = {
+    "scaling_5290_fit": scaling_5290.check_many,
+}
+SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def run_checks(run: Run) -> list[Finding]:
+    """Every check on one run. A check that fails on odd data becomes a finding, not a crash."""
+    findings = []
+    for name, check in CHECKS.items():
+        try:
+            findings += check(run)
+        except Exception as exc:  # an accounting surprise is itself worth reporting
+            log.debug("check %s failed", name, exc_info=True)
+            findings.append(
+                Finding(id=name, severity="info", message=f"check {name} could not run on this data: {exc!r}")
+            )
+    for problem in run.problems:
+        findings.append(Finding(id="incomplete_run", severity="info", message=problem))
+    status = run.spec.get("status")
+    if status and status != "completed":
+        findings.append(
+            Finding(
+                id="run_status",
+                severity="error" if status in ("failed", "stopped_by_guard") else "warning",
+                message=f"the run ended as {status!r} (exit code {run.spec.get('exit_code')}); findings use what was recorded",
+            )
+        )
+    return sorted(findings, key=lambda f: SEVERITY_ORDER[f.severity])
+
+
+def write_findings(run_dir: Path, findings: list[Finding]) -> Path:
+    path = Path(run_dir) / FINDINGS_JSON
+    path.write_text(json.dumps([f.to_dict() for f in findings], indent=2))
+    return path
+
+
+def read_findings(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / FINDINGS_JSON
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []

@@ -1,0 +1,83 @@
+"""leak: memory that keeps growing step after step once training is steady.
+
+A Theil-Sen slope (the median of pairwise slopes, robust to a few outliers such as a
+checkpoint save) of the resident figure at the start of every step, warm-up excluded, for host
+RSS and device allocation separately.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from memdiag.checks.finding import Finding
+from memdiag.timeline.reader import Run
+from memdiag.units import format_bytes
+
+MIN_STEADY_STEPS = 8
+WARMUP_FRACTION = 0.3
+MIN_WARMUP_STEPS = 3
+HOST_THRESHOLD_BYTES_PER_STEP = 2 * 2**20
+DEVICE_THRESHOLD_BYTES_PER_STEP = 2**20
+
+
+def theil_sen(x: np.ndarray, y: np.ndarray) -> float:
+    i, j = np.triu_indices(len(x), k=1)
+    dx = x[j] - x[i]
+    keep = dx != 0
+    return float(np.median((y[j] - y[i])[keep] / dx[keep]))
+
+
+def step_series(run: Run, rank: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(step, value) at the first forward of every step."""
+    seen, steps, values = set(), [], []
+    for event in run.ranks[rank].events:
+        if event["kind"] == "phase_begin" and event["phase"] == "forward" and event.get(key) is not None:
+            step = event.get("step", 0)
+            if step in seen:
+                continue
+            seen.add(step)
+            steps.append(step)
+            values.append(event[key])
+    return np.array(steps, dtype=float), np.array(values, dtype=float)
+
+
+def check(run: Run) -> list[Finding]:
+    findings = []
+    device_is_host = any("process RSS" in (t.header.get("device_source") or "") for t in run.ranks.values())
+    series = [("host", "rss_bytes", HOST_THRESHOLD_BYTES_PER_STEP)]
+    if not device_is_host:
+        series.append(("device", "device_allocated_bytes", DEVICE_THRESHOLD_BYTES_PER_STEP))
+    for memory, key, threshold in series:
+        for rank in run.rank_ids:
+            steps, values = step_series(run, rank, key)
+            warmup = max(MIN_WARMUP_STEPS, int(len(steps) * WARMUP_FRACTION))
+            steps, values = steps[warmup:], values[warmup:]
+            if len(steps) < MIN_STEADY_STEPS:
+                continue
+            slope = theil_sen(steps, values)
+            if slope < threshold:
+                continue
+            findings.append(
+                Finding(
+                    id=f"leak_{memory}",
+                    severity="warning",
+                    message=f"rank {rank}: {memory} memory grows {format_bytes(slope)} per step over "
+                    f"{len(steps)} steady steps (steps {int(steps[0])}-{int(steps[-1])}, warm-up excluded); "
+                    f"at that rate 1000 more steps add {format_bytes(slope * 1000)}",
+                    evidence={
+                        "rank": rank,
+                        "memory": memory,
+                        "slope_bytes_per_step": int(slope),
+                        "threshold_bytes_per_step": threshold,
+                        "first_step": int(steps[0]),
+                        "last_step": int(steps[-1]),
+                        "first_bytes": int(values[0]),
+                        "last_bytes": int(values[-1]),
+                    },
+                    fix="look for tensors kept across steps: losses or outputs appended to a list without "
+                    ".item()/.detach(), caches keyed by step, hooks that store inputs; compare two "
+                    "steps with torch.cuda.memory_snapshot() or tracemalloc on the host",
+                    ranks=[rank],
+                )
+            )
+    return findings

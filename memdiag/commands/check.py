@@ -1,0 +1,62 @@
+"""``memdiag check RUN_DIR [RUN_DIR ...]``: findings with evidence and fixes; exit 1 on an error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from memdiag.checks import MULTI_RUN_CHECKS, run_checks, write_findings
+from memdiag.checks.finding import Finding
+from memdiag.timeline import read_run
+from memdiag.units import parse_size
+
+MARK = {"error": "ERROR", "warning": "WARN ", "info": "info "}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "check", help="read recorded runs and say what is wrong, with evidence and the fix"
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--json", action="store_true", help="print the findings as JSON")
+    parser.add_argument(
+        "--host-ram", metavar="SIZE", help="judge against this host RAM per node instead of the run's (e.g. 500G)"
+    )
+
+
+def format_finding(finding: Finding) -> str:
+    lines = [f"[{MARK[finding.severity]}] {finding.id}: {finding.message}"]
+    if finding.fix:
+        lines += ["    fix: " + line if i == 0 else "         " + line for i, line in enumerate(finding.fix.splitlines())]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    runs = [read_run(path) for path in args.run_dirs]
+    if args.host_ram:
+        limit = parse_size(args.host_ram, name="--host-ram")
+        for run in runs:
+            run.spec["host_limit_bytes"] = limit
+            run.spec["host_limit_source"] = f"--host-ram {args.host_ram}"
+            (run.spec.get("config") or {}).pop("host_ram_bytes", None)
+    everything: list[dict] = []
+    failed = False
+    for run in runs:
+        findings = run_checks(run)
+        write_findings(run.path, findings)
+        failed |= any(f.severity == "error" for f in findings)
+        everything += [{"run": str(run.path)} | f.to_dict() for f in findings]
+        if not args.json:
+            print(f"{run.path}:")
+            print("\n".join(format_finding(f) for f in findings) if findings else "  no findings")
+    if len(runs) > 1:
+        for check in MULTI_RUN_CHECKS.values():
+            for finding in check(runs):
+                failed |= finding.severity == "error"
+                everything.append({"run": "all"} | finding.to_dict())
+                if not args.json:
+                    print("across runs:\n" + format_finding(finding))
+    if args.json:
+        print(json.dumps(everything, indent=2))
+    return 1 if failed else 0

@@ -1,0 +1,149 @@
+"""Every check fires on a real run made to show its problem, and stays quiet on a healthy one.
+
+The 5290 runs use a ~110M-parameter model (`model.scale=base`): big enough that a full fp32
+copy per rank (~0.44 GB) stands far above allocator noise, small enough for two CPU cores.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = ["model.scale=base", "steps=1", "seq_len=64"]
+
+
+def memdiag(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "memdiag", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_case(reports: Path, *overrides) -> Path:
+    before = set(reports.glob("baichuan2_13b/*"))
+    result = memdiag("run", f"reports_dir={reports}", *overrides)
+    (run_dir,) = set(reports.glob("baichuan2_13b/*")) - before
+    return run_dir, result
+
+
+def check(*run_dirs, extra=()):
+    result = memdiag("check", "--json", *extra, *run_dirs)
+    return result.returncode, json.loads(result.stdout)
+
+
+def ids(findings, severity=("error", "warning")):
+    return {f["id"] for f in findings if f["severity"] in severity}
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    return tmp_path_factory.mktemp("check-reports")
+
+
+@pytest.fixture(scope="module")
+def healthy(reports):
+    run_dir, result = run_case(reports, "steps=16")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reference_runs(reports):
+    runs = {}
+    for ranks in (1, 2, 4):
+        run_dir, result = run_case(reports, *BASE, "load=reference", f"nproc_per_node={ranks}")
+        assert result.returncode in (0, 1), result.stderr  # 1: findings with errors
+        runs[ranks] = run_dir
+    return runs
+
+
+@pytest.fixture(scope="module")
+def zero_init_base(reports):
+    run_dir, result = run_case(reports, *BASE, "nproc_per_node=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir
+
+
+def test_healthy_run_is_quiet(healthy):
+    code, findings = check(healthy)
+    assert code == 0
+    assert ids(findings) == set(), findings
+    assert (healthy / "findings.json").exists()
+
+
+def test_host_limit_fires_against_a_smaller_limit(healthy):
+    code, findings = check(healthy, extra=("--host-ram", "1G"))
+    assert code == 1
+    limit = next(f for f in findings if f["id"] == "host_limit")
+    assert limit["severity"] == "error" and limit["evidence"]["limit_bytes"] == 2**30
+    forecast = next(f for f in findings if f["id"] == "host_limit_forecast")
+    assert forecast["evidence"]["over_limit_bytes_by_local_ranks"]
+
+
+def test_5290_fires_on_reference_loading_with_the_cause(reference_runs):
+    code, findings = check(reference_runs[2])
+    assert code == 1
+    finding = next(f for f in findings if f["id"] == "scaling_5290")
+    causes = " ".join(finding["evidence"]["causes"])
+    assert "outside deepspeed.zero.Init" in causes and "fp32" in causes
+    assert "deepspeed.zero.Init" in finding["fix"]
+    n = finding["evidence"]["num_parameters"]
+    assert finding["evidence"]["mean_load_bytes"] > 0.8 * 4 * n  # a whole fp32 copy per rank
+
+
+def test_5290_quiet_under_zero_init(zero_init_base):
+    _, findings = check(zero_init_base)
+    assert "scaling_5290" not in ids(findings)
+
+
+def test_5290_fit_across_rank_counts(reference_runs):
+    code, findings = check(*reference_runs.values())
+    fit = next(f for f in findings if f["id"] == "scaling_5290_fit")
+    assert fit["severity"] == "error" and code == 1
+    per_rank = fit["evidence"]["slope_bytes_per_rank"]
+    assert 0.8 < per_rank / fit["evidence"]["fp32_full_model_bytes"] < 1.5
+
+
+def test_not_released_fires_on_reference_and_not_on_zero_init(reference_runs, zero_init_base):
+    _, findings = check(reference_runs[1])
+    assert "not_released" in ids(findings)
+    _, findings = check(zero_init_base)
+    assert "not_released" not in ids(findings)
+
+
+def test_leak_fires_on_an_injected_leak(reports):
+    run_dir, result = run_case(reports, "steps=16", "inject_leak_mb=8")
+    assert result.returncode == 1  # the run ends with findings that include the leak
+    _, findings = check(run_dir)
+    leak = next(f for f in findings if f["id"] == "leak_host")
+    assert 6 * 2**20 < leak["evidence"]["slope_bytes_per_step"] < 12 * 2**20
+
+
+def test_device_headroom_fires_against_a_small_device(reports):
+    run_dir, _ = run_case(reports, "steps=2", "hardware.device_memory=512M")
+    _, findings = check(run_dir)
+    assert "device_headroom" in ids(findings)
+
+
+def test_guard_stops_an_over_limit_run_with_stacks(reports):
+    run_dir, result = run_case(reports, "steps=50", "host_ram=900M", "guard.grace_s=5")
+    assert result.returncode == 1
+    assert "guard" in result.stdout
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["status"] == "stopped_by_guard"
+    stacks = list((run_dir / "stacks").glob("rank-*.txt"))
+    assert len(stacks) == 2 and all("Thread" in s.read_text() for s in stacks)
+    _, findings = check(run_dir)
+    guard = next(f for f in findings if f["id"] == "oom_guard")
+    assert guard["severity"] == "error" and guard["moments"]
+    html = (run_dir / "report.html").read_text()
+    assert "stopped the run" in html
+    for rank in (0, 1):  # the timelines were flushed on SIGTERM and end after the guard
+        lines = (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()
+        assert json.loads(lines[-1])["t"] >= guard["moments"][0]["t"] - 2e9

@@ -1,0 +1,61 @@
+"""`memdiag run -- CMD`: a DeepSpeed script that imports nothing of memdiag, profiled unchanged."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "standalone_zero3.py"
+
+
+def test_script_knows_nothing_of_memdiag():
+    assert "memdiag" not in SCRIPT.read_text().split('"""', 2)[2]
+
+
+def test_torchrun_job_is_profiled_and_the_users_pythonpath_kept(tmp_path):
+    user_dir = tmp_path / "user_site"
+    user_dir.mkdir()
+    marker = tmp_path / "user_sitecustomize_ran"
+    (user_dir / "sitecustomize.py").write_text(
+        f"import os\nopen({str(marker)!r} + '.' + str(os.getpid()), 'w').close()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(user_dir), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", f"reports_dir={tmp_path / 'reports'}", "--", *torchrun, str(SCRIPT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("standalone done") == 2
+    assert len(list(tmp_path.glob("user_sitecustomize_ran.*"))) >= 3  # agent + 2 ranks
+    (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
+    for rank in (0, 1):
+        lines = (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        phases = {r["phase"] for r in records if r["kind"] == "phase_begin"}
+        assert {"zero_init", "ds_initialize", "forward", "backward", "step", "optimizer_step"} <= phases
+        steps = [r for r in records if r["kind"] == "step"]
+        assert len(steps) == 3 and all(s["loss"] > 0 for s in steps)
+        model = next(r for r in records if r["kind"] == "model")
+        assert model["zero_stage"] == 3 and model["model_class"] == "LlamaForCausalLM"
+    assert list((run_dir / "timeline").glob("node-*.jsonl"))
+    assert (run_dir / "report.html").exists()
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["status"] == "completed" and spec["world_size"] == 2
+
+
+def test_bad_key_for_cmd_mode(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", "sample_hx=5", "--", "true"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "sample_hz" in result.stderr

@@ -1,0 +1,75 @@
+"""Node watcher: parsers on literal /proc text, rank discovery on a real process tree."""
+
+import os
+import subprocess
+import sys
+import time
+
+from memdiag.node import NodeWatcher, find_ranks, parse_environ_rank, parse_stat_ppid
+from memdiag.timeline import read_run
+
+STAT = "4242 (python3 -m my (odd) name) S 4200 4242 4200 0 -1 4194560 1234 0 0 0 10 5 0 0 20 0 3 0"
+
+
+def test_parse_stat_ppid_with_parens_and_spaces_in_the_name():
+    assert parse_stat_ppid(STAT) == 4200
+
+
+def test_parse_environ_rank():
+    assert parse_environ_rank(b"PATH=/usr/bin\0RANK=3\0LOCAL_RANK=1\0") == 3
+    assert parse_environ_rank(b"PATH=/usr/bin\0LOCAL_RANK=1\0") is None
+    assert parse_environ_rank(b"RANK=x\0") is None
+
+
+CHILD = """
+import os, subprocess, sys, time
+if os.environ.get("SPAWN_HELPER") == "1":
+    env = dict(os.environ, SPAWN_HELPER="0")
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
+block = bytearray(int(os.environ["RANK"]) * 30 * 2**20 + 2**20)
+time.sleep(30)
+"""
+
+
+def test_find_ranks_and_sample_on_a_real_tree(tmp_path):
+    """A launcher-like parent without RANK starts two ranks; rank 1 starts a helper child."""
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys, time\n"
+            f"child = {CHILD!r}\n"
+            "procs = [subprocess.Popen([sys.executable, '-c', child], env=dict(os.environ, RANK=str(r), SPAWN_HELPER=str(r))) for r in (0, 1)]\n"
+            "time.sleep(30)\n",
+        ],
+        env={k: v for k, v in os.environ.items() if k != "RANK"},
+    )
+    try:
+        deadline = time.time() + 15
+        ranks = {}
+        while time.time() < deadline:
+            ranks = find_ranks(launcher.pid)
+            if set(ranks) == {0, 1} and ranks[1].children:
+                break
+            time.sleep(0.2)
+        assert set(ranks) == {0, 1}
+        assert ranks[0].children == [] and len(ranks[1].children) == 1
+        time.sleep(1.0)  # let rank 1 touch its 30 MiB
+        watcher = NodeWatcher(tmp_path, launcher.pid, interval_s=0.05, pss_interval_s=0.1, host="testnode")
+        for _ in range(4):
+            watcher.writer.write(watcher.sample_once())
+            time.sleep(0.06)
+        watcher.writer.close()
+    finally:
+        launcher.kill()
+        for child in find_ranks(launcher.pid).values():
+            for pid in [child.pid, *child.children]:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+    node = read_run(tmp_path).nodes["testnode"]
+    assert set(node.rank_rss) == {0, 1}
+    assert node.rank_rss[1][-1] - node.rank_rss[0][-1] > 25 * 2**20  # rank 1 holds 30 MiB more
+    assert node.columns["mem_total_bytes"][0] > 0
+    assert not all(v != v for v in node.pss_total())  # at least one complete PSS sample
