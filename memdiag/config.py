@@ -18,8 +18,13 @@ from memdiag.errors import UsageError
 from memdiag.units import parse_size
 
 CASES_DIR = Path(__file__).resolve().parent.parent / "cases"
-GROUPS = ("model", "hardware", "data")
-GROUP_ALIASES = {"model.scale": "model", "hardware.name": "hardware", "data.source": "data"}
+GROUPS = ("model", "hardware", "data", "load")
+GROUP_ALIASES = {
+    "model.scale": "model",
+    "hardware.name": "hardware",
+    "data.source": "data",
+    "load.mode": "load",
+}
 LOADS = ("zero_init", "reference")
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -79,6 +84,13 @@ class RunConfig:
     nproc_per_node: int
     nnodes: int
     load: str
+    """``zero_init`` (memdiag's lean loading) or ``reference`` (the benchmark's)."""
+    load_concurrency: int
+    """>0 (reference loading): at most this many local ranks build their model at once."""
+    load_trim: bool
+    """gc + malloc_trim(0) after the load and after deepspeed.initialize."""
+    load_dtype: str | None
+    """dtype the model is built in; None: fp32 for reference, the run's dtype for zero_init."""
     checkpoint: str | None
     ds_config: str
     """Absolute path of the DeepSpeed config the run starts from (overrides applied on top)."""
@@ -111,6 +123,10 @@ class RunConfig:
                 raise UsageError(f"{name}={value!r} must be a positive integer")
         if self.load not in LOADS:
             raise UsageError(f"load={self.load!r}: use one of {', '.join(LOADS)}")
+        if self.load_dtype is not None and self.load_dtype not in DTYPES:
+            raise UsageError(f"load.dtype={self.load_dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.load_concurrency < 0:
+            raise UsageError(f"load.concurrency={self.load_concurrency} must be >= 0")
         if self.dtype not in DTYPES:
             raise UsageError(f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -278,7 +294,10 @@ def _to_run_config(raw: dict, overrides: list[str], case_path: Path, note: str) 
             seq_len=raw["seq_len"],
             nproc_per_node=nproc,
             nnodes=raw["nnodes"],
-            load=raw["load"],
+            load=raw["load"]["mode"],
+            load_concurrency=int(raw["load"]["concurrency"]),
+            load_trim=bool(raw["load"]["trim"]),
+            load_dtype=raw["load"]["dtype"],
             checkpoint=raw.get("checkpoint"),
             ds_config=str(ds_config),
             zero_stage=raw["zero"]["stage"],

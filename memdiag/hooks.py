@@ -36,6 +36,11 @@ _ORIGINALS: list[tuple[Any, str, Any]] = []
 _INSTALLED: list[_Hooks] = []
 
 
+def record_malloc(after: str, **extra: Any) -> None:
+    for hooks in _INSTALLED:
+        hooks.guarded("malloc_event", lambda: hooks.record_malloc(after, **extra))
+
+
 def set_active(active: bool) -> None:
     """Switch every hook on or off in place (bench/overhead alternates within one run)."""
     for hooks in _INSTALLED:
@@ -141,11 +146,12 @@ class _Hooks:
             }
         )
 
-    def record_malloc(self, after: str) -> None:
+    def record_malloc(self, after: str, **extra: Any) -> None:
         """glibc's freed-but-kept bytes after a phase (the not_released evidence)."""
         stats = read_malloc_stats()
         if stats is not None:
-            self.tracker.emit({"kind": fmt.MALLOC, "t": time.time_ns(), "after": after} | asdict(stats))
+            record = {"kind": fmt.MALLOC, "t": time.time_ns(), "after": after, "rss_bytes": self.tracker.read_rss()}
+            self.tracker.emit(record | asdict(stats) | extra)
 
     def record_model_input(self, model: Any) -> None:
         """The model as handed to deepspeed.initialize: already partitioned (built under

@@ -88,6 +88,10 @@ class Instrumentation:
         _chain_sigterm(self.stop)
         return self
 
+    def record_malloc(self, after: str, **extra) -> None:
+        """glibc's heap figures now (e.g. after a malloc_trim, to show its effect)."""
+        hooks.record_malloc(after, **extra)
+
     def set_active(self, active: bool) -> None:
         """Pause or resume sampling and hooks in place (bench/overhead's in-run A/B)."""
         hooks.set_active(active)

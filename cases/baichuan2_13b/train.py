@@ -20,28 +20,44 @@ from pathlib import Path
 
 from memdiag import instrument
 from memdiag.config import RunConfig, load_ds_config
+from memdiag.loading import release_freed_memory
 from memdiag.phases import PhaseTracker, StepRecord
 
 log = logging.getLogger("memdiag.case")
 
 
-def build_model(config: RunConfig, ds_config: dict):
-    """``zero_init``: parameters partitioned as they are created. ``reference``: what the
-    benchmark does - the whole model in fp32 on every rank, partitioned only later by
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def build_model(config: RunConfig, ds_config: dict, run_name: str):
+    """``zero_init``: parameters partitioned as they are created, a checkpoint scattered one
+    tensor at a time (memdiag.loading). ``reference``: what the benchmark does - the whole
+    model (fp32 unless load.dtype says otherwise) on every rank, partitioned only later by
     ``deepspeed.initialize``."""
+    import contextlib
+
     import deepspeed
     import torch
 
     from cases.baichuan2_13b.modeling_baichuan import BaichuanConfig, BaichuanForCausalLM
+    from memdiag import loading
 
     model_cfg = BaichuanConfig(**{k: v for k, v in config.model.items() if k != "scale"})
     if config.load == "reference":
-        if config.checkpoint:
-            return BaichuanForCausalLM.from_pretrained(config.checkpoint, dtype=torch.float32)
-        return BaichuanForCausalLM(model_cfg)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        if config.checkpoint:
-            return BaichuanForCausalLM.from_pretrained(config.checkpoint, dtype=torch.float32)
+        dtype = getattr(torch, TORCH_DTYPES[config.load_dtype or "fp32"])
+        slots = (
+            loading.node_slots(run_name, config.load_concurrency)
+            if config.load_concurrency
+            else contextlib.nullcontext()
+        )
+        with slots:
+            if config.checkpoint:
+                return BaichuanForCausalLM.from_pretrained(config.checkpoint, dtype=dtype)
+            return BaichuanForCausalLM(model_cfg).to(dtype)
+    dtype = getattr(torch, TORCH_DTYPES[config.load_dtype or config.dtype])
+    if config.checkpoint:
+        return loading.load_zero3(BaichuanForCausalLM, config.checkpoint, ds_config, dtype=dtype, trim=False)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         return BaichuanForCausalLM(model_cfg)
 
 
@@ -135,9 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         world_size=identity.world_size,
     )
     with tracker.phase_scope("model_build"):
-        model = build_model(config, ds_config)
+        model = build_model(config, ds_config, run_dir.name)
+        if config.load_trim:
+            release_freed_memory()
     optimizer = make_optimizer(model, ds_config)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if config.load_trim:
+        rss_before = tracker.read_rss()
+        release_freed_memory()
+        if inst is not None:
+            inst.record_malloc("load_trim", rss_before_trim_bytes=rss_before)
     if progress:
         progress.line(f"training {config.steps} steps on {identity.world_size} ranks")
 

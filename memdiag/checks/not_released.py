@@ -1,9 +1,12 @@
 """not_released: memory freed after loading that the allocator keeps instead of returning.
 
 After ``deepspeed.initialize`` the whole-model copies of loading are freed, but glibc keeps
-freed chunks in its arenas: they stay resident and count in RSS while nothing uses them. The
-hooks read glibc's own figure for that (``mallinfo2().fordblks``) right after initialize. One
-public report saw gc + malloc_trim take RSS from ~258 GB to ~68 GB per process.
+freed chunks in its arenas, resident and counted in RSS while nothing uses them. The hooks read
+glibc's own figure (``mallinfo2().fordblks``, the bytes in free chunks) right after initialize;
+it bounds what ``malloc_trim`` can hand back. With ``load.trim=true`` the rank trims and records
+RSS before and after, which is the measured effect (fordblks itself does not drop: the chunks
+stay on the free lists, only their pages go back). One public report saw gc + malloc_trim take
+RSS from ~258 GB to ~68 GB per process.
 """
 
 from __future__ import annotations
@@ -32,6 +35,22 @@ def check(run: Run) -> list[Finding]:
         load = rank_load(timeline)
         stats = next((e for e in timeline.events if e["kind"] == "malloc" and e.get("after") == "ds_initialize"), None)
         if load is None or stats is None:
+            continue
+        trimmed = next((e for e in timeline.events if e["kind"] == "malloc" and e.get("after") == "load_trim"), None)
+        if trimmed is not None and "rss_before_trim_bytes" in trimmed:
+            released = trimmed["rss_before_trim_bytes"] - trimmed["rss_bytes"]
+            findings.append(
+                Finding(
+                    id="not_released",
+                    severity="info",
+                    message=f"rank {rank}: gc + malloc_trim after loading (load.trim) gave {format_bytes(released)} "
+                    f"back to the OS (RSS {format_bytes(trimmed['rss_before_trim_bytes'])} -> "
+                    f"{format_bytes(trimmed['rss_bytes'])}; glibc had {format_bytes(stats['free_bytes'])} in free chunks)",
+                    evidence={"rank": rank, "released_bytes": released, "malloc_free_bytes": stats["free_bytes"]},
+                    ranks=[rank],
+                    moments=[{"t": trimmed["t"], "label": f"rank {rank}: malloc_trim"}],
+                )
+            )
             continue
         free = stats["free_bytes"]
         rise = load.model_bytes

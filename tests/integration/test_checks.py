@@ -110,11 +110,19 @@ def test_5290_fit_across_rank_counts(reference_runs):
     assert 0.8 < per_rank / fit["evidence"]["fp32_full_model_bytes"] < 1.5
 
 
-def test_not_released_fires_on_reference_and_not_on_zero_init(reference_runs, zero_init_base):
+def test_not_released_fires_without_trim_and_not_with_it(reports, reference_runs):
     _, findings = check(reference_runs[1])
-    assert "not_released" in ids(findings)
-    _, findings = check(zero_init_base)
+    kept = next(f for f in findings if f["id"] == "not_released")
+    assert kept["evidence"]["malloc_free_bytes"] > 128 * 2**20
+    run_dir, result = run_case(reports, *BASE, "load=reference", "nproc_per_node=1", "load.trim=true")
+    _, findings = check(run_dir)
     assert "not_released" not in ids(findings)
+    events = [json.loads(l) for l in (run_dir / "timeline" / "rank-0.jsonl").read_text().splitlines() if '"malloc"' in l]
+    before, after = events[0], events[-1]  # the effect of gc + malloc_trim, measured
+    assert after["after"] == "load_trim"
+    assert after["rss_before_trim_bytes"] - after["rss_bytes"] > 0.5 * before["free_bytes"]
+    released = next(f for f in findings if f["id"] == "not_released")
+    assert released["severity"] == "info" and released["evidence"]["released_bytes"] > 128 * 2**20
 
 
 def test_leak_fires_on_an_injected_leak(reports):

@@ -1,0 +1,248 @@
+"""Memory-lean loading of Hugging Face checkpoints under DeepSpeed ZeRO-3.
+
+The cure for DeepSpeed issue 5290: instead of every rank building the whole model in fp32
+and reading every checkpoint shard (node host RAM = ranks x model), build the model already
+partitioned under ``deepspeed.zero.Init`` (no weight initialisation: the checkpoint overwrites
+it) and fill it one parameter at a time: rank 0 reads the tensor (safetensors through mmap,
+pickle ``.bin`` through ``torch.load(mmap=True)``), and ``GatheredParameters(modifier_rank=0)``
+scatters it into every rank's partition. No rank ever holds more than one full tensor.
+
+    from memdiag.loading import load_zero3
+    model = load_zero3(MyModel, "/ckpt/Baichuan2-13B-Base", ds_config, dtype=torch.bfloat16)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config, ...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gc
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from memdiag.errors import UsageError
+from memdiag.probes.malloc import malloc_trim
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SAFE_SINGLE = "model.safetensors"
+BIN_SINGLE = "pytorch_model.bin"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be loaded as it is: the message names the file and tensor."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    directory: Path
+    format: str
+    """``safetensors`` or ``bin``."""
+    weight_map: dict[str, str]
+    """Tensor name -> shard file name."""
+
+    @property
+    def shard_files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
+
+
+def find_checkpoint(directory: str | Path) -> Checkpoint:
+    """Read the shard index (or the single file) and check that every shard exists."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    for index_name, fmt in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+        index = directory / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is not a valid shard index ({exc}); re-export the checkpoint") from None
+            missing = sorted(f for f in set(weight_map.values()) if not (directory / f).is_file())
+            if missing:
+                raise CheckpointError(f"{index} lists shard {directory / missing[0]} which is missing ({len(missing)} missing)")
+            return Checkpoint(directory, fmt, weight_map)
+    for single, fmt in ((SAFE_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
+        if (directory / single).is_file():
+            with open_shard(directory / single, fmt) as tensors:
+                return Checkpoint(directory, fmt, {name: single for name in tensors.keys()})
+    raise CheckpointError(f"{directory} holds no {SAFE_INDEX}, {BIN_INDEX}, {SAFE_SINGLE} or {BIN_SINGLE}")
+
+
+class _Shard:
+    """Uniform access to one shard: ``keys()``, ``shape(name)``, ``get(name)``."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path = path
+        if fmt == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._safe = safe_open(str(path), framework="pt")  # mmap: only touched bytes are read
+            except Exception as exc:
+                raise CheckpointError(f"{path} cannot be opened as safetensors: {exc}") from None
+            self._bin = None
+        else:
+            import torch
+
+            try:
+                self._bin = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as exc:
+                raise CheckpointError(f"{path} cannot be opened as a torch checkpoint: {exc}") from None
+            self._safe = None
+
+    def keys(self) -> list[str]:
+        return list(self._safe.keys()) if self._safe is not None else list(self._bin.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._safe is not None:
+            return tuple(self._safe.get_slice(name).get_shape())
+        return tuple(self._bin[name].shape)
+
+    def get(self, name: str):
+        return self._safe.get_tensor(name) if self._safe is not None else self._bin[name]
+
+
+@contextlib.contextmanager
+def open_shard(path: Path, fmt: str) -> Iterator[_Shard]:
+    shard = _Shard(path, fmt)
+    try:
+        yield shard
+    finally:
+        del shard
+
+
+def validate(checkpoint: Checkpoint, model: Any) -> None:
+    """Every parameter present with the right shape, before any collective starts (so every
+    rank stops at the same place with the same message)."""
+    expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    missing = sorted(set(expected) - set(checkpoint.weight_map))
+    if missing:
+        raise CheckpointError(
+            f"{checkpoint.directory}: tensor {missing[0]} is not in the checkpoint ({len(missing)} missing)"
+        )
+    for shard_file in checkpoint.shard_files:
+        path = checkpoint.directory / shard_file
+        with open_shard(path, checkpoint.format) as shard:
+            present = set(shard.keys())
+            for name in (n for n, f in checkpoint.weight_map.items() if f == shard_file and n in expected):
+                if name not in present:
+                    raise CheckpointError(f"{path}: the index maps tensor {name} here but the shard lacks it")
+                shape = shard.shape(name)
+                if shape != expected[name]:
+                    raise CheckpointError(
+                        f"{path}: tensor {name} has shape {list(shape)}, the model expects {list(expected[name])}"
+                    )
+
+
+def load_into_zero3(model: Any, directory: str | Path) -> Checkpoint:
+    """Fill a model built under ``deepspeed.zero.Init`` from a checkpoint, one tensor at a time."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    checkpoint = find_checkpoint(directory)
+    validate(checkpoint, model)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    params = dict(model.named_parameters())
+    for shard_file in checkpoint.shard_files:
+        names = [n for n, f in checkpoint.weight_map.items() if f == shard_file and n in params]
+        shard = _Shard(checkpoint.directory / shard_file, checkpoint.format) if rank == 0 else None
+        for name in names:
+            param = params[name]
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    with torch.no_grad():
+                        param.data.copy_(shard.get(name))
+        del shard
+    return checkpoint
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def load_zero3(model_cls: Any, directory: str | Path, ds_config: dict | str, *, dtype=None, trim: bool = True):
+    """Build ``model_cls`` partitioned under ZeRO-3 and load ``directory`` into it.
+
+    ``trim``: gc + ``malloc_trim(0)`` afterwards, so freed buffers go back to the OS.
+    """
+    import deepspeed
+
+    config = model_cls.config_class.from_pretrained(directory)
+    find_checkpoint(directory)  # fail on a broken checkpoint before building anything
+    with _no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        model = model_cls(config)
+    load_into_zero3(model, directory)
+    if trim:
+        release_freed_memory()
+    return model
+
+
+def release_freed_memory() -> bool:
+    """gc, then hand freed heap pages back to the OS (glibc ``malloc_trim(0)``)."""
+    gc.collect()
+    return malloc_trim()
+
+
+@contextlib.contextmanager
+def node_slots(name: str, slots: int, poll_s: float = 0.05) -> Iterator[int]:
+    """At most ``slots`` processes of this node inside the block at once (``flock`` on slot
+    files in /dev/shm); yields the slot held. For loading that is not collective."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    while True:
+        for slot in range(slots):
+            path = base / f"memdiag-{name}-slot{slot}.lock"
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield slot
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            return
+        time.sleep(poll_s)
+
+
+def save_bin_sharded(state_dict: dict, directory: str | Path, max_shard_bytes: int) -> Path:
+    """Write ``pytorch_model-0000i-of-0000n.bin`` shards and their index, as the public
+    Baichuan2 checkpoints are laid out (transformers 5 writes safetensors only)."""
+    import torch
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict] = [{}]
+    size = 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().clone().contiguous()
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        torch.save(shard, directory / file)
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    index = directory / BIN_INDEX
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return index
