@@ -44,6 +44,10 @@ class HardwareProfile:
     """Theoretical dense bf16 FLOP/s of one device, for MFU; ``None``: MFU not reported."""
     host_ram_bytes: int | None = None
     """Host RAM of one node; ``None``: read from the machine at run time."""
+    device_runtime_context_bytes: int = 0
+    """Device memory a rank uses before any tensor (driver context, library workspaces)."""
+    host_runtime_context_bytes: int = 0
+    """Host RAM a rank maps for the accelerator stack, on top of Python and the frameworks."""
 
     def __post_init__(self) -> None:
         if self.accelerator not in ("cuda", "cpu"):
@@ -69,6 +73,8 @@ class HardwareProfile:
             cards_per_node=int(cfg.get("cards_per_node", 8)),
             peak_flops=None if cfg.get("peak_flops") is None else float(cfg["peak_flops"]),
             host_ram_bytes=size("host_ram"),
+            device_runtime_context_bytes=size("device_runtime_context") or 0,
+            host_runtime_context_bytes=size("host_runtime_context") or 0,
         )
 
 

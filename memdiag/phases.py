@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 
 ATTRIBUTED_PHASES = frozenset({"forward", "backward"})
+OUTSIDE_LAYERS = "(outside layers)"
+"""Where a peak lands when no ZeRO-3 sub-module was being fetched (loss, engine bookkeeping)."""
 """Phases whose peaks are broken down by layer (the ZeRO-3 sub-module being computed)."""
 
 
@@ -37,8 +39,9 @@ class _Frame:
         self.host_peak_bytes = max(self.host_peak_bytes, host)
         if device is not None:
             self.device_peak_bytes = max(self.device_peak_bytes or 0, device)
-        if module is None or self.name not in ATTRIBUTED_PHASES:
+        if self.name not in ATTRIBUTED_PHASES:
             return
+        module = module or OUTSIDE_LAYERS
         self.module_host_peaks[module] = max(self.module_host_peaks.get(module, 0), host)
         if device is not None:
             self.module_device_peaks[module] = max(self.module_device_peaks.get(module, 0), device)

@@ -25,6 +25,8 @@ def parse_size(text: str | int | float, *, name: str = "size") -> int:
         if text < 0:
             raise UsageError(f"{name}={text} is negative; use {ACCEPTED_FORMS}")
         return int(text)
+    if str(text).strip().startswith("-"):
+        raise UsageError(f"{name}={text!r} is negative; use {ACCEPTED_FORMS}")
     match = _SIZE_RE.match(str(text))
     if not match:
         raise UsageError(f"{name}={text!r} is not a size; use {ACCEPTED_FORMS}")

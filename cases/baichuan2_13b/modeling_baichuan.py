@@ -4,8 +4,8 @@ Written from the public architecture description so that parameter names match t
 Baichuan2-13B checkpoints (``model.layers.N.self_attn.W_pack.weight`` and so on) and
 ``from_pretrained`` loads them directly. The 13B model uses ALiBi position bias, a fused QKV
 projection (``W_pack``), RMSNorm, a SwiGLU MLP and a normalised LM head (``NormHead``), with
-untied embeddings. Attention is plain (no flash attention, as in the upstream code), so the
-full ``heads x seq x seq`` score tensor is materialised: the memory model counts it.
+untied embeddings. Attention is plain (the upstream code's path without xformers), so the
+``heads x seq x seq`` scores and their softmax are materialised: the memory model counts them.
 """
 
 from __future__ import annotations
@@ -129,9 +129,11 @@ class BaichuanAttention(nn.Module):
         bsz, q_len, _ = hidden_states.shape
         qkv = self.W_pack(hidden_states).view(bsz, q_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        # as the upstream 13B code does without xformers: scores, ALiBi bias and softmax in the
+        # model's dtype, clamped at the dtype's minimum (-inf + -inf would give NaN rows)
         scores = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(self.head_dim)
-        scores = scores.float() + bias
-        probs = F.softmax(scores, dim=-1).to(value.dtype)
+        scores = torch.maximum(scores + bias, torch.tensor(torch.finfo(scores.dtype).min, device=scores.device))
+        probs = F.softmax(scores, dim=-1)
         out = torch.matmul(probs, value).transpose(1, 2).reshape(bsz, q_len, self.hidden_size)
         return self.o_proj(out)
 
@@ -203,7 +205,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         hidden_states = self.embed_tokens(input_ids)
         bias = alibi_causal_bias(
             self.config.num_attention_heads, input_ids.shape[1], device=input_ids.device
-        )
+        ).to(hidden_states.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 hidden_states = self._gradient_checkpointing_func(layer.__call__, hidden_states, bias)

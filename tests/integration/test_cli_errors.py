@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
         (["case=llama"], "available: baichuan2_13b"),
         (["stepz=3"], "closest valid keys: steps"),
         (["steps20"], "malformed override 'steps20'"),
-        (["model.scale=huge"], "available: 13b, small, tiny"),
+        (["model.scale=huge"], "available: 13b, base, small, tiny"),
         (["host_ram=500X"], "host_ram='500X'"),
         (["data=openwebtext", "data.path=/nonexistent/tokens.npy"], None),
     ],

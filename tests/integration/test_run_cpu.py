@@ -134,7 +134,7 @@ def test_forward_and_backward_peaks_name_their_layer(cpu_run):
     ends = [r for r in records if r["kind"] == "phase_end" and r["phase"] in ("forward", "backward")]
     layers = {f"model.layers.{i}" for i in range(4)} | {"model.embed_tokens", "lm_head", "model.norm"}
     for end in ends:
-        assert end["host_peak_module"] in layers | {"(root)", "model"}
+        assert end["host_peak_module"] in layers | {"(root)", "model", "(outside layers)"}
         assert layers <= set(end["module_host_peaks"])
         assert max(end["module_host_peaks"].values()) == end["host_peak_bytes"]
     begins = [r["phase"] for r in records if r["kind"] == "phase_begin"]

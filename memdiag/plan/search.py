@@ -1,0 +1,201 @@
+"""Evaluate layouts (nodes x devices per node) against device memory and host RAM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from memdiag.config import HardwareProfile
+from memdiag.plan.model import Architecture
+from memdiag.plan.terms import Coefficients, Settings, device_terms, host_terms
+from memdiag.units import format_bytes
+
+
+@dataclass(frozen=True)
+class LayoutResult:
+    nodes: int
+    devices_per_node: int
+    device_terms: dict[str, float]
+    host_load_terms: dict[str, float]
+    host_steady_terms: dict[str, float]
+    device_capacity_bytes: float
+    host_limit_bytes: float
+    devices_per_card: int
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.devices_per_node
+
+    @property
+    def device_peak_bytes(self) -> float:
+        return sum(self.device_terms.values())
+
+    @property
+    def host_load_bytes(self) -> float:
+        return sum(self.host_load_terms.values())
+
+    @property
+    def host_steady_bytes(self) -> float:
+        return sum(self.host_steady_terms.values())
+
+    @property
+    def host_peak_bytes(self) -> float:
+        return max(self.host_load_bytes, self.host_steady_bytes)
+
+    @property
+    def device_margin_bytes(self) -> float:
+        return self.device_capacity_bytes - self.device_peak_bytes
+
+    @property
+    def host_margin_bytes(self) -> float:
+        return self.host_limit_bytes - self.host_peak_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.device_margin_bytes >= 0 and self.host_margin_bytes >= 0
+
+    @property
+    def verdict(self) -> str:
+        problems = []
+        if self.device_margin_bytes < 0:
+            problems.append(f"device OOM by {format_bytes(-self.device_margin_bytes)}")
+        if self.host_margin_bytes < 0:
+            problems.append(f"host OOM by {format_bytes(-self.host_margin_bytes)}")
+        if problems:
+            return ", ".join(problems)
+        return f"fits (device margin {format_bytes(self.device_margin_bytes)}, host margin {format_bytes(self.host_margin_bytes)})"
+
+    @property
+    def name(self) -> str:
+        cards = self.devices_per_node / self.devices_per_card
+        card_note = f" = {self.nodes} node(s) x {cards:g} card(s)" if self.devices_per_card > 1 else ""
+        return f"{self.nodes}x{self.devices_per_node}{card_note}"
+
+    def to_dict(self) -> dict:
+        terms = {f"device.{k}": int(v) for k, v in self.device_terms.items()}
+        terms |= {f"host_load.{k}": int(v) for k, v in self.host_load_terms.items()}
+        terms |= {f"host_steady.{k}": int(v) for k, v in self.host_steady_terms.items()}
+        return {
+            "nodes": self.nodes,
+            "devices_per_node": self.devices_per_node,
+            "cards_per_node": self.devices_per_node / self.devices_per_card,
+            "world_size": self.world,
+            "device_peak_bytes": int(self.device_peak_bytes),
+            "device_capacity_bytes": int(self.device_capacity_bytes),
+            "host_peak_bytes_per_node": int(self.host_peak_bytes),
+            "host_load_bytes_per_node": int(self.host_load_bytes),
+            "host_steady_bytes_per_node": int(self.host_steady_bytes),
+            "host_limit_bytes": int(self.host_limit_bytes),
+            "fits": self.fits,
+            "verdict": self.verdict,
+            "terms": terms,
+        }
+
+
+def evaluate(
+    arch: Architecture,
+    settings: Settings,
+    hardware: HardwareProfile,
+    nodes: int,
+    devices_per_node: int,
+    coefficients: Coefficients,
+    *,
+    device_capacity_bytes: float,
+    host_limit_bytes: float,
+) -> LayoutResult:
+    world = nodes * devices_per_node
+    cpu = hardware.accelerator == "cpu"
+    dev = device_terms(arch, settings, world, coefficients)
+    if hardware.device_runtime_context_bytes:
+        dev["runtime_context"] = float(hardware.device_runtime_context_bytes)
+    load, steady = host_terms(
+        arch,
+        settings,
+        local_ranks=devices_per_node,
+        world=world,
+        runtime_context_bytes=hardware.host_runtime_context_bytes,
+        cpu_accelerator=cpu,
+        c=coefficients,
+    )
+    return LayoutResult(
+        nodes=nodes,
+        devices_per_node=devices_per_node,
+        device_terms=dev,
+        host_load_terms=load,
+        host_steady_terms=steady,
+        device_capacity_bytes=device_capacity_bytes,
+        host_limit_bytes=host_limit_bytes,
+        devices_per_card=hardware.devices_per_card,
+    )
+
+
+def device_counts(max_per_node: int) -> list[int]:
+    counts = {1}
+    while max(counts) * 2 <= max_per_node:
+        counts.add(max(counts) * 2)
+    counts.add(max_per_node)
+    return sorted(counts)
+
+
+def search(arch, settings, hardware, coefficients, *, nodes: list[int], per_node: list[int], device_capacity_bytes, host_limit_bytes):
+    return [
+        evaluate(arch, settings, hardware, n, d, coefficients, device_capacity_bytes=device_capacity_bytes, host_limit_bytes=host_limit_bytes)
+        for n in nodes
+        for d in per_node
+    ]
+
+
+def recommend(results: list[LayoutResult]) -> LayoutResult | None:
+    """Fewest nodes that fit; among those the most devices per node (nodes are paid for whole)."""
+    fitting = [r for r in results if r.fits]
+    return min(fitting, key=lambda r: (r.nodes, -r.devices_per_node)) if fitting else None
+
+
+FIXES = (
+    ("load=zero_init", {"load": "zero_init", "checkpoint_format": "safetensors"}),
+    ("load.dtype=bf16", {"load_dtype": "bf16"}),
+    ("activation_checkpointing=true", {"activation_checkpointing": True}),
+    ("flash_attn=true", {"flash_attn": True}),
+    ("offload=optimizer", {"offload": "optimizer"}),
+)
+
+
+def fixes_for(layout: LayoutResult, arch, settings, hardware, coefficients, *, device_capacity_bytes, host_limit_bytes) -> list[tuple[str, LayoutResult]]:
+    """Changes (one, then pairs when none alone suffices) and ``layout`` as it would then be."""
+    def apply(changes: list[tuple[str, dict]]) -> tuple[str, LayoutResult] | None:
+        merged: dict = {}
+        for _, change in changes:
+            merged |= change
+        changed = replace(settings, **merged)
+        if changed == settings:
+            return None
+        result = evaluate(
+            arch, changed, hardware, layout.nodes, layout.devices_per_node, coefficients,
+            device_capacity_bytes=device_capacity_bytes, host_limit_bytes=host_limit_bytes,
+        )
+        return " + ".join(label for label, _ in changes), result
+
+    found = [r for fix in FIXES if (r := apply([fix])) is not None]
+    if not any(result.fits for _, result in found):
+        for i, first in enumerate(FIXES):
+            for second in FIXES[i + 1 :]:
+                pair = apply([first, second])
+                if pair is not None and pair[1].fits:
+                    found.append(pair)
+    return found
+
+
+def deepspeed_estimate(arch: Architecture, devices_per_node: int, nodes: int, *, zero_init: bool) -> dict[str, int]:
+    """DeepSpeed's own ZeRO-3 model-state estimate (no offload) with the true counts.
+
+    The ``..._all_cold`` entry point prints; the function below it returns the figures. Its
+    ``..._all_live`` variant counts a live model's parameters, which under zero.Init or on
+    the meta device are empty, so it is not used."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    largest_layer = arch.num_parameters // max(arch.num_layers, 1)
+    largest = max(largest_layer, arch.largest_tensor_elements)
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        arch.num_parameters, largest, num_gpus_per_node=devices_per_node, num_nodes=nodes,
+        cpu_offload=False, cpu_offload_params=False, zero_init=zero_init, additional_buffer_factor=1.0,
+    )
+    return {"host_bytes_per_node": cpu, "device_bytes": gpu, "largest_layer_params": largest}

@@ -1,0 +1,119 @@
+"""The planner: exact parameter counts, the seed's decision, the DeepSpeed cross-check, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cases.baichuan2_13b.modeling_baichuan import BaichuanConfig, count_parameters
+from memdiag.cli import main as cli_main
+from memdiag.commands.plan import parse_layout, parse_range, settings_from
+from memdiag.errors import UsageError
+from memdiag.plan.model import Architecture
+from memdiag.plan.terms import Coefficients, Settings, activation_terms
+
+REPO = Path(__file__).resolve().parents[2]
+B13 = dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, intermediate_size=13696, vocab_size=125696)
+
+
+def plan_json(*args):
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "plan", "--json", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_architecture_counts_match_the_model():
+    arch = Architecture.from_case_model(B13)
+    assert arch.num_parameters == count_parameters(BaichuanConfig(**B13))
+
+
+def test_hf_config_json(tmp_path):
+    cfg = dict(B13, num_key_value_heads=8, tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    arch = Architecture.from_hf_config(path)
+    assert arch.num_kv_heads == 8 and arch.tied_embeddings
+    assert arch.num_parameters < Architecture.from_case_model(B13).num_parameters  # GQA + tied
+
+
+@pytest.mark.parametrize("seq_len, layers", [(128, 2), (256, 4)])
+def test_activation_terms_equal_the_saved_bytes_measured(seq_len, layers):
+    """The formula against what saved_tensors_hooks count on our model in bf16."""
+    import torch
+
+    from cases.baichuan2_13b.modeling_baichuan import BaichuanForCausalLM
+    from memdiag.categories import SavedTensorCounter
+
+    cfg = dict(hidden_size=256, num_hidden_layers=layers, num_attention_heads=8, intermediate_size=688, vocab_size=4096)
+    model = BaichuanForCausalLM(BaichuanConfig(**cfg)).to(torch.bfloat16)
+    ids = torch.randint(0, 4096, (1, seq_len))
+    counter = SavedTensorCounter()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        model(ids, labels=ids)
+    arch = Architecture.from_case_model(cfg)
+    terms = activation_terms(arch, Settings(seq_len=seq_len), Coefficients())
+    predicted = terms["activations"] + terms["attention_scores"] + terms["logits_and_loss"]
+    assert abs(predicted - counter.total_bytes) / counter.total_bytes < 0.02
+
+
+def test_reference_loading_reproduces_the_seed_host_decision():
+    data = plan_json("--host-ram", "500G")
+    layouts = {(l["nodes"], l["devices_per_node"]): l for l in data["layouts"]}
+    one_node = layouts[(1, 16)]  # one node of 8 BI-V150 cards (2 devices each)
+    two_nodes = layouts[(2, 8)]  # 2 nodes x 4 cards
+    assert one_node["host_peak_bytes_per_node"] > 500 * 2**30
+    assert two_nodes["host_peak_bytes_per_node"] <= 500 * 2**30
+    assert one_node["terms"]["host_load.model_full_copy_per_rank"] == 16 * 4 * one_node_params(data)
+    zero_init = next(f for f in data["fixes_for_full_node"] if f["change"] == "load=zero_init")
+    assert zero_init["host_peak_bytes_per_node"] < 100 * 2**30
+
+
+def one_node_params(data):
+    return data["model"]["num_parameters"]
+
+
+def test_deepspeed_cross_check_is_exact():
+    data = plan_json("--host-ram", "500G", "--layout", "2x8")
+    ds = data["deepspeed_estimate"]
+    assert abs(ds["memdiag_plus_explained_bytes"] - ds["device_bytes"]) <= 2
+
+
+def test_zero_stage_and_offload_move_the_terms():
+    base = plan_json("--host-ram", "2T", "--layout", "1x8")["layouts"][0]["terms"]
+    stage2 = plan_json("--host-ram", "2T", "--layout", "1x8", "zero.stage=2")["layouts"][0]["terms"]
+    assert stage2["device.parameters"] == 8 * base["device.parameters"]
+    offload = plan_json("--host-ram", "2T", "--layout", "1x8", "offload=optimizer")["layouts"][0]["terms"]
+    assert offload["device.optimizer_states"] == 0
+    assert offload["host_steady.offloaded_optimizer_states"] == pytest.approx(8 * base["device.optimizer_states"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--host-ram", "500X"], "'500X'"),
+        (["--host-ram=-5G"], "negative"),
+        (["--profile", "tpu"], "available"),
+        (["--case", "llama"], "available"),
+        (["--layout", "1x32"], "the profile has 16"),
+        (["--layout", "two"], "NODESxDEVICES"),
+        (["seq_lenn=4"], "seq_len"),
+        (["offload=gpu"], "optimizer"),
+    ],
+)
+def test_bad_plan_input_is_one_line_and_exit_2(capsys, argv, needle):
+    assert cli_main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_parsers():
+    assert parse_range("1-4", "--nodes") == [1, 2, 3, 4]
+    assert parse_layout("2x8", 16) == (2, 8)
+    with pytest.raises(UsageError):
+        parse_range("4-1", "--nodes")
+    settings, passthrough = settings_from(["flash_attn=true", "seq_len=4096", "model.scale=small"], Settings())
+    assert settings.flash_attn and settings.seq_len == 4096 and passthrough == ["model.scale=small"]
