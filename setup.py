@@ -19,6 +19,8 @@ setup(
         "nvidia-ml-py>=12",
         "py-spy>=0.3.14",
         "plotly>=5.20",
+        # reading hour-long 16-rank timelines inside the report's 10 s budget
+        "orjson>=3.9",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["memdiag=memdiag.cli:main"]},

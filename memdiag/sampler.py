@@ -1,4 +1,5 @@
-"""The per-rank sampler: a daemon thread that writes one sample per tick."""
+"""The per-rank sampler: a daemon thread that takes one sample per tick and writes them in
+batches (one ``samples`` record per flush interval)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ class Sampler:
         self._errors = 0
         self._next_nvml = 0.0
         self.samples_written = 0
+        self._batch: dict[str, list] = {}
+        self._batch_len = 0
+        self._batch_started = time.monotonic()
 
     def start(self) -> None:
         self._thread.start()
@@ -61,7 +65,28 @@ class Sampler:
         self._running.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self._write_batch()
         self._writer.flush()
+
+    def _append(self, record: dict) -> None:
+        """Add one tick to the open batch; write the batch once per flush interval."""
+        batch = self._batch
+        for key, value in record.items():
+            if key == "kind":
+                continue
+            column = batch.setdefault(key, [None] * self._batch_len)
+            column.append(value)
+        self._batch_len += 1
+        for key, column in batch.items():  # keys a tick lacked (module outside forward)
+            if len(column) < self._batch_len:
+                column.append(None)
+        if time.monotonic() - self._batch_started >= fmt.FLUSH_INTERVAL_S:
+            self._write_batch()
+
+    def _write_batch(self) -> None:
+        if self._batch_len:
+            self._writer.write(fmt.sample_batch(**self._batch))
+        self._batch, self._batch_len, self._batch_started = {}, 0, time.monotonic()
 
     def sample_once(self) -> dict:
         mem = self._status.read()
@@ -98,7 +123,7 @@ class Sampler:
                 deadline = time.monotonic()
                 continue
             try:
-                self._writer.write(self.sample_once())
+                self._append(self.sample_once())
                 self.samples_written += 1
             except Exception:  # never let a probe failure escape the thread
                 self._errors += 1

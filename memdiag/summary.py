@@ -71,6 +71,17 @@ def node_peak_bytes(ranks: list[RankTimeline]) -> int:
     return int(node_total_series(ranks, grid).max()) if len(grid) else 0
 
 
+def node_totals(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per host: (sample times, summed RSS of its ranks). Computed once per run and kept on
+    it: the summary and the report both need it, and the merge is the costly part of a long run."""
+    if run.node_totals_cache is None:
+        run.node_totals_cache = {}
+        for host, ranks in ranks_by_host(run).items():
+            grid = np.unique(np.concatenate([t.t_ns for t in ranks]))
+            run.node_totals_cache[host] = (grid, node_total_series(ranks, grid))
+    return run.node_totals_cache
+
+
 def _nanmax(values: np.ndarray) -> int | None:
     return None if not len(values) or np.all(np.isnan(values)) else int(np.nanmax(values))
 
@@ -130,7 +141,7 @@ def summarize(run: Run) -> Summary:
         num_parameters=num_parameters,
         host_peak_bytes_per_rank=host_peaks,
         host_peak_bytes_per_node={
-            host: node_peak_bytes(ranks) for host, ranks in ranks_by_host(run).items()
+            host: int(total.max()) if len(total) else 0 for host, (_, total) in node_totals(run).items()
         },
         node_watcher={host: node_watcher_figures(node) for host, node in run.nodes.items()},
         host_limit_bytes=run.spec.get("host_limit_bytes"),

@@ -14,8 +14,11 @@ from memdiag.timeline import read_run
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("report", help="rebuild a run's report.html and summary.json")
+    parser = subparsers.add_parser(
+        "report", help="rebuild a run's report.html and summary.json; several runs: also a comparison page"
+    )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, help="comparison page path (default: reports/compare-<time>.html)")
 
 
 def build(run_dir: Path, *, with_checks: bool = False):
@@ -38,4 +41,13 @@ def main(args: argparse.Namespace) -> int:
     for run_dir in args.run_dirs:
         _, path = build(run_dir)
         print(f"memdiag: wrote {path}")
+    if len(args.run_dirs) > 1:
+        import datetime as dt
+
+        from memdiag.report.compare import write_comparison
+
+        out = args.out or Path("reports") / f"compare-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.html"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_comparison([read_run(d) for d in args.run_dirs], out)
+        print(f"memdiag: wrote {out}")
     return 0

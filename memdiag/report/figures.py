@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
-from memdiag.summary import Summary, node_total_series, ranks_by_host
+from memdiag.report.downsample import describe, minmax_indices
+from memdiag.summary import Summary, node_totals
 from memdiag.timeline.reader import Run
 
 GIB = 2**30
@@ -17,6 +18,21 @@ TOP_PHASE_COLORS = {
     "teardown": "rgba(148,103,189,0.15)",
 }
 TRAIN_PHASES = {"forward", "backward", "step"}
+
+
+def seconds(t_ns: np.ndarray, t0_ns: int) -> np.ndarray:
+    """Seconds since the run's start as float32: plotly ships numpy arrays as typed binary."""
+    return ((t_ns - t0_ns) / 1e9).astype(np.float32)
+
+
+def gib(values: np.ndarray) -> np.ndarray:
+    return (np.asarray(values, dtype=np.float64) / GIB).astype(np.float32)
+
+
+def downsampling_note(run: Run) -> str:
+    total = sum(len(t.t_ns) for t in run.ranks.values())
+    kept = sum(len(minmax_indices(t.columns["rss_bytes"])) for t in run.ranks.values())
+    return describe(total, kept)
 
 
 def run_start_ns(run: Run) -> int:
@@ -119,22 +135,23 @@ def host_figure(run: Run, summary: Summary) -> go.Figure:
     fig = go.Figure()
     for rank in run.rank_ids:
         timeline = run.ranks[rank]
+        keep = minmax_indices(timeline.columns["rss_bytes"])
         fig.add_trace(
             go.Scatter(
-                x=(timeline.t_ns - t0) / 1e9,
-                y=timeline.columns["rss_bytes"] / GIB,
+                x=seconds(timeline.t_ns[keep], t0),
+                y=gib(timeline.columns["rss_bytes"][keep]),
                 mode="lines",
                 name=f"rank {rank} RSS",
-                customdata=np.array(timeline.sample_phase, dtype=object),
+                customdata=np.array(timeline.phase_names, dtype=object)[timeline.sample_phase_codes[keep]] if timeline.phase_names else None,
                 hovertemplate="%{y:.3f} GiB<br>%{customdata}<extra>rank " + str(rank) + "</extra>",
             )
         )
-    for host, ranks in ranks_by_host(run).items():
-        grid = np.unique(np.concatenate([t.t_ns for t in ranks]))
+    for host, (grid, total) in node_totals(run).items():
+        keep = minmax_indices(total)
         fig.add_trace(
             go.Scatter(
-                x=(grid - t0) / 1e9,
-                y=node_total_series(ranks, grid) / GIB,
+                x=seconds(grid[keep], t0),
+                y=gib(total[keep]),
                 mode="lines",
                 line={"width": 3, "dash": "dot"},
                 name=f"node {host} total",
@@ -173,10 +190,11 @@ def device_figure(run: Run, summary: Summary) -> go.Figure:
                 values, timeline.columns["device_allocated_bytes"], equal_nan=True
             ):
                 continue  # the CPU accelerator reports RSS for both
+            keep = minmax_indices(values)
             fig.add_trace(
                 go.Scatter(
-                    x=(timeline.t_ns - t0) / 1e9,
-                    y=values / GIB,
+                    x=seconds(timeline.t_ns[keep], t0),
+                    y=gib(values[keep]),
                     mode="lines",
                     line={"dash": dash},
                     name=f"rank {rank} {label}",
@@ -302,22 +320,26 @@ def node_figures(run: Run, summary: Summary) -> dict[str, go.Figure]:
     for host, node in run.nodes.items():
         if not len(node.t_ns):
             continue
-        x = (node.t_ns - t0) / 1e9
+        # stacked areas share one x: downsample on the node total so every rank keeps the same points
+        rss_sum = np.nansum(np.vstack(list(node.rank_rss.values())), axis=0) if node.rank_rss else np.zeros(len(node.t_ns))
+        keep = minmax_indices(rss_sum)
+        x = seconds(node.t_ns[keep], t0)
         fig = go.Figure()
         for rank, rss in sorted(node.rank_rss.items()):
             fig.add_trace(
-                go.Scatter(x=x, y=np.nan_to_num(rss) / GIB, mode="lines", stackgroup="ranks", name=f"rank {rank} RSS")
+                go.Scatter(x=x, y=gib(np.nan_to_num(rss[keep])), mode="lines", stackgroup="ranks", name=f"rank {rank} RSS")
             )
         pss = node.pss_total()
-        keep = ~np.isnan(pss)
+        has_pss = ~np.isnan(pss)
         fig.add_trace(
-            go.Scatter(x=x[keep], y=pss[keep] / GIB, mode="lines+markers", line={"dash": "dot", "width": 2}, name="sum of PSS (shared pages once)")
+            go.Scatter(x=seconds(node.t_ns[has_pss], t0), y=gib(pss[has_pss]), mode="lines+markers",
+                       line={"dash": "dot", "width": 2}, name="sum of PSS (shared pages once)")
         )
-        used = node.columns["mem_total_bytes"] - node.columns["mem_available_bytes"]
-        fig.add_trace(go.Scatter(x=x, y=used / GIB, mode="lines", line={"color": "black", "width": 1}, name="node used (MemTotal - MemAvailable)"))
-        cgroup_usage = node.columns["cgroup_usage_bytes"]
+        used = (node.columns["mem_total_bytes"] - node.columns["mem_available_bytes"])[keep]
+        fig.add_trace(go.Scatter(x=x, y=gib(used), mode="lines", line={"color": "black", "width": 1}, name="node used (MemTotal - MemAvailable)"))
+        cgroup_usage = node.columns["cgroup_usage_bytes"][keep]
         if not np.all(np.isnan(cgroup_usage)):
-            fig.add_trace(go.Scatter(x=x, y=cgroup_usage / GIB, mode="lines", line={"color": "gray", "dash": "dash", "width": 1}, name="cgroup usage"))
+            fig.add_trace(go.Scatter(x=x, y=gib(cgroup_usage), mode="lines", line={"color": "gray", "dash": "dash", "width": 1}, name="cgroup usage"))
         top = max(float(np.nanmax(used)) if len(used) else 0.0, 1.0)
         note = _add_limit(fig, summary.host_limit_bytes, top, "host RAM limit")
         _add_bands(fig, phase_bands(run, t0))

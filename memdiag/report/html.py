@@ -8,6 +8,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from memdiag.report.figures import downsampling_note
 from memdiag.summary import Summary
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
@@ -89,6 +90,29 @@ def _status_html(run: Run) -> str:
     return f"<p class='status'>Status: <b>{html.escape(status)}</b>: {html.escape(text)}</p>"
 
 
+ERROR_CAPTURE = """<script>
+window.addEventListener('error', function (e) {
+  var box = document.getElementById('memdiag-errors');
+  if (box) { box.dataset.errors += (e.message || 'error') + ';'; }
+});
+</script>"""
+
+RENDER_CHECK = """<script>
+// after the plots have drawn, record how many traces each one shows (read by the browser test)
+window.addEventListener('load', function () {
+  setTimeout(function () {
+    document.querySelectorAll('section.figure').forEach(function (section) {
+      var plot = section.querySelector('.js-plotly-plot');
+      var mark = document.createElement('div');
+      mark.className = 'rendered';
+      mark.setAttribute('data-rendered-figure', section.dataset.figure);
+      mark.setAttribute('data-rendered-traces', plot && plot._fullData ? plot._fullData.length : -1);
+      section.appendChild(mark);
+    });
+  }, 300);
+});
+</script>"""
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em}
@@ -126,7 +150,8 @@ def write_report(
     title = f"memdiag: {config.get('case', 'run')} {run.path.name}"
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style>{ERROR_CAPTURE}</head><body>",
+        "<div id='memdiag-errors' data-errors=''></div>",
         f"<h1>{html.escape(title)}</h1>",
         _status_html(run),
         _summary_html(run, summary),
@@ -134,7 +159,7 @@ def write_report(
     ]
     for index, (name, figure) in enumerate(figures.items()):
         parts.append(
-            f"<section class='figure' data-figure='{html.escape(name)}'>"
+            f"<section class='figure' data-figure='{html.escape(name)}' data-expected-traces='{len(figure.data)}'>"
             + pio.to_html(
                 figure,
                 full_html=False,
@@ -144,6 +169,8 @@ def write_report(
             )
             + "</section>"
         )
+    parts.append(f"<p class='note'>Timelines: {html.escape(downsampling_note(run))}.</p>")
+    parts.append(RENDER_CHECK)
     parts.append(
         "<script type='application/json' id='memdiag-summary'>"
         + html.escape(json.dumps(summary.to_dict()), quote=False)

@@ -62,7 +62,7 @@ def test_sampler_writes_at_its_rate_and_carries_phase(tmp_path):
     run = read_run(tmp_path)
     timeline = run.ranks[0]
     assert 15 <= len(timeline.t_ns) <= 40
-    assert "forward" in timeline.sample_phase
+    assert "forward" in set(timeline.sample_phase)
     assert np.all(np.diff(timeline.t_ns) > 0)
     assert np.nanmin(timeline.columns["rss_bytes"]) > 0
 

@@ -96,3 +96,32 @@ def test_node_file_rank_columns_and_pss_total(tmp_path):
     total = node.pss_total()
     assert total[0] == 80 and total[2] == 135
     assert total[1] != total[1]  # NaN: rank 0 had no PSS read on that sample
+
+
+def test_minmax_downsampling_keeps_every_extreme():
+    import numpy as np
+
+    from memdiag.report.downsample import minmax_indices
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=200_000)
+    values[123_457] = 99.0  # a one-sample spike
+    values[7] = -99.0
+    keep = minmax_indices(values, buckets=500)
+    assert len(keep) <= 1001
+    assert values[keep].max() == 99.0 and values[keep].min() == -99.0
+    assert np.all(np.diff(keep) > 0)  # time order
+    short = rng.normal(size=300)
+    assert len(minmax_indices(short, buckets=500)) == 300
+
+
+def test_sample_batches_and_single_samples_read_alike(tmp_path):
+    writer = TimelineWriter(rank_path(tmp_path, 0), {"rank": 0})
+    writer.write(fmt.sample_batch(t=[1, 2, 3], phase=["a", "a", "b"], step=[0, 0, 1], rss_bytes=[10, 20, 30]))
+    writer.write({"kind": fmt.SAMPLE, "t": 4, "phase": "b", "step": 1, "rss_bytes": 40, "hwm_bytes": 41})
+    writer.close()
+    timeline = read_run(tmp_path).ranks[0]
+    assert list(timeline.t_ns) == [1, 2, 3, 4]
+    assert list(timeline.columns["rss_bytes"]) == [10, 20, 30, 40]
+    assert list(timeline.sample_phase) == ["a", "a", "b", "b"]
+    assert timeline.columns["hwm_bytes"][3] == 41 and timeline.columns["hwm_bytes"][0] != timeline.columns["hwm_bytes"][0]
