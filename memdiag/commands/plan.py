@@ -54,7 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--layout", help="evaluate one layout only, NODESxDEVICES (e.g. 2x8)")
     parser.add_argument("--calibrate", type=Path, nargs="+", metavar="RUN_DIR", help="fit the empirical coefficients from recorded runs")
     parser.add_argument("--coefficients", type=Path, help="coefficients written by --calibrate")
+    parser.add_argument("--coefficients-out", type=Path, help="where --calibrate writes the fitted coefficients")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--emit", type=Path, metavar="DIR", help="write hostfile, ds_config.json and launch scripts for the recommended (or --layout) layout")
 
 
 def parse_range(text: str, name: str) -> list[int]:
@@ -143,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
     if args.calibrate:
         from memdiag.plan.calibrate import calibrate_main
 
-        return calibrate_main(args.calibrate, coefficients)
+        return calibrate_main(args.calibrate, coefficients, args.coefficients_out)
 
     max_per_node = hardware.devices_per_node
     if args.layout:
@@ -160,6 +162,14 @@ def main(args: argparse.Namespace) -> int:
     fixes = []
     if full_node is not None and not full_node.fits:
         fixes = fixes_for(full_node, arch, settings, hardware, coefficients, device_capacity_bytes=device_mem, host_limit_bytes=host_limit)
+    if args.emit:
+        from memdiag.plan.emit import emit
+
+        chosen = results[0] if args.layout else best
+        if chosen is None:
+            raise UsageError("--emit: no layout fits; pick one with --layout to emit it anyway")
+        written = emit(args.emit, chosen, ds, args.overrides)
+        print("memdiag: wrote " + ", ".join(str(p) for p in written))
     if args.json:
         print(json.dumps(as_json(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem), indent=2))
         return 0

@@ -1,13 +1,27 @@
-"""Calibration: compare each term with what recorded runs measured and fit the empirical ones."""
+"""Calibration: each term against what recorded runs measured; fit the empirical coefficients.
+
+Measured per run (from the one reader): model states per rank (categorised memory after a step:
+parameters, gradients, optimizer states), saved activations (after a forward), the runtime
+base (RSS before the model build), the node's load-phase host peak and its whole-run peak.
+Fitted: ``host_runtime_bytes`` (the mean runtime base) and ``host_steady_factor`` (measured over
+predicted host RAM while training, the CPU accelerator's allocator and communication buffers).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
+from memdiag.checks.loadphase import run_loads
 from memdiag.errors import UsageError
-from memdiag.plan.terms import Coefficients
+from memdiag.plan.model import Architecture
+from memdiag.plan.terms import Coefficients, Settings, activation_terms, device_terms, host_terms
+from memdiag.summary import summarize
+from memdiag.timeline import read_run
+from memdiag.timeline.reader import Run
 
 
 def load_coefficients(path: Path) -> Coefficients:
@@ -22,5 +36,105 @@ def load_coefficients(path: Path) -> Coefficients:
     return replace(Coefficients(), **data)
 
 
-def calibrate_main(run_dirs: list[Path], coefficients: Coefficients) -> int:
-    raise UsageError("--calibrate is not available yet")
+@dataclass(frozen=True)
+class Observation:
+    name: str
+    arch: Architecture
+    settings: Settings
+    world: int
+    local_ranks: int
+    measured: dict[str, float]
+
+
+def observe(run: Run) -> Observation:
+    config = run.spec.get("config")
+    if not config:
+        raise UsageError(f"{run.path}: no run.json config; calibrate from `memdiag run` runs")
+    arch = Architecture.from_case_model(config["model"])
+    settings = Settings(
+        zero_stage=config["zero_stage"], micro_batch=config["micro_batch"], seq_len=config["seq_len"],
+        dtype=config["dtype"], load=config["load"], load_dtype=config.get("load_dtype"),
+        checkpoint_format="safetensors",
+    )
+    rank0 = run.ranks[run.rank_ids[0]]
+    memory = [e for e in rank0.events if e["kind"] == "memory"]
+    after_step = [m for m in memory if m["phase"] == "step"]
+    after_forward = [m for m in memory if m["phase"] == "forward"]
+    if not after_step or not after_forward:
+        raise UsageError(f"{run.path}: no categorised memory after a forward and a step")
+    last = after_step[-1]
+    loads = run_loads(run)
+    summary = summarize(run)
+    measured = {
+        "parameters": last["parameters_bytes"],
+        "gradients": last["gradients_bytes"],
+        "optimizer_states": last["optimizer_master_bytes"] + last["optimizer_exp_avg_bytes"] + last["optimizer_exp_avg_sq_bytes"],
+        "saved_activations": max(m["activations_bytes"] for m in after_forward),
+        "runtime_base_per_rank": float(np.mean([l.baseline_bytes for l in loads])),
+        "host_load_per_node": float(sum(l.load_peak_bytes for l in loads)),
+        "host_peak_per_node": float(max(summary.host_peak_bytes_per_node.values())),
+    }
+    local = max(t.header.get("local_world_size", 1) for t in run.ranks.values())
+    return Observation(run.path.name, arch, settings, len(run.ranks), local, measured)
+
+
+def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
+    dev = device_terms(obs.arch, obs.settings, obs.world, c)
+    act = activation_terms(obs.arch, obs.settings, c)
+    load, steady = host_terms(
+        obs.arch, obs.settings, local_ranks=obs.local_ranks, world=obs.world,
+        runtime_context_bytes=0, cpu_accelerator=True, c=c,
+    )
+    load = {k: v for k, v in load.items() if k not in ("checkpoint_mmap_once_per_node", "checkpoint_shard_buffers")}  # no checkpoint read
+    return {
+        "parameters": dev["parameters"],
+        "gradients": dev["gradients"],
+        "optimizer_states": dev["optimizer_states"],
+        "saved_activations": act["activations"] + act["attention_scores"] + act["logits_and_loss"],
+        "runtime_base_per_rank": c.host_runtime_bytes,
+        "host_load_per_node": sum(load.values()),
+        "host_peak_per_node": max(sum(load.values()), sum(steady.values())),
+    }
+
+
+def fit(observations: list[Observation], c: Coefficients) -> Coefficients:
+    runtime = float(np.mean([o.measured["runtime_base_per_rank"] for o in observations]))
+    c = replace(c, host_runtime_bytes=runtime, source=f"calibrated on {len(observations)} runs")
+    # steady host RAM on the CPU accelerator: runtime + factor x device states, per rank
+    ratios = []
+    for obs in observations:
+        base = obs.local_ranks * runtime
+        states = predict(obs, replace(c, host_steady_factor=1.0))["host_peak_per_node"] - base
+        if states > 0:
+            ratios.append((obs.measured["host_peak_per_node"] - base) / states)
+    if ratios:
+        c = replace(c, host_steady_factor=float(np.median(ratios)))
+    return c
+
+
+def table(observations: list[Observation], c: Coefficients) -> list[dict]:
+    rows = []
+    for obs in observations:
+        predicted = predict(obs, c)
+        for term, measured in obs.measured.items():
+            rows.append({
+                "run": obs.name, "term": term, "predicted_bytes": int(predicted[term]), "measured_bytes": int(measured),
+                "error": (predicted[term] - measured) / measured if measured else 0.0,
+            })
+    return rows
+
+
+def calibrate_main(run_dirs: list[Path], coefficients: Coefficients, out: Path | None = None) -> int:
+    observations = [observe(read_run(path)) for path in run_dirs]
+    fitted = fit(observations, coefficients)
+    rows = table(observations, fitted)
+    print(f"{'run':34} {'term':24} {'predicted':>12} {'measured':>12} {'error':>7}")
+    for row in rows:
+        print(f"{row['run'][:34]:34} {row['term']:24} {row['predicted_bytes'] / 2**20:10.1f}Mi {row['measured_bytes'] / 2**20:10.1f}Mi {row['error']:+7.1%}")
+    worst = max(abs(r["error"]) for r in rows)
+    print(f"\nfitted: host_runtime_bytes={fitted.host_runtime_bytes / 2**20:.1f} MiB, "
+          f"host_steady_factor={fitted.host_steady_factor:.3f}; worst error {worst:.1%}")
+    if out:
+        out.write_text(json.dumps(fitted.to_dict(), indent=2))
+        print(f"coefficients written to {out} (use with --coefficients)")
+    return 0

@@ -108,11 +108,12 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients) -
         layer_params = n / max(arch.num_layers, 1)
         live = min(float(buffers.get("stage3_max_live_parameters", 1e9)), 2 * layer_params)
         terms["zero3_gathered_parameters"] = d * live  # the layer computing and the one prefetched
-        terms["zero3_prefetch_bucket"] = d * float(buffers.get("stage3_prefetch_bucket_size", 5e7))
-        terms["zero3_reduce_bucket"] = d * float(buffers.get("reduce_bucket_size", 5e8))
+        # buckets are sized by the ds_config but never larger than what they hold
+        terms["zero3_prefetch_bucket"] = d * min(float(buffers.get("stage3_prefetch_bucket_size", 5e7)), n)
+        terms["zero3_reduce_bucket"] = d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
     elif stage >= 1:
-        terms["allgather_bucket"] = d * float(buffers.get("allgather_bucket_size", 5e8))
-        terms["reduce_bucket"] = d * float(buffers.get("reduce_bucket_size", 5e8))
+        terms["allgather_bucket"] = d * min(float(buffers.get("allgather_bucket_size", 5e8)), n)
+        terms["reduce_bucket"] = d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
     terms |= activation_terms(arch, s, c)
     if stage >= 3:
         # the optimizer step runs one sub-group at a time with fp32 gradients, after the

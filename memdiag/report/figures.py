@@ -35,6 +35,53 @@ def downsampling_note(run: Run) -> str:
     return describe(total, kept)
 
 
+def step_axis(run: Run) -> tuple[np.ndarray, np.ndarray] | None:
+    """(times, step numbers) at which optimizer steps began and ended, from the lowest rank:
+    a time maps onto the step axis by linear interpolation between them."""
+    if not run.ranks:
+        return None
+    timeline = run.ranks[run.rank_ids[0]]
+    first = next((p.begin_ns for p in timeline.phases if p.name == "forward"), None)
+    steps = timeline.steps
+    if first is None or not steps:
+        return None
+    times = np.array([first] + [s["t"] for s in steps], dtype=np.float64)
+    numbers = np.array([0] + [s["step"] for s in steps], dtype=np.float64)
+    return times, numbers
+
+
+def to_steps(t_ns: np.ndarray, axis: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    times, numbers = axis
+    x = np.interp(t_ns.astype(np.float64), times, numbers)
+    x[(t_ns < times[0]) | (t_ns > times[-1])] = np.nan  # before training or after it
+    return x.astype(np.float32)
+
+
+def add_axis_switch(fig: go.Figure, run: Run, step_x: list) -> None:
+    """Buttons that move every time-based trace between a time axis and an optimizer-step axis."""
+    if step_x is None or not any(x is not None for x in step_x):
+        return
+    time_x = [trace.x for trace in fig.data]
+    steps_x = [time_x[i] if x is None else x for i, x in enumerate(step_x)]
+    shapes = fig.layout.shapes
+    annotations = fig.layout.annotations
+    fig.update_layout(
+        updatemenus=[
+            {
+                "type": "buttons",
+                "direction": "right",
+                "x": 1.0,
+                "xanchor": "right",
+                "y": 1.12,
+                "buttons": [
+                    {"label": "time", "method": "update", "args": [{"x": time_x}, {"xaxis.title.text": "time since start (s)", "shapes": shapes, "annotations": annotations}]},
+                    {"label": "step", "method": "update", "args": [{"x": steps_x}, {"xaxis.title.text": "optimizer step", "shapes": [], "annotations": []}]},
+                ],
+            }
+        ]
+    )
+
+
 def run_start_ns(run: Run) -> int:
     starts = [t.header["t"] for t in run.ranks.values()] + [n.header["t"] for n in run.nodes.values()]
     return min(starts) if starts else 0
@@ -132,10 +179,13 @@ def _add_steps(fig: go.Figure, run: Run, t0_ns: int, max_markers: int = 200) -> 
 
 def host_figure(run: Run, summary: Summary) -> go.Figure:
     t0 = run_start_ns(run)
+    axis = step_axis(run)
+    step_x: list = []
     fig = go.Figure()
     for rank in run.rank_ids:
         timeline = run.ranks[rank]
         keep = minmax_indices(timeline.columns["rss_bytes"])
+        step_x.append(to_steps(timeline.t_ns[keep], axis) if axis else None)
         fig.add_trace(
             go.Scatter(
                 x=seconds(timeline.t_ns[keep], t0),
@@ -148,6 +198,7 @@ def host_figure(run: Run, summary: Summary) -> go.Figure:
         )
     for host, (grid, total) in node_totals(run).items():
         keep = minmax_indices(total)
+        step_x.append(to_steps(grid[keep], axis) if axis else None)
         fig.add_trace(
             go.Scatter(
                 x=seconds(grid[keep], t0),
@@ -162,6 +213,8 @@ def host_figure(run: Run, summary: Summary) -> go.Figure:
     note = _add_limit(fig, summary.host_limit_bytes, node_max, "host RAM limit")
     _add_bands(fig, phase_bands(run, t0))
     _add_steps(fig, run, t0)
+    step_x += [None] * (len(fig.data) - len(step_x))  # markers keep their time positions
+    add_axis_switch(fig, run, step_x if axis else None)
     fig.update_layout(
         title="Host RAM (RSS) per rank and per node" + (f"<br><sup>{note}</sup>" if note else ""),
         xaxis_title="time since start (s)",

@@ -165,3 +165,19 @@ def test_node_watcher_saw_both_ranks_with_pss(cpu_run):
     html = (run_dir / "report.html").read_text()
     assert "host RAM stacked by rank" in html and "Categorised memory" in html
     assert "Peak host memory by layer" in html
+
+
+def test_plan_predicts_the_measured_model_states_and_activations(cpu_run):
+    """The planner's terms against this run's categorised memory: states exact, activations
+    within 2% (the formula counts what saved_tensors_hooks count)."""
+    _, run_dir = cpu_run
+    sys.path.insert(0, str(REPO))
+    from memdiag.plan.calibrate import observe, predict
+    from memdiag.plan.terms import Coefficients
+    from memdiag.timeline import read_run
+
+    obs = observe(read_run(run_dir))
+    predicted = predict(obs, Coefficients())
+    for term in ("parameters", "gradients", "optimizer_states"):
+        assert abs(predicted[term] - obs.measured[term]) / obs.measured[term] < 0.01, term
+    assert abs(predicted["saved_activations"] - obs.measured["saved_activations"]) / obs.measured["saved_activations"] < 0.02

@@ -117,3 +117,14 @@ def test_parsers():
         parse_range("4-1", "--nodes")
     settings, passthrough = settings_from(["flash_attn=true", "seq_len=4096", "model.scale=small"], Settings())
     assert settings.flash_attn and settings.seq_len == 4096 and passthrough == ["model.scale=small"]
+
+
+def test_emit_writes_a_hostfile_config_and_scripts(tmp_path):
+    out = tmp_path / "emit"
+    assert cli_main(["plan", "--host-ram", "500G", "--layout", "2x8", "--emit", str(out), "load=zero_init"]) == 0
+    assert (out / "hostfile").read_text() == "node0 slots=8\nnode1 slots=8\n"
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+    for script in ("launch_deepspeed.sh", "launch_torchrun.sh"):
+        text = (out / script).read_text()
+        assert "memdiag run --" in text and subprocess.run(["bash", "-n", str(out / script)]).returncode == 0

@@ -1,0 +1,41 @@
+"""Write what a chosen layout needs to run: hostfile, ds_config.json, launch scripts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from memdiag.plan.search import LayoutResult
+
+
+def emit(directory: Path, layout: LayoutResult, ds_config: dict, overrides: list[str], hosts: list[str] | None = None) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    hosts = hosts or [f"node{i}" for i in range(layout.nodes)]
+    hostfile = directory / "hostfile"
+    hostfile.write_text("".join(f"{host} slots={layout.devices_per_node}\n" for host in hosts))
+    config = directory / "ds_config.json"
+    config.write_text(json.dumps(ds_config, indent=2))
+    deepspeed = directory / "launch_deepspeed.sh"
+    deepspeed.write_text(
+        "#!/usr/bin/env bash\n"
+        f"# {layout.name}: {layout.verdict}; plan settings: {' '.join(overrides) or 'defaults'}\n"
+        "# the deepspeed launcher starts every node from this one over ssh, using the hostfile\n"
+        "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n"
+        ": \"${TRAIN_SCRIPT:?set TRAIN_SCRIPT to your training script}\"\n"
+        f"memdiag run -- deepspeed --hostfile hostfile --num_nodes {layout.nodes} --num_gpus {layout.devices_per_node} \\\n"
+        "  \"$TRAIN_SCRIPT\" --deepspeed ds_config.json \"$@\"\n"
+    )
+    torchrun = directory / "launch_torchrun.sh"
+    torchrun.write_text(
+        "#!/usr/bin/env bash\n"
+        f"# {layout.name}: one torchrun per node; run on every node with NODE_RANK=0..{layout.nodes - 1}\n"
+        "set -euo pipefail\n"
+        f": \"${{MASTER_ADDR:={hosts[0]}}}\" \"${{NODE_RANK:?set NODE_RANK}}\"\n"
+        ": \"${TRAIN_SCRIPT:?set TRAIN_SCRIPT to your training script}\"\n"
+        f"memdiag run -- torchrun --nnodes {layout.nodes} --nproc_per_node {layout.devices_per_node} "
+        "--node_rank \"$NODE_RANK\" --rdzv_backend static --master_addr \"$MASTER_ADDR\" --master_port 29500 \\\n"
+        "  \"$TRAIN_SCRIPT\" --deepspeed ds_config.json \"$@\"\n"
+    )
+    for script in (deepspeed, torchrun):
+        script.chmod(0o755)
+    return [hostfile, config, deepspeed, torchrun]
