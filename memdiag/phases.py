@@ -129,7 +129,9 @@ class PhaseTracker:
         begin = {"kind": fmt.PHASE_BEGIN, "t": time.time_ns(), "phase": name, "step": self.step}
         begin["rss_bytes"] = self.read_rss()
         if self.device is not None:
-            begin["device_allocated_bytes"] = self.device.read(with_nvml=False).allocated_bytes
+            begin["device_allocated_bytes"] = (
+                begin["rss_bytes"] if self.device.is_host_memory else self.device.read(with_nvml=False).allocated_bytes
+            )
         self.emit(begin)
 
     def end(self, name: str) -> None:

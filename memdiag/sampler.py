@@ -100,7 +100,9 @@ class Sampler:
         }
         if self._tracker.module:
             record["module"] = self._tracker.module
-        if self._device is not None:
+        if self._device is not None and self._device.is_host_memory:
+            record["device_allocated_bytes"] = record["device_reserved_bytes"] = mem.rss_bytes
+        elif self._device is not None:
             device = self._device.read(with_nvml=self._nvml_due())
             record["device_allocated_bytes"] = device.allocated_bytes
             record["device_reserved_bytes"] = device.reserved_bytes
