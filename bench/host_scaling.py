@@ -1,9 +1,9 @@
 """Node host RAM of loading against local ranks: the benchmark's loading vs memdiag's lean one.
 
 For 1, 2 and 4 local ranks, ``load=reference`` (every rank builds the whole fp32 model from the
-checkpoint, as the benchmark does) against ``load=zero_init`` (partitioned build, one tensor at
-a time, gc + malloc_trim after), on a ~110M-parameter model loaded from a sharded safetensors
-checkpoint. Prints the node's model-dependent load bytes (per rank: load-phase peak minus RSS
+checkpoint, as the benchmark does) against ``load=zero_init`` (partitioned build, each rank
+copying its own partition out of the memory-mapped shards), on a ~110M-parameter model loaded
+from a sharded bf16 safetensors checkpoint. Prints the node's model-dependent load bytes (per rank: load-phase peak minus RSS
 just before the model build; summed over the node) and the node's whole-run peak from the node
 watcher (on the CPU accelerator that also holds the training states, so it grows in every mode).
 
@@ -37,7 +37,8 @@ def make_checkpoint(directory: Path) -> None:
 
     model = compose(["model.scale=base"]).model
     torch.manual_seed(0)
-    BaichuanForCausalLM(BaichuanConfig(**{k: v for k, v in model.items() if k != "scale"})).save_pretrained(
+    # in bf16, as public checkpoints are: loading it without a dtype (the benchmark) makes fp32 copies
+    BaichuanForCausalLM(BaichuanConfig(**{k: v for k, v in model.items() if k != "scale"})).to(torch.bfloat16).save_pretrained(
         directory, max_shard_size="100MB"
     )
 

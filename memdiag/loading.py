@@ -3,9 +3,10 @@
 The cure for DeepSpeed issue 5290: instead of every rank building the whole model in fp32
 and reading every checkpoint shard (node host RAM = ranks x model), build the model already
 partitioned under ``deepspeed.zero.Init`` (no weight initialisation: the checkpoint overwrites
-it) and fill it one parameter at a time: rank 0 reads the tensor (safetensors through mmap,
-pickle ``.bin`` through ``torch.load(mmap=True)``), and ``GatheredParameters(modifier_rank=0)``
-scatters it into every rank's partition. No rank ever holds more than one full tensor.
+it) and let every rank copy its own partition of each tensor straight out of the shard,
+memory-mapped (safetensors through ``safe_open``, pickle ``.bin`` through
+``torch.load(mmap=True)``). No gather, no broadcast, no whole tensor on any rank: a rank holds
+its 1/world share, and the shard's pages live once in the node's page cache.
 
     from memdiag.loading import load_zero3
     model = load_zero3(MyModel, "/ckpt/Baichuan2-13B-Base", ds_config, dtype=torch.bfloat16)
@@ -109,6 +110,22 @@ class _Shard:
     def get(self, name: str):
         return self._safe.get_tensor(name) if self._safe is not None else self._bin[name]
 
+    def flat_slice(self, name: str, start: int, end: int):
+        """Elements ``[start, end)`` of the flattened tensor, touching only the rows that hold
+        them (safetensors: a row slice of the mmap; torch.load(mmap=True): a view)."""
+        if self._bin is not None:
+            return self._bin[name].reshape(-1)[start:end]
+        view = self._safe.get_slice(name)
+        shape = view.get_shape()
+        if len(shape) <= 1:
+            return view[start:end]
+        row = 1
+        for dim in shape[1:]:
+            row *= dim
+        first, last = start // row, -(-end // row)
+        rows = view[first:last].reshape(-1)
+        return rows[start - first * row : end - first * row]
+
 
 @contextlib.contextmanager
 def open_shard(path: Path, fmt: str) -> Iterator[_Shard]:
@@ -143,8 +160,10 @@ def validate(checkpoint: Checkpoint, model: Any) -> None:
 
 
 def load_into_zero3(model: Any, directory: str | Path) -> Checkpoint:
-    """Fill a model built under ``deepspeed.zero.Init`` from a checkpoint, one tensor at a time."""
-    import deepspeed
+    """Fill a model built under ``deepspeed.zero.Init`` from a checkpoint: every rank copies
+    only its own partition of each tensor out of the memory-mapped shard. Nothing is gathered
+    or broadcast, no rank ever holds a whole tensor, and the shard's pages sit once in the
+    node's page cache however many ranks read them."""
     import torch
     import torch.distributed as dist
 
@@ -154,13 +173,18 @@ def load_into_zero3(model: Any, directory: str | Path) -> Checkpoint:
     params = dict(model.named_parameters())
     for shard_file in checkpoint.shard_files:
         names = [n for n, f in checkpoint.weight_map.items() if f == shard_file and n in params]
-        shard = _Shard(checkpoint.directory / shard_file, checkpoint.format) if rank == 0 else None
-        for name in names:
-            param = params[name]
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if rank == 0:
-                    with torch.no_grad():
-                        param.data.copy_(shard.get(name))
+        shard = _Shard(checkpoint.directory / shard_file, checkpoint.format)
+        with torch.no_grad():
+            for name in names:
+                param = params[name]
+                partition = getattr(param, "ds_tensor", None)
+                if partition is None:  # not partitioned (ZeRO-3 off): the whole tensor
+                    param.data.copy_(shard.get(name))
+                    continue
+                size = partition.numel()
+                start, end = rank * size, min((rank + 1) * size, param.ds_numel)
+                if end > start:
+                    partition.data.view(-1)[: end - start].copy_(shard.flat_slice(name, start, end))
         del shard
     return checkpoint
 
