@@ -126,28 +126,62 @@ def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
     )
     watcher = None
     if config.instrument:
-        watcher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "memdiag.node",
-                str(run_dir),
-                f"--root-pid={process.pid}",
-                f"--guard-limit-bytes={spec['host_limit_bytes']}",
-                f"--guard-fraction={config.guard_fraction}",
-                f"--guard-min-available-bytes={config.guard_min_available_bytes}",
-                f"--guard-grace-s={config.guard_grace_s}",
-            ],
-            env=rank_env(config, run_dir),
-            cwd=REPO_ROOT,
+        watcher = start_watcher(
+            run_dir,
+            process.pid,
+            rank_env(config, run_dir),
+            limit_bytes=spec["host_limit_bytes"],
+            fraction=config.guard_fraction,
+            min_available_bytes=config.guard_min_available_bytes,
+            grace_s=config.guard_grace_s,
             stderr=launcher_log,
         )
+    try:
+        return wait_and_record(process, watcher, run_dir, spec, started)
+    finally:
+        launcher_log.close()
+        shutil.rmtree(run_dir / "tmp", ignore_errors=True)
+
+
+def start_watcher(
+    run_dir: Path,
+    root_pid: int,
+    env: dict[str, str],
+    *,
+    limit_bytes: int | None,
+    fraction: float = 0.95,
+    min_available_bytes: int = 0,
+    grace_s: float = 10.0,
+    stderr=None,
+) -> subprocess.Popen:
+    """The node watcher (and its OOM guard) over the process tree below ``root_pid``."""
+    command = [sys.executable, "-m", "memdiag.node", str(run_dir), f"--root-pid={root_pid}"]
+    if limit_bytes:
+        command.append(f"--guard-limit-bytes={limit_bytes}")
+    command += [
+        f"--guard-fraction={fraction}",
+        f"--guard-min-available-bytes={min_available_bytes}",
+        f"--guard-grace-s={grace_s}",
+    ]
+    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stderr=stderr)
+
+
+def wait_and_record(
+    process: subprocess.Popen,
+    watcher: subprocess.Popen | None,
+    run_dir: Path,
+    spec: dict,
+    started: float,
+    interrupt: int = signal.SIGTERM,
+) -> int:
+    """Wait for the job (Ctrl-C: pass ``interrupt`` on, then kill after 30 s), stop the
+    watcher, and record how the run ended in run.json."""
     status = "failed"
     try:
         code = process.wait()
         status = "completed" if code == 0 else "failed"
     except KeyboardInterrupt:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(interrupt)
         try:
             code = process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -161,8 +195,6 @@ def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
                 watcher.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 watcher.kill()
-        launcher_log.close()
-        shutil.rmtree(run_dir / "tmp", ignore_errors=True)
     if guard_event(run_dir) is not None:
         status = "stopped_by_guard"
     spec.update(

@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -93,27 +92,13 @@ def main(overrides: list[str], command: list[str]) -> int:
     print(f"memdiag: profiling {' '.join(command)}; run directory {run_dir}", flush=True)
     started = time.monotonic()
     process = subprocess.Popen(command, env=env)
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "memdiag.node", str(run_dir), "--root-pid", str(process.pid)],
-        env={k: v for k, v in env.items() if not k.startswith("MEMDIAG_")} | {"PYTHONPATH": str(launch.REPO_ROOT)},
+    watcher = launch.start_watcher(
+        run_dir,
+        process.pid,
+        {k: v for k, v in env.items() if not k.startswith("MEMDIAG_")} | {"PYTHONPATH": str(launch.REPO_ROOT)},
+        limit_bytes=spec["host_limit_bytes"],
     )
-    status = "failed"
-    try:
-        code = process.wait()
-        status = "completed" if code == 0 else "failed"
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        code = process.wait()
-        status = "interrupted"
-    finally:
-        watcher.terminate()
-        watcher.wait(timeout=10)
-    spec.update(
-        status=status,
-        exit_code=code,
-        ended_at=dt.datetime.now(dt.timezone.utc).isoformat(),
-        duration_s=round(time.monotonic() - started, 3),
-    )
+    code = launch.wait_and_record(process, watcher, run_dir, spec, started, interrupt=signal.SIGINT)
     from memdiag.timeline import read_run
 
     spec["world_size"] = max((t.header.get("world_size", 1) for t in read_run(run_dir).ranks.values()), default=None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from memdiag.checks import read_findings, run_checks, write_findings
 from memdiag.report import build_figures, write_report
-from memdiag.summary import Summary, summarize
+from memdiag.summary import summarize
 from memdiag.timeline import format as fmt
 from memdiag.timeline import read_run
 
