@@ -122,6 +122,37 @@ th{background:#f4f4f4}.note{color:#555;font-size:.9em;margin:.2em 0}.problems{co
 """
 
 
+def _plan_html(run: Run) -> str:
+    """The planner's terms for this run's own settings beside what the run measured."""
+    if not (run.spec.get("config") or {}).get("model"):
+        return ""
+    try:
+        from memdiag.plan.calibrate import observe, predict
+        from memdiag.plan.terms import Coefficients
+
+        observation = observe(run)
+        predicted = predict(observation, Coefficients())
+    except Exception as exc:  # a partial run: say why the panel is missing, render the rest
+        return f"<h2>Plan versus measured</h2><p class='note'>not available for this run: {html.escape(str(exc))}</p>"
+    rows = [
+        {
+            "term": term,
+            "planned": format_bytes(predicted[term]),
+            "measured": format_bytes(measured),
+            "difference": f"{(predicted[term] - measured) / measured:+.1%}" if measured else "n/a",
+        }
+        for term, measured in observation.measured.items()
+    ]
+    return (
+        "<h2>Plan versus measured</h2>"
+        + _table(rows)
+        + "<p class='note'>planned: <code>memdiag plan</code>'s terms for this run's model, ranks and settings "
+        "(default coefficients; <code>memdiag plan --calibrate</code> fits the empirical ones); measured: categorised "
+        "memory of rank 0 (states after a step, saved activations after a forward), RSS before the model build, "
+        "the node's load-phase and whole-run host peaks</p>"
+    )
+
+
 def _findings_html(findings: list[dict]) -> str:
     if not findings:
         return "<h2>Findings</h2><p>No findings (run <code>memdiag check</code> to produce them).</p>"
@@ -156,6 +187,7 @@ def write_report(
         _status_html(run),
         _summary_html(run, summary),
         _findings_html(findings or []),
+        _plan_html(run),
     ]
     for index, (name, figure) in enumerate(figures.items()):
         parts.append(

@@ -5,6 +5,7 @@ copy per rank (~0.44 GB) stands far above allocator noise, small enough for two 
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,14 @@ def test_guard_stops_an_over_limit_run_with_stacks(reports):
         lines = (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()
         last = json.loads(lines[-1])["t"]  # a sample batch holds a list of times
         assert max(last if isinstance(last, list) else [last]) >= guard["moments"][0]["t"] - 2e9
+
+
+def test_comparison_page_of_reference_and_zero_init(tmp_path, reference_runs, zero_init_base):
+    out = tmp_path / "compare.html"
+    result = memdiag("report", reference_runs[2], zero_init_base, "--out", out)
+    assert result.returncode == 0, result.stderr
+    html = out.read_text()
+    rows = {name: diff for name, _, diff in re.findall(r"<tr><td>([a-z_]+)</td><td>([^<]+)</td><td>[^<]+</td><td>([^<]+)</td></tr>", html)}
+    assert {"model_build", "ds_initialize", "train"} <= set(rows)
+    assert rows["model_build"].startswith("-")  # zero_init loads with less node host RAM than reference
+    assert 'data-figure="compare"' in html.replace("'", '"')

@@ -125,3 +125,18 @@ def test_sample_batches_and_single_samples_read_alike(tmp_path):
     assert list(timeline.columns["rss_bytes"]) == [10, 20, 30, 40]
     assert list(timeline.sample_phase) == ["a", "a", "b", "b"]
     assert timeline.columns["hwm_bytes"][3] == 41 and timeline.columns["hwm_bytes"][0] != timeline.columns["hwm_bytes"][0]
+
+
+def test_report_renders_a_damaged_run_and_says_what_is_missing(tmp_path):
+    from memdiag.commands.report import build
+
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 3, "status": "running"}))
+    write_rank(tmp_path, 0, [(1_000_000_000 + i * 10_000_000, 100 + i) for i in range(50)])
+    with open(rank_path(tmp_path, 0), "a") as f:
+        f.write('{"kind":"sample","t":3,"rss_')  # killed mid-write
+    rank_path(tmp_path, 1).write_text("")
+    summary, path = build(tmp_path)
+    html = path.read_text()
+    assert "skipped a torn last line" in html and "rank 1 has no data" in html and "[2]" in html
+    assert "launcher was killed" in html  # status still "running"
+    assert summary.host_peak_bytes_per_rank == {"0": 149}
