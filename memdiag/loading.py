@@ -27,7 +27,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from memdiag.errors import UsageError
-from memdiag.probes.malloc import malloc_trim
+from memdiag.probes.malloc import malloc_trim, set_mmap_threshold
+
+LOAD_MMAP_THRESHOLD_BYTES = 2**20
+TRAIN_MMAP_THRESHOLD_BYTES = 32 * 2**20
+"""glibc's own ceiling for its dynamic threshold: training keeps the heap reuse it is used to."""
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -189,6 +193,19 @@ def load_into_zero3(model: Any, directory: str | Path) -> Checkpoint:
     return checkpoint
 
 
+@contextlib.contextmanager
+def lean_allocator() -> Iterator[None]:
+    """During loading, let every buffer of 1 MiB or more come from mmap: zero.Init builds each
+    parameter whole before partitioning it, and those freed whole tensors would otherwise stay
+    in glibc's heap on every rank (~100 MiB a rank for a 110M model). Afterwards, trim."""
+    set_mmap_threshold(LOAD_MMAP_THRESHOLD_BYTES)
+    try:
+        yield
+    finally:
+        set_mmap_threshold(TRAIN_MMAP_THRESHOLD_BYTES)
+        malloc_trim()
+
+
 def _no_init_weights():
     try:
         from transformers.initialization import no_init_weights
@@ -206,9 +223,10 @@ def load_zero3(model_cls: Any, directory: str | Path, ds_config: dict | str, *, 
 
     config = model_cls.config_class.from_pretrained(directory)
     find_checkpoint(directory)  # fail on a broken checkpoint before building anything
-    with _no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
-        model = model_cls(config)
-    load_into_zero3(model, directory)
+    with lean_allocator():
+        with _no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            model = model_cls(config)
+        load_into_zero3(model, directory)
     if trim:
         release_freed_memory()
     return model

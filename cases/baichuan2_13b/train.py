@@ -57,7 +57,7 @@ def build_model(config: RunConfig, ds_config: dict, run_name: str):
     dtype = getattr(torch, TORCH_DTYPES[config.load_dtype or config.dtype])
     if config.checkpoint:
         return loading.load_zero3(BaichuanForCausalLM, config.checkpoint, ds_config, dtype=dtype, trim=False)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    with loading.lean_allocator(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         return BaichuanForCausalLM(model_cfg)
 
 

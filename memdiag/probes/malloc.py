@@ -70,3 +70,15 @@ def malloc_trim() -> bool:
     if _LIBC is None or not hasattr(_LIBC, "malloc_trim"):
         return False
     return bool(_LIBC.malloc_trim(0))
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def set_mmap_threshold(num_bytes: int) -> bool:
+    """Serve allocations of at least ``num_bytes`` with mmap, so freeing them returns the
+    memory at once (this also turns off glibc's dynamic threshold, which otherwise climbs to
+    32 MiB after the first large free and keeps later large buffers in the heap)."""
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        return False
+    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, int(num_bytes)))
