@@ -115,6 +115,8 @@ class RunConfig:
     guard_min_available_bytes: int
     guard_grace_s: float
     host_ram_bytes: int | None
+    force: bool
+    """Launch even when the plan predicts that the layout does not fit (to reproduce an OOM)."""
     model: dict
     hardware: HardwareProfile
     data: dict
@@ -318,6 +320,7 @@ def _to_run_config(raw: dict, overrides: list[str], case_path: Path, note: str) 
             guard_min_available_bytes=parse_size(raw["guard"]["min_available"], name="guard.min_available"),
             guard_grace_s=float(raw["guard"]["grace_s"]),
             host_ram_bytes=None if host_ram is None else parse_size(host_ram, name="host_ram"),
+            force=bool(raw["force"]),
             model=raw["model"],
             hardware=hardware,
             data=raw["data"],

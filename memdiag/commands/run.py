@@ -8,6 +8,7 @@ from memdiag import launch
 from memdiag.commands import report
 from memdiag.commands.check import format_finding
 from memdiag.config import compose
+from memdiag.errors import UsageError
 from memdiag.units import format_bytes
 
 
@@ -22,6 +23,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(command=[])
 
 
+def consult_plan(config) -> None:
+    """Refuse a layout the plan predicts will not fit, naming why and the nearest that fits."""
+    from memdiag.plan.search import check_run_layout
+    from memdiag.probes.host import read_meminfo
+
+    limit, _ = launch.host_limit(config)
+    capacity = config.hardware.device_memory_bytes or read_meminfo().total_bytes
+    chosen, nearest = check_run_layout(config, limit, capacity)
+    if chosen.fits:
+        return
+    if config.force:
+        print(f"memdiag: the plan predicts {config.layout} does not fit ({chosen.verdict}); force=true: running it anyway")
+        return
+    hint = f"nearest layout that fits: {nearest.name}" if nearest else "no layout up to 8 nodes fits"
+    raise UsageError(
+        f"layout {config.layout} is predicted not to fit ({chosen.verdict}); {hint}; "
+        "see `memdiag plan` for the terms, or add force=true to run it anyway"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     if args.command:
         from memdiag.commands import profile
@@ -30,6 +51,7 @@ def main(args: argparse.Namespace) -> int:
     config = compose(args.overrides)
     if config.selection_note:
         print(f"memdiag: {config.selection_note}", flush=True)
+    consult_plan(config)
     run_dir = launch.make_run_dir(config)
     spec = launch.initial_spec(config, run_dir)
     print(

@@ -199,3 +199,31 @@ def deepspeed_estimate(arch: Architecture, devices_per_node: int, nodes: int, *,
         cpu_offload=False, cpu_offload_params=False, zero_init=zero_init, additional_buffer_factor=1.0,
     )
     return {"host_bytes_per_node": cpu, "device_bytes": gpu, "largest_layer_params": largest}
+
+
+def check_run_layout(config, host_limit_bytes: int, device_capacity_bytes: int):
+    """The plan's verdict on the layout ``memdiag run`` is about to launch, and the nearest
+    layout that fits (fewest nodes, then most devices per node), if any."""
+    from pathlib import Path
+
+    from memdiag.config import load_ds_config
+
+    checkpoint = config.checkpoint
+    fmt = "none"
+    if checkpoint:
+        fmt = "safetensors" if any(Path(checkpoint).glob("*.safetensors")) else "bin"
+    settings = Settings(
+        zero_stage=config.zero_stage, micro_batch=config.micro_batch, seq_len=config.seq_len,
+        grad_accum=config.grad_accum, dtype=config.dtype, load=config.load, load_dtype=config.load_dtype,
+        checkpoint_format=fmt, ds_buffers=load_ds_config(config).get("zero_optimization", {}),
+    )
+    arch = Architecture.from_case_model(config.model)
+    coefficients = Coefficients()
+    chosen = evaluate(arch, settings, config.hardware, config.nnodes, config.nproc_per_node, coefficients,
+                      device_capacity_bytes=device_capacity_bytes, host_limit_bytes=host_limit_bytes)
+    nearest = None
+    if not chosen.fits:
+        per_node = device_counts(max(config.hardware.devices_per_node, config.nproc_per_node))
+        nearest = recommend(search(arch, settings, config.hardware, coefficients, nodes=list(range(1, 9)), per_node=per_node,
+                                   device_capacity_bytes=device_capacity_bytes, host_limit_bytes=host_limit_bytes))
+    return chosen, nearest

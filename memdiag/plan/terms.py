@@ -58,7 +58,8 @@ class Settings:
     load_dtype: str | None = None
     """dtype of the full copy in ``reference`` loading; None: fp32 (no dtype given)."""
     checkpoint_format: str = "bin"
-    """``bin`` (pickle, read whole) or ``safetensors`` (mmap, shared once per node)."""
+    """``bin`` (pickle, read whole), ``safetensors`` (mmap, shared once per node), or ``none``
+    (random initialisation: no checkpoint read)."""
     checkpoint_shards: int = 3
     """Shards of the checkpoint (Baichuan2-13B-Base ships three .bin files); one is in memory
     at a time while a rank reads it."""
@@ -142,21 +143,26 @@ def host_terms(
     load: dict[str, float] = {"runtime_base": runtime}
     copy_bytes = DTYPE_BYTES[s.load_dtype or "fp32"] * n
     shard = 2 * n / max(s.checkpoint_shards, 1)  # checkpoints are published in bf16
+    if s.checkpoint_format == "none":
+        shard = 0.0
     if s.load == "reference":
         load["model_full_copy_per_rank"] = local_ranks * copy_bytes
-        if s.checkpoint_format == "bin":
+        if s.checkpoint_format == "none":
+            pass
+        elif s.checkpoint_format == "bin":
             load["checkpoint_shard_buffers"] = local_ranks * shard
         else:
             load["checkpoint_mmap_once_per_node"] = shard
     elif s.load == "rank0_broadcast":
         load["model_full_copy_rank0"] = copy_bytes
-        load["checkpoint_shard_buffers"] = shard
+        if shard:
+            load["checkpoint_shard_buffers"] = shard
     else:  # zero_init: one partition per rank, one tensor in flight
         load["model_partitions"] = local_ranks * DTYPE_BYTES[s.dtype] * n / world if cpu_accelerator else 0.0
         load["largest_tensor_in_flight"] = 4 * arch.largest_tensor_elements
         if s.checkpoint_format == "safetensors":
             load["checkpoint_mmap_once_per_node"] = shard
-        else:
+        elif shard:
             load["checkpoint_shard_buffers"] = shard
     steady: dict[str, float] = {"runtime_base": runtime}
     if s.offload in ("optimizer", "params"):

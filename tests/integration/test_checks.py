@@ -143,7 +143,8 @@ def test_device_headroom_fires_against_a_small_device(reports):
 
 
 def test_guard_stops_an_over_limit_run_with_stacks(reports):
-    run_dir, result = run_case(reports, "steps=50", "host_ram=900M", "guard.grace_s=5")
+    # the plan refuses this layout at this limit; force=true reproduces the OOM on purpose
+    run_dir, result = run_case(reports, "steps=50", "host_ram=900M", "guard.grace_s=5", "force=true")
     assert result.returncode == 1
     assert "guard" in result.stdout
     spec = json.loads((run_dir / "run.json").read_text())

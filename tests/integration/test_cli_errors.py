@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
         (["steps20"], "malformed override 'steps20'"),
         (["model.scale=huge"], "available: 13b, base, small, tiny"),
         (["host_ram=500X"], "host_ram='500X'"),
+        (["host_ram=300M"], "predicted not to fit"),
         (["data=openwebtext", "data.path=/nonexistent/tokens.npy"], None),
     ],
 )
