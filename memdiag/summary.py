@@ -66,11 +66,6 @@ def ranks_by_host(run: Run) -> dict[str, list[RankTimeline]]:
     return dict(hosts)
 
 
-def node_peak_bytes(ranks: list[RankTimeline]) -> int:
-    grid = np.unique(np.concatenate([t.t_ns for t in ranks]))
-    return int(node_total_series(ranks, grid).max()) if len(grid) else 0
-
-
 def node_totals(run: Run) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per host: (sample times, summed RSS of its ranks). Computed once per run and kept on
     it: the summary and the report both need it, and the merge is the costly part of a long run."""

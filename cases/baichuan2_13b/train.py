@@ -90,10 +90,9 @@ def _redirect_output(log_path: Path) -> int:
 class Progress:
     """One plain line per step on rank 0: safe to interleave with other logs and to pipe."""
 
-    def __init__(self, fd: int, total_steps: int, ranks: int) -> None:
+    def __init__(self, fd: int, total_steps: int) -> None:
         self._out = os.fdopen(fd, "w", buffering=1)
         self.total = total_steps
-        self.ranks = ranks
 
     def __call__(self, record: StepRecord) -> None:
         loss = "n/a" if record.loss is None else f"{record.loss:.4f}"
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = identity.rank
     progress_fd = _redirect_output(run_dir / "logs" / f"rank-{rank}.log")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    progress = Progress(progress_fd, config.steps, identity.world_size) if rank == 0 else None
+    progress = Progress(progress_fd, config.steps) if rank == 0 else None
 
     with tracker.phase_scope("init"):
         import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from memdiag.checks.finding import Finding
 from memdiag.checks.loadphase import run_loads
-from memdiag.summary import node_peak_bytes, node_watcher_figures, ranks_by_host
+from memdiag.summary import node_totals, node_watcher_figures, ranks_by_host
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
@@ -28,8 +28,9 @@ def check(run: Run) -> list[Finding]:
     if not limit:
         return []
     findings = []
+    totals = node_totals(run)
     for host, ranks in ranks_by_host(run).items():
-        peak = node_peak_bytes(ranks)
+        peak = int(totals[host][1].max()) if len(totals[host][1]) else 0
         node = run.nodes.get(host)
         if node is not None:
             peak = max(peak, node_watcher_figures(node)["rss_sum_peak_bytes"] or 0)

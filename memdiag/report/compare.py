@@ -10,7 +10,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from memdiag.report.figures import phase_bands, run_start_ns
-from memdiag.summary import node_total_series, ranks_by_host
+from memdiag.summary import node_totals
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
@@ -22,11 +22,10 @@ def phase_peaks(run: Run) -> dict[str, int]:
     t0 = run_start_ns(run)
     peaks: dict[str, int] = {}
     for name, begin, end in phase_bands(run, t0):
-        for ranks in ranks_by_host(run).values():
-            grid = np.unique(np.concatenate([t.t_ns for t in ranks]))
+        for grid, total in node_totals(run).values():
             inside = (grid >= t0 + begin * 1e9) & (grid <= t0 + end * 1e9)
             if inside.any():
-                peaks[name] = max(peaks.get(name, 0), int(node_total_series(ranks, grid[inside]).max()))
+                peaks[name] = max(peaks.get(name, 0), int(total[inside].max()))
     return peaks
 
 
@@ -46,13 +45,10 @@ def aligned_x(run: Run, t_ns: np.ndarray, order: list[str]) -> np.ndarray:
 def comparison_figure(runs: list[Run], labels: list[str], order: list[str]) -> go.Figure:
     fig = go.Figure()
     for run, label in zip(runs, labels):
-        for host, ranks in ranks_by_host(run).items():
-            grid = np.unique(np.concatenate([t.t_ns for t in ranks]))
+        for host, (grid, total) in node_totals(run).items():
             x = aligned_x(run, grid, order)
             keep = ~np.isnan(x)
-            fig.add_trace(
-                go.Scatter(x=x[keep], y=node_total_series(ranks, grid)[keep] / GIB, mode="lines", name=f"{label}: node {host}")
-            )
+            fig.add_trace(go.Scatter(x=x[keep], y=total[keep] / GIB, mode="lines", name=f"{label}: node {host}"))
     for index, name in enumerate(order):
         fig.add_vrect(x0=index, x1=index + 1, line_width=0, fillcolor="rgba(0,0,0,0.04)" if index % 2 else "rgba(0,0,0,0)",
                       annotation_text=name, annotation_position="top left", annotation_font_size=10)
