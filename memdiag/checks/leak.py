@@ -2,8 +2,8 @@
 
 A Theil-Sen slope (the median of pairwise slopes, robust to a few outliers such as a
 checkpoint save) of the resident figure at the start of every step, warm-up excluded, for host
-RSS and device allocation separately. Growth must be sustained: most steps grow, or over a long
-window the second half still grows; glibc arenas and caching allocators grow in a few jumps
+RSS and device allocation separately. Growth must be consistent: the values rise with the step
+number (rank correlation), or over a long window the second half still grows; glibc arenas and caching allocators grow in a few jumps
 early on and then level off, which is not a leak.
 """
 
@@ -16,6 +16,8 @@ from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
 MIN_STEADY_STEPS = 8
+MIN_RANK_CORRELATION = 0.85
+"""Growth must be consistent, not a few allocator jumps among +-50 MB of step-to-step noise."""
 LONG_WINDOW_STEPS = 40
 """Over this many steady steps a slope is trusted even when it grows in jumps."""
 WARMUP_FRACTION = 0.3
@@ -29,6 +31,14 @@ def theil_sen(x: np.ndarray, y: np.ndarray) -> float:
     dx = x[j] - x[i]
     keep = dx != 0
     return float(np.median((y[j] - y[i])[keep] / dx[keep]))
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Rank correlation: 1.0 when every step is higher than the one before."""
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    if np.std(rx) == 0 or np.std(ry) == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def step_series(run: Run, rank: int, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -61,8 +71,8 @@ def check(run: Run) -> list[Finding]:
             slope = theil_sen(steps, values)
             half = len(steps) // 2
             late_slope = theil_sen(steps[half:], values[half:])
-            rising = float(np.mean(np.diff(values) > threshold / 2))
-            sustained = rising >= 0.5 or (len(steps) >= LONG_WINDOW_STEPS and late_slope >= threshold / 2)
+            rho = spearman(steps, values)
+            sustained = rho >= MIN_RANK_CORRELATION or (len(steps) >= LONG_WINDOW_STEPS and late_slope >= threshold / 2)
             if slope < threshold or not sustained:
                 continue  # no growth, or the allocator's staircase: a few jumps that level off
             findings.append(
@@ -77,7 +87,7 @@ def check(run: Run) -> list[Finding]:
                         "memory": memory,
                         "slope_bytes_per_step": int(slope),
                         "late_slope_bytes_per_step": int(late_slope),
-                        "fraction_of_steps_growing": rising,
+                        "rank_correlation": rho,
                         "threshold_bytes_per_step": threshold,
                         "first_step": int(steps[0]),
                         "last_step": int(steps[-1]),
