@@ -68,7 +68,9 @@ def test_both_ranks_recorded_every_phase_in_order(cpu_run):
         samples = rank_samples(records)
         assert len(samples) > 50
         assert all(b["t"] > a["t"] for a, b in zip(samples, samples[1:]))
-        assert {s["phase"] for s in samples} >= {"model_build", "forward"}
+        seen = {s["phase"] for s in samples}
+        assert "forward" in seen
+        assert seen & {"model_build", "zero_init"}  # samples carry the innermost phase
 
 
 def test_loss_is_finite_and_summary_matches_the_timeline(cpu_run):
