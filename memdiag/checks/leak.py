@@ -20,7 +20,8 @@ MIN_RANK_CORRELATION = 0.85
 """Growth must be consistent, not a few allocator jumps among +-50 MB of step-to-step noise."""
 LONG_WINDOW_STEPS = 40
 """Over this many steady steps a slope is trusted even when it grows in jumps."""
-WARMUP_FRACTION = 0.3
+WARMUP_FRACTION = 0.5
+"""The first half of the steps is warm-up: glibc arenas and caches keep growing for a dozen steps."""
 MIN_WARMUP_STEPS = 3
 HOST_THRESHOLD_BYTES_PER_STEP = 2 * 2**20
 DEVICE_THRESHOLD_BYTES_PER_STEP = 2**20

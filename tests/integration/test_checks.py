@@ -49,7 +49,7 @@ def reports(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def healthy(reports):
-    run_dir, result = run_case(reports, "steps=16")
+    run_dir, result = run_case(reports, "steps=40")  # long enough for the allocator to settle
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
 
