@@ -16,6 +16,10 @@ from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
 MIN_STEADY_STEPS = 8
+RELATIVE_THRESHOLD = 0.01
+RELATIVE_CAP_BYTES = 64 * 2**20
+"""Growth per step that counts: 1% of the resident figure (a CPU-accelerator rank creeps a few
+MB a step as glibc arenas fill), at most 64 MiB (64 GiB over 1000 steps is always a leak)."""
 MIN_RANK_CORRELATION = 0.85
 """Growth must be consistent, not a few allocator jumps among +-50 MB of step-to-step noise."""
 LONG_WINDOW_STEPS = 40
@@ -70,6 +74,7 @@ def check(run: Run) -> list[Finding]:
             if len(steps) < MIN_STEADY_STEPS:
                 continue
             slope = theil_sen(steps, values)
+            threshold = max(threshold, min(RELATIVE_THRESHOLD * float(np.mean(values)), RELATIVE_CAP_BYTES))
             half = len(steps) // 2
             late_slope = theil_sen(steps[half:], values[half:])
             rho = spearman(steps, values)
