@@ -3,10 +3,11 @@
 The cure for DeepSpeed issue 5290: instead of every rank building the whole model in fp32
 and reading every checkpoint shard (node host RAM = ranks x model), build the model already
 partitioned under ``deepspeed.zero.Init`` (no weight initialisation: the checkpoint overwrites
-it) and let every rank copy its own partition of each tensor straight out of the shard,
-memory-mapped (safetensors through ``safe_open``, pickle ``.bin`` through
-``torch.load(mmap=True)``). No gather, no broadcast, no whole tensor on any rank: a rank holds
-its 1/world share, and the shard's pages live once in the node's page cache.
+it, and tensors are created in the target dtype so no whole-size conversion copy is made)
+and let every rank read its own partition of each tensor straight out of the shard
+(safetensors: ``pread`` into the partition; pickle ``.bin``: ``torch.load(mmap=True)``, see
+memdiag.shards). No gather, no broadcast, no whole tensor on any rank: a rank holds its
+1/world share, and the shard's bytes live once in the node's page cache.
 
     from memdiag.loading import load_zero3
     model = load_zero3(MyModel, "/ckpt/Baichuan2-13B-Base", ds_config, dtype=torch.bfloat16)
@@ -26,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from memdiag.errors import UsageError
 from memdiag.probes.malloc import malloc_trim, set_mmap_threshold
+from memdiag.shards import CheckpointError, Shard
+
+__all__ = ["CheckpointError", "load_zero3", "load_into_zero3", "find_checkpoint", "validate"]
 
 LOAD_MMAP_THRESHOLD_BYTES = 2**20
 TRAIN_MMAP_THRESHOLD_BYTES = 32 * 2**20
@@ -37,10 +40,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_SINGLE = "pytorch_model.bin"
-
-
-class CheckpointError(UsageError):
-    """A checkpoint that cannot be loaded as it is: the message names the file and tensor."""
 
 
 @dataclass(frozen=True)
@@ -76,68 +75,9 @@ def find_checkpoint(directory: str | Path) -> Checkpoint:
             return Checkpoint(directory, fmt, weight_map)
     for single, fmt in ((SAFE_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
         if (directory / single).is_file():
-            with open_shard(directory / single, fmt) as tensors:
+            with Shard(directory / single, fmt) as tensors:
                 return Checkpoint(directory, fmt, {name: single for name in tensors.keys()})
     raise CheckpointError(f"{directory} holds no {SAFE_INDEX}, {BIN_INDEX}, {SAFE_SINGLE} or {BIN_SINGLE}")
-
-
-class _Shard:
-    """Uniform access to one shard: ``keys()``, ``shape(name)``, ``get(name)``."""
-
-    def __init__(self, path: Path, fmt: str) -> None:
-        self.path = path
-        if fmt == "safetensors":
-            from safetensors import safe_open
-
-            try:
-                self._safe = safe_open(str(path), framework="pt")  # mmap: only touched bytes are read
-            except Exception as exc:
-                raise CheckpointError(f"{path} cannot be opened as safetensors: {exc}") from None
-            self._bin = None
-        else:
-            import torch
-
-            try:
-                self._bin = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as exc:
-                raise CheckpointError(f"{path} cannot be opened as a torch checkpoint: {exc}") from None
-            self._safe = None
-
-    def keys(self) -> list[str]:
-        return list(self._safe.keys()) if self._safe is not None else list(self._bin.keys())
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        if self._safe is not None:
-            return tuple(self._safe.get_slice(name).get_shape())
-        return tuple(self._bin[name].shape)
-
-    def get(self, name: str):
-        return self._safe.get_tensor(name) if self._safe is not None else self._bin[name]
-
-    def flat_slice(self, name: str, start: int, end: int):
-        """Elements ``[start, end)`` of the flattened tensor, touching only the rows that hold
-        them (safetensors: a row slice of the mmap; torch.load(mmap=True): a view)."""
-        if self._bin is not None:
-            return self._bin[name].reshape(-1)[start:end]
-        view = self._safe.get_slice(name)
-        shape = view.get_shape()
-        if len(shape) <= 1:
-            return view[start:end]
-        row = 1
-        for dim in shape[1:]:
-            row *= dim
-        first, last = start // row, -(-end // row)
-        rows = view[first:last].reshape(-1)
-        return rows[start - first * row : end - first * row]
-
-
-@contextlib.contextmanager
-def open_shard(path: Path, fmt: str) -> Iterator[_Shard]:
-    shard = _Shard(path, fmt)
-    try:
-        yield shard
-    finally:
-        del shard
 
 
 def validate(checkpoint: Checkpoint, model: Any) -> None:
@@ -151,7 +91,7 @@ def validate(checkpoint: Checkpoint, model: Any) -> None:
         )
     for shard_file in checkpoint.shard_files:
         path = checkpoint.directory / shard_file
-        with open_shard(path, checkpoint.format) as shard:
+        with Shard(path, checkpoint.format) as shard:
             present = set(shard.keys())
             for name in (n for n, f in checkpoint.weight_map.items() if f == shard_file and n in expected):
                 if name not in present:
@@ -165,9 +105,9 @@ def validate(checkpoint: Checkpoint, model: Any) -> None:
 
 def load_into_zero3(model: Any, directory: str | Path) -> Checkpoint:
     """Fill a model built under ``deepspeed.zero.Init`` from a checkpoint: every rank copies
-    only its own partition of each tensor out of the memory-mapped shard. Nothing is gathered
-    or broadcast, no rank ever holds a whole tensor, and the shard's pages sit once in the
-    node's page cache however many ranks read them."""
+    only its own partition of each tensor out of the shard. Nothing is gathered or broadcast,
+    no rank ever holds a whole tensor, and the shard's bytes sit once in the node's page cache
+    however many ranks read them."""
     import torch
     import torch.distributed as dist
 
@@ -177,8 +117,7 @@ def load_into_zero3(model: Any, directory: str | Path) -> Checkpoint:
     params = dict(model.named_parameters())
     for shard_file in checkpoint.shard_files:
         names = [n for n, f in checkpoint.weight_map.items() if f == shard_file and n in params]
-        shard = _Shard(checkpoint.directory / shard_file, checkpoint.format)
-        with torch.no_grad():
+        with Shard(checkpoint.directory / shard_file, checkpoint.format) as shard, torch.no_grad():
             for name in names:
                 param = params[name]
                 partition = getattr(param, "ds_tensor", None)
@@ -188,8 +127,7 @@ def load_into_zero3(model: Any, directory: str | Path) -> Checkpoint:
                 size = partition.numel()
                 start, end = rank * size, min((rank + 1) * size, param.ds_numel)
                 if end > start:
-                    partition.data.view(-1)[: end - start].copy_(shard.flat_slice(name, start, end))
-        del shard
+                    shard.read_flat(name, start, partition.data.view(-1)[: end - start])
     return checkpoint
 
 
@@ -214,17 +152,51 @@ def _no_init_weights():
     return no_init_weights()
 
 
+@contextlib.contextmanager
+def default_dtype(dtype) -> Iterator[None]:
+    """Create floating tensors in ``dtype`` from the start. zero.Init converts each new
+    parameter with ``.to(dtype)``: built in fp32 that is a whole-size copy, touched in full on
+    every rank; built in ``dtype`` the conversion is a no-op, the uninitialised whole tensor is
+    never written, and only the rank's partition is copied out of it."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    if dtype is not None and dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def partitioned_init(ds_config: dict | str, dtype=None):
+    """``deepspeed.zero.Init`` without its per-parameter broadcast from rank 0.
+
+    zero.Init broadcasts every new parameter whole so that random initialisations agree; every
+    other rank receives (and so writes, page by page) the whole tensor before partitioning it.
+    When a checkpoint overwrites the weights that is a full-model broadcast for nothing and a
+    transient of the largest tensor on every rank (the 13B embedding: 1.2 GiB in bf16)."""
+    import deepspeed
+
+    class _Init(deepspeed.zero.Init):
+        def _zero_init_param(self, param):
+            self._convert_to_deepspeed_param(param)
+            param.partition()
+
+    if not hasattr(deepspeed.zero.Init, "_zero_init_param"):  # another DeepSpeed: keep its own
+        return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype)
+    return _Init(config_dict_or_path=ds_config, dtype=dtype)
+
+
 def load_zero3(model_cls: Any, directory: str | Path, ds_config: dict | str, *, dtype=None, trim: bool = True):
     """Build ``model_cls`` partitioned under ZeRO-3 and load ``directory`` into it.
 
     ``trim``: gc + ``malloc_trim(0)`` afterwards, so freed buffers go back to the OS.
     """
-    import deepspeed
-
     config = model_cls.config_class.from_pretrained(directory)
     find_checkpoint(directory)  # fail on a broken checkpoint before building anything
     with lean_allocator():
-        with _no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+        with _no_init_weights(), default_dtype(dtype), partitioned_init(ds_config, dtype):
             model = model_cls(config)
         load_into_zero3(model, directory)
     if trim:

@@ -58,7 +58,7 @@ def build_model(config: RunConfig, ds_config: dict, run_name: str):
     if config.checkpoint:
         return loading.load_zero3(BaichuanForCausalLM, config.checkpoint, ds_config, dtype=dtype, trim=False)
     with loading.lean_allocator(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
-        return BaichuanForCausalLM(model_cfg)
+        return BaichuanForCausalLM(model_cfg)  # random init: every element is written anyway
 
 
 def make_optimizer(model, ds_config: dict):

@@ -54,7 +54,7 @@ def observe(run: Run) -> Observation:
     settings = Settings(
         zero_stage=config["zero_stage"], micro_batch=config["micro_batch"], seq_len=config["seq_len"],
         dtype=config["dtype"], load=config["load"], load_dtype=config.get("load_dtype"),
-        checkpoint_format="safetensors",
+        checkpoint_format="safetensors" if config.get("checkpoint") else "none",
     )
     rank0 = run.ranks[run.rank_ids[0]]
     memory = [e for e in rank0.events if e["kind"] == "memory"]
@@ -85,7 +85,6 @@ def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
         obs.arch, obs.settings, local_ranks=obs.local_ranks, world=obs.world,
         runtime_context_bytes=0, cpu_accelerator=True, c=c,
     )
-    load = {k: v for k, v in load.items() if k not in ("checkpoint_mmap_once_per_node", "checkpoint_shard_buffers")}  # no checkpoint read
     return {
         "parameters": dev["parameters"],
         "gradients": dev["gradients"],

@@ -157,13 +157,16 @@ def host_terms(
         load["model_full_copy_rank0"] = copy_bytes
         if shard:
             load["checkpoint_shard_buffers"] = shard
-    else:  # zero_init: one partition per rank, one tensor in flight
+    else:  # zero_init: one partition per rank
         load["model_partitions"] = local_ranks * DTYPE_BYTES[s.dtype] * n / world if cpu_accelerator else 0.0
-        load["largest_tensor_in_flight"] = 4 * arch.largest_tensor_elements
-        if s.checkpoint_format == "safetensors":
+        if s.checkpoint_format == "none":
+            # random init writes each whole tensor in fp32 and zero.Init broadcasts it to every rank
+            load["largest_tensor_in_flight"] = local_ranks * (4 + DTYPE_BYTES[s.dtype]) * arch.largest_tensor_elements
+        elif s.checkpoint_format == "safetensors":
+            # read with pread into the partitions: the shard sits in the page cache once per node
+            load["checkpoint_page_cache_once_per_node"] = shard
+        else:
             load["checkpoint_mmap_once_per_node"] = shard
-        elif shard:
-            load["checkpoint_shard_buffers"] = shard
     steady: dict[str, float] = {"runtime_base": runtime}
     if s.offload in ("optimizer", "params"):
         steady["offloaded_optimizer_states"] = local_ranks * 12 * n / world
