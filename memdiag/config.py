@@ -26,6 +26,7 @@ GROUP_ALIASES = {
     "load.mode": "load",
 }
 LOADS = ("zero_init", "reference")
+LAUNCHERS = ("torchrun", "deepspeed")
 DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -117,6 +118,17 @@ class RunConfig:
     host_ram_bytes: int | None
     force: bool
     """Launch even when the plan predicts that the layout does not fit (to reproduce an OOM)."""
+    hostfile: str | None = None
+    launcher: str = "torchrun"
+    """``torchrun`` or ``deepspeed``: what starts the ranks of one node."""
+    nodes_here: bool = False
+    """Start every node's part on this machine (nodes simulated on one host)."""
+    node_rank: int | None = None
+    """Set: this process runs only that node's part of a multi-node run."""
+    master_addr: str | None = None
+    master_port: int | None = None
+    run_dir: str | None = None
+    """A node part joins this run directory instead of making one."""
     model: dict
     hardware: HardwareProfile
     data: dict
@@ -145,6 +157,19 @@ class RunConfig:
             raise UsageError("overhead_ab and inject_leak_mb must be >= 0")
         if not self.sample_hz > 0:
             raise UsageError(f"sample_hz={self.sample_hz!r} must be positive")
+        if self.launcher not in LAUNCHERS:
+            raise UsageError(f"launcher={self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
+        if self.node_rank is not None and not (isinstance(self.node_rank, int) and 0 <= self.node_rank < self.nnodes):
+            raise UsageError(f"node_rank={self.node_rank!r} must be an integer in 0..{self.nnodes - 1} (nnodes={self.nnodes})")
+        if self.node_rank is not None and not self.run_dir:
+            raise UsageError("node_rank= needs run_dir=DIR: the run directory every node writes into")
+        if self.master_port is not None and not (isinstance(self.master_port, int) and 0 < self.master_port < 65536):
+            raise UsageError(f"master_port={self.master_port!r} must be a port number (1..65535)")
+        if self.nnodes > 1 and self.node_rank is None and not self.nodes_here and not self.hostfile:
+            raise UsageError(
+                f"layout {self.layout} spans {self.nnodes} nodes: give hostfile=FILE (memdiag starts each node over ssh), "
+                "nodes_here=true (simulate the nodes on this machine), or node_rank=I run_dir=DIR on every node"
+            )
         if self.seq_len > int(self.model.get("model_max_length", self.seq_len)):
             raise UsageError(
                 f"seq_len={self.seq_len} exceeds model.model_max_length="
@@ -180,6 +205,14 @@ def case_dir(case: str) -> Path:
         near = f" (did you mean {hint[0]}?)" if hint else ""
         raise UsageError(f"unknown case {case!r}{near}; available: {', '.join(cases)}")
     return CASES_DIR / case
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    """``2x4`` -> (2 nodes, 4 ranks per node)."""
+    nodes, sep, per_node = text.lower().partition("x")
+    if not sep or not nodes.isdigit() or not per_node.isdigit() or int(nodes) < 1 or int(per_node) < 1:
+        raise UsageError(f"layout={text!r}: write NODESxRANKS_PER_NODE with positive numbers, e.g. layout=2x4")
+    return int(nodes), int(per_node)
 
 
 def _split(token: str) -> tuple[str, str]:
@@ -222,7 +255,10 @@ def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConf
     conf_dir = case_dir(case) / "conf"
     hydra_overrides: list[str] = []
     for (key, value), token in zip(pairs, overrides):
-        if key in GROUP_ALIASES:
+        if key == "layout":
+            nodes, per_node = parse_layout(value)
+            hydra_overrides += [f"nnodes={nodes}", f"nproc_per_node={per_node}"]
+        elif key in GROUP_ALIASES:
             hydra_overrides.append(f"{GROUP_ALIASES[key]}={value}")
         else:
             hydra_overrides.append(token)
@@ -321,6 +357,13 @@ def _to_run_config(raw: dict, overrides: list[str], case_path: Path, note: str) 
             guard_grace_s=float(raw["guard"]["grace_s"]),
             host_ram_bytes=None if host_ram is None else parse_size(host_ram, name="host_ram"),
             force=bool(raw["force"]),
+            hostfile=raw.get("hostfile"),
+            launcher=str(raw.get("launcher", "torchrun")),
+            nodes_here=bool(raw.get("nodes_here", False)),
+            node_rank=raw.get("node_rank"),
+            master_addr=raw.get("master_addr"),
+            master_port=raw.get("master_port"),
+            run_dir=raw.get("run_dir"),
             model=raw["model"],
             hardware=hardware,
             data=raw["data"],

@@ -25,6 +25,8 @@ from memdiag.timeline.writer import TimelineWriter
 
 log = logging.getLogger(__name__)
 
+NODE_ENV = "MEMDIAG_NODE"
+
 
 @dataclass(frozen=True, kw_only=True)
 class RankIdentity:
@@ -35,16 +37,21 @@ class RankIdentity:
     world_size: int
     local_world_size: int
     host: str = field(default_factory=socket.gethostname)
+    """The node's name: ``MEMDIAG_NODE`` (set by memdiag for each node it starts, so nodes
+    simulated on one machine stay apart), else the hostname."""
 
     @classmethod
     def from_env(cls) -> RankIdentity:
         env = os.environ
         world_size = int(env.get("WORLD_SIZE", "1"))
+        # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+        local_world_size = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or str(world_size)
         return cls(
             rank=int(env.get("RANK", "0")),
             local_rank=int(env.get("LOCAL_RANK", "0")),
             world_size=world_size,
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world_size))),
+            local_world_size=int(local_world_size),
+            host=env.get(NODE_ENV) or socket.gethostname(),
         )
 
 

@@ -84,11 +84,11 @@ def initial_spec(config: RunConfig, run_dir: Path) -> dict:
     }
 
 
-def rank_env(config: RunConfig, run_dir: Path) -> dict[str, str]:
+def rank_env(config: RunConfig, run_dir: Path, tmp_name: str = "tmp") -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    env["TMPDIR"] = str(run_dir / "tmp")
-    (run_dir / "tmp").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(run_dir / tmp_name)
+    (run_dir / tmp_name).mkdir(exist_ok=True)
     paths = [str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     if config.hardware.accelerator == "cpu":
@@ -153,9 +153,12 @@ def start_watcher(
     min_available_bytes: int = 0,
     grace_s: float = 10.0,
     stderr=None,
+    host: str | None = None,
 ) -> subprocess.Popen:
     """The node watcher (and its OOM guard) over the process tree below ``root_pid``."""
     command = [sys.executable, "-m", "memdiag.node", str(run_dir), f"--root-pid={root_pid}"]
+    if host:
+        command.append(f"--host={host}")
     if limit_bytes:
         command.append(f"--guard-limit-bytes={limit_bytes}")
     command += [
@@ -166,17 +169,12 @@ def start_watcher(
     return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stderr=stderr)
 
 
-def wait_and_record(
-    process: subprocess.Popen,
-    watcher: subprocess.Popen | None,
-    run_dir: Path,
-    spec: dict,
-    started: float,
-    interrupt: int = signal.SIGTERM,
-) -> int:
-    """Wait for the job (Ctrl-C: pass ``interrupt`` on, then kill after 30 s), stop the
-    watcher, and record how the run ended in run.json."""
-    status = "failed"
+def wait_for_job(
+    process: subprocess.Popen, watcher: subprocess.Popen | None, interrupt: int = signal.SIGTERM
+) -> tuple[int, str]:
+    """Wait for the job (Ctrl-C: pass ``interrupt`` on, then kill after 30 s), then stop the
+    watcher; returns the exit code and ``completed``/``failed``/``interrupted``."""
+    code, status = 1, "failed"
     try:
         code = process.wait()
         status = "completed" if code == 0 else "failed"
@@ -195,6 +193,19 @@ def wait_and_record(
                 watcher.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 watcher.kill()
+    return code, status
+
+
+def wait_and_record(
+    process: subprocess.Popen,
+    watcher: subprocess.Popen | None,
+    run_dir: Path,
+    spec: dict,
+    started: float,
+    interrupt: int = signal.SIGTERM,
+) -> int:
+    """Wait for the job and its watcher, and record how the run ended in run.json."""
+    code, status = wait_for_job(process, watcher, interrupt)
     if guard_event(run_dir) is not None:
         status = "stopped_by_guard"
     spec.update(
@@ -222,12 +233,13 @@ def guard_event(run_dir: Path) -> dict | None:
 def failure_excerpt(run_dir: Path, lines: int = 15) -> str:
     """The end of the first rank log that holds a traceback (or of the launcher's log)."""
     logs = sorted((run_dir / "logs").glob("rank-*.log")) + [run_dir / "logs" / "launcher.log"]
+    logs += sorted((run_dir / "logs").glob("launcher-*.log"))
     for log_file in logs:
         try:
             text = log_file.read_text(errors="replace")
         except OSError:
             continue
-        if "Traceback" in text or log_file.name == "launcher.log":
+        if "Traceback" in text or log_file.name.startswith("launcher"):
             tail = [line for line in text.splitlines() if line.strip()][-lines:]
             return f"{log_file}:\n" + "\n".join(tail)
     return ""

@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guard-fraction", type=float, default=0.95)
     parser.add_argument("--guard-min-available-bytes", type=int, default=0)
     parser.add_argument("--guard-grace-s", type=float, default=10.0)
+    parser.add_argument("--host", default=None, help="the node's name (default: the hostname)")
     args = parser.parse_args(argv)
     guard = None
     if args.guard_limit_bytes or args.guard_min_available_bytes:
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             min_available_bytes=args.guard_min_available_bytes,
             grace_s=args.guard_grace_s,
         )
-    watcher = NodeWatcher(args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, guard=guard)
+    watcher = NodeWatcher(args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, host=args.host, guard=guard)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: watcher.stop_event.set())
     watcher.run()

@@ -108,7 +108,8 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    run_dir = Path(argv[0])
+    # the deepspeed launcher adds --local_rank=N; LOCAL_RANK in the environment says the same
+    run_dir = Path(next(a for a in argv if not a.startswith("--local_rank")))
     config = RunConfig.from_dict(json.loads((run_dir / "run.json").read_text())["config"])
     identity = instrument.RankIdentity.from_env()
     inst = None

@@ -49,8 +49,16 @@ def main(args: argparse.Namespace) -> int:
 
         return profile.main(args.overrides, args.command)
     config = compose(args.overrides)
+    if config.node_rank is not None:  # one node's part of a multi-node run
+        from memdiag import multinode
+
+        return multinode.run_node_part(config)
     if config.selection_note:
         print(f"memdiag: {config.selection_note}", flush=True)
+    if config.nnodes > 1:
+        from memdiag import multinode
+
+        multinode.node_hosts(config)  # a bad hostfile stops here, before any directory exists
     consult_plan(config)
     run_dir = launch.make_run_dir(config)
     spec = launch.initial_spec(config, run_dir)
@@ -62,7 +70,12 @@ def main(args: argparse.Namespace) -> int:
         flush=True,
     )
     print(f"memdiag: run directory {run_dir}", flush=True)
-    code = launch.run_local(config, run_dir, spec)
+    if config.nnodes > 1:
+        from memdiag import multinode
+
+        code = multinode.run_nodes(config, run_dir, spec)
+    else:
+        code = launch.run_local(config, run_dir, spec)
     summary, html_path, findings = report.build(run_dir, with_checks=True)
     if summary.warnings:
         spec["warnings"] = summary.warnings
@@ -78,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"memdiag: report {html_path}")
         return 1
     if code != 0:
-        print(f"memdiag: the run failed (torchrun exit code {code}); partial report: {html_path}")
+        print(f"memdiag: the run failed ({config.launcher} exit code {code}); partial report: {html_path}")
         excerpt = launch.failure_excerpt(run_dir)
         if excerpt:
             print(excerpt)

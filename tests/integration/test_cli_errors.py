@@ -19,9 +19,17 @@ REPO = Path(__file__).resolve().parents[2]
         (["host_ram=500X"], "host_ram='500X'"),
         (["host_ram=300M"], "predicted not to fit"),
         (["data=openwebtext", "data.path=/nonexistent/tokens.npy"], None),
+        (["layout=2x"], "layout='2x': write NODESxRANKS_PER_NODE"),
+        (["layout=2x2"], "layout 2x2 spans 2 nodes: give hostfile=FILE"),
+        (["layout=2x2", "hostfile=HOSTS"], "layout 2x2 needs 2 hosts; hostfile"),
+        (["layout=2x2", "nodes_here=true", "launcher=mpirun"], "launcher='mpirun': use one of torchrun, deepspeed"),
+        (["layout=2x2", "node_rank=2", "run_dir=/tmp/x"], "node_rank=2 must be an integer in 0..1"),
     ],
 )
 def test_bad_run_input(tmp_path, args, expected):
+    hosts = tmp_path.parent / f"{tmp_path.name}-hostfile"
+    hosts.write_text("only-one slots=4\n")
+    args = [a.replace("HOSTS", str(hosts)) for a in args]
     result = subprocess.run(
         [sys.executable, "-m", "memdiag", "run", *args, f"reports_dir={tmp_path}"],
         cwd=REPO,

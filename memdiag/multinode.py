@@ -1,0 +1,229 @@
+"""Runs across nodes: one memdiag per node, every node's timelines in one run directory.
+
+The coordinator (``memdiag run layout=2x4 hostfile=FILE``) makes the run directory, then starts
+``memdiag run ... node_rank=I run_dir=DIR`` once per node: over ssh, or on this machine with
+``nodes_here=true`` (simulated nodes, as the tests do). Each node part starts its node watcher
+and its node's ranks through torchrun (static rendezvous) or the ``deepspeed`` launcher
+(``--no_ssh --node_rank``), and writes ``nodes/<node>.json`` with how its part ended. Ranks
+and watchers name their node with ``MEMDIAG_NODE``, so simulated nodes stay apart. A node part
+can also be started by the cluster's own tool (srun, pdsh) on every node with the same
+``run_dir=``: node 0 creates the directory when nobody has.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import json
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from memdiag import launch
+from memdiag.config import RunConfig
+from memdiag.errors import UsageError
+from memdiag.hostfile import Host, format_hostfile, nodes_for_layout, read_hostfile
+from memdiag.instrument import NODE_ENV
+
+NODES_DIR = "nodes"
+HOSTFILE = "hostfile"
+PART_KEYS = ("node_rank", "run_dir", "master_addr", "master_port", "nodes_here")
+"""Overrides the coordinator sets itself for each node part."""
+FAILED_PART_GRACE_S = 15.0
+"""After one node part fails, how long the others get to fail on their own (collectives time out)."""
+SPEC_WAIT_S = 120.0
+
+
+def node_hosts(config: RunConfig) -> list[Host]:
+    if config.hostfile:
+        return nodes_for_layout(read_hostfile(config.hostfile), config.nnodes, config.nproc_per_node, f"hostfile {config.hostfile}")
+    return [Host(f"node{i}", config.nproc_per_node) for i in range(config.nnodes)]
+
+
+def rendezvous(config: RunConfig, hosts: list[Host]) -> tuple[str, int]:
+    addr = config.master_addr or ("127.0.0.1" if config.nodes_here else hosts[0].name)
+    if config.master_port:
+        return addr, config.master_port
+    if config.nodes_here:
+        with socket.socket() as s:  # a free port, so simulated runs side by side do not collide
+            s.bind(("127.0.0.1", 0))
+            return addr, s.getsockname()[1]
+    return addr, 29500
+
+
+def ranks_command(config: RunConfig, run_dir: Path, node_rank: int, addr: str, port: int) -> list[str]:
+    """What starts one node's ranks."""
+    entry = importlib.import_module(f"cases.{config.case}").ENTRY_MODULE
+    if config.launcher == "deepspeed":
+        return [
+            sys.executable, "-u", "-m", "deepspeed.launcher.runner", f"--hostfile={run_dir / HOSTFILE}",
+            "--no_ssh", f"--node_rank={node_rank}", f"--master_addr={addr}", f"--master_port={port}",
+            "--module", entry, str(run_dir),
+        ]
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={config.nnodes}", f"--node_rank={node_rank}",
+        f"--nproc_per_node={config.nproc_per_node}", "--rdzv_backend=static", f"--master_addr={addr}",
+        f"--master_port={port}", "-m", entry, str(run_dir),
+    ]
+
+
+def _prepare(run_dir: Path, spec: dict, hosts: list[Host]) -> None:
+    (run_dir / NODES_DIR).mkdir(exist_ok=True)
+    (run_dir / HOSTFILE).write_text(format_hostfile(hosts))
+    launch.write_run_json(run_dir, spec)
+
+
+def _join(config: RunConfig, hosts: list[Host]) -> Path:
+    """The run directory a node part writes into; node 0 makes it when nobody has."""
+    run_dir = Path(config.run_dir).resolve()
+    if not (run_dir / launch.fmt.RUN_JSON).exists():
+        if config.node_rank == 0:
+            for sub in (launch.fmt.TIMELINE_DIR, "logs"):
+                (run_dir / sub).mkdir(parents=True, exist_ok=True)
+            spec = launch.initial_spec(config, run_dir)
+            spec["hosts"] = [h.name for h in hosts]
+            _prepare(run_dir, spec, hosts)
+        deadline = time.monotonic() + SPEC_WAIT_S
+        while not (run_dir / launch.fmt.RUN_JSON).exists():
+            if time.monotonic() > deadline:
+                raise UsageError(f"run_dir={run_dir}: no run.json after {SPEC_WAIT_S:.0f} s; start node_rank=0 too, with the same run_dir")
+            time.sleep(0.5)
+    return run_dir
+
+
+def _raise_terminated(*_: object) -> None:
+    raise KeyboardInterrupt  # wait_for_job passes it on to the ranks' launcher
+
+
+def run_node_part(config: RunConfig) -> int:
+    """This node's part: watcher, ranks, and ``nodes/<node>.json``."""
+    hosts = node_hosts(config)
+    me = hosts[config.node_rank]
+    run_dir = _join(config, hosts)
+    spec = json.loads((run_dir / launch.fmt.RUN_JSON).read_text())
+    addr, port = rendezvous(config, hosts)
+    env = launch.rank_env(config, run_dir, tmp_name=f"tmp-{me.name}")
+    env[NODE_ENV] = me.name
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    log = open(run_dir / "logs" / f"launcher-{me.name}.log", "w")
+    started = time.monotonic()
+    process = subprocess.Popen(ranks_command(config, run_dir, config.node_rank, addr, port), env=env, cwd=launch.REPO_ROOT, stderr=log)
+    watcher = None
+    if config.instrument:
+        watcher = launch.start_watcher(
+            run_dir, process.pid, env, host=me.name, limit_bytes=spec.get("host_limit_bytes"),
+            fraction=config.guard_fraction, min_available_bytes=config.guard_min_available_bytes,
+            grace_s=config.guard_grace_s, stderr=log,
+        )
+    try:
+        code, status = launch.wait_for_job(process, watcher)
+    finally:
+        log.close()
+        shutil.rmtree(run_dir / f"tmp-{me.name}", ignore_errors=True)
+    record = {
+        "node": me.name, "node_rank": config.node_rank, "exit_code": code, "status": status,
+        "launcher": config.launcher, "duration_s": round(time.monotonic() - started, 3),
+        "ended_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    (run_dir / NODES_DIR / f"{me.name}.json").write_text(json.dumps(record, indent=2))
+    return code
+
+
+def _part_overrides(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PART_KEYS]
+
+
+def run_nodes(config: RunConfig, run_dir: Path, spec: dict) -> int:
+    """Start every node's part, wait for all, collect their files, record the end in run.json."""
+    hosts = node_hosts(config)
+    spec["hosts"] = [h.name for h in hosts]
+    spec["launcher"] = config.launcher
+    _prepare(run_dir, spec, hosts)
+    addr, port = rendezvous(config, hosts)
+    started = time.monotonic()
+    parts: dict[str, subprocess.Popen] = {}
+    for rank, host in enumerate(hosts):
+        command = [
+            sys.executable, "-m", "memdiag", "run", *_part_overrides(config.overrides), f"node_rank={rank}",
+            f"run_dir={run_dir.resolve()}", f"master_addr={addr}", f"master_port={port}",
+        ]
+        if not config.nodes_here:
+            command = ["ssh", host.name, f"cd {shlex.quote(str(launch.REPO_ROOT))} && {shlex.join(command)}"]
+        parts[host.name] = subprocess.Popen(command, cwd=launch.REPO_ROOT)
+    interrupted = _wait_all(parts)
+    if not config.nodes_here:
+        _collect(run_dir, hosts)
+    records = {h.name: _node_record(run_dir, h.name) for h in hosts}
+    codes = [r.get("exit_code", parts[name].returncode) for name, r in records.items()]
+    code = next((c for c in codes if c), 0)
+    if launch.guard_event(run_dir) is not None:
+        status = "stopped_by_guard"
+    elif interrupted or any(r.get("status") == "interrupted" for r in records.values()):
+        status = "interrupted"
+    else:
+        status = "completed" if code == 0 and all(records.values()) else "failed"
+    missing = [name for name, r in records.items() if not r]
+    if missing:
+        spec.setdefault("warnings", []).append(f"no end record from node(s) {', '.join(missing)}: their part did not finish")
+        code = code or 1
+    spec.update(
+        status=status, exit_code=code, nodes=records,
+        ended_at=dt.datetime.now(dt.timezone.utc).isoformat(), duration_s=round(time.monotonic() - started, 3),
+    )
+    launch.write_run_json(run_dir, spec)
+    return code
+
+
+def _wait_all(parts: dict[str, subprocess.Popen]) -> bool:
+    """Wait for every node part. One failing stops the rest after a grace period (their
+    collectives would otherwise wait for the dead node until a long timeout); Ctrl-C stops all."""
+    failed_at = None
+    try:
+        while any(p.poll() is None for p in parts.values()):
+            if failed_at is None and any(p.returncode not in (None, 0) for p in parts.values()):
+                failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > FAILED_PART_GRACE_S:
+                _stop(parts)
+            time.sleep(0.2)
+        return False
+    except KeyboardInterrupt:
+        _stop(parts)
+        return True
+
+
+def _stop(parts: dict[str, subprocess.Popen]) -> None:
+    for process in parts.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 40
+    for process in parts.values():
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _node_record(run_dir: Path, name: str) -> dict:
+    try:
+        return json.loads((run_dir / NODES_DIR / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _collect(run_dir: Path, hosts: list[Host]) -> None:
+    """Pull a remote node's files when the run directory is not on a shared filesystem."""
+    for host in hosts:
+        if (run_dir / NODES_DIR / f"{host.name}.json").exists():
+            continue  # shared filesystem: already here
+        result = subprocess.run(
+            ["rsync", "-a", f"{host.name}:{run_dir.resolve()}/", f"{run_dir.resolve()}/"],
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            print(f"memdiag: warning: could not collect {host.name}'s files: {result.stderr.strip()[:200]}", flush=True)
