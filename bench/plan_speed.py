@@ -22,7 +22,7 @@ from memdiag.plan.terms import Coefficients, Settings  # noqa: E402
 OPTIONS = {
     "load": ("reference", "zero_init", "rank0_broadcast"),
     "load_dtype": (None, "bf16"),
-    "flash_attn": (False, True),
+    "attention": ("plain", "sdpa_math", "fused"),
     "activation_checkpointing": (False, True),
     "offload": ("none", "optimizer", "params"),
     "zero_stage": (1, 2, 3),

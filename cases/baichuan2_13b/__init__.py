@@ -8,3 +8,15 @@ def num_parameters(model: dict) -> int:
     from cases.baichuan2_13b.modeling_baichuan import BaichuanConfig, count_parameters
 
     return count_parameters(BaichuanConfig(**{k: v for k, v in model.items() if k != "scale"}))
+
+
+BENCHMARK_ATTENTION = "sdpa_math"
+"""The attention path the benchmark's model code takes, for ``memdiag plan``. Upstream
+Baichuan2-13B trains through ``F.scaled_dot_product_attention`` when xformers imports, with the
+ALiBi bias as a float mask: no fused kernel takes such a mask, so SDPA's math path runs and
+keeps one bf16 score tensor per layer (our model implements the upstream no-xformers path,
+``plain``, which keeps two). It is the path that agrees with the seed's measurement below;
+``plain`` would predict 66.5 GiB there, above the device."""
+
+SEED_MEASUREMENT = {"layout": "2x8", "device_bytes": int(56.59 * 2**30), "source": "the seed's benchmark table (mem 56.59/64)"}
+"""The one 13B measurement on BI-V150: 2 nodes x 8 processes (4 cards of 2 chips)."""

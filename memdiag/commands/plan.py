@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,8 @@ PLAN_KEYS = {
     "seq_len": ("seq_len", int),
     "grad_accum": ("grad_accum", int),
     "dtype": ("dtype", str),
-    "flash_attn": ("flash_attn", "bool"),
+    "flash_attn": ("attention", "bool"),
+    "attention": ("attention", str),
     "activation_checkpointing": ("activation_checkpointing", "bool"),
     "offload": ("offload", str),
     "load": ("load", str),
@@ -32,10 +34,13 @@ PLAN_KEYS = {
     "checkpoint_format": ("checkpoint_format", str),
     "checkpoint_shards": ("checkpoint_shards", int),
 }
+RUN_KEYS = ("zero.stage", "micro_batch", "seq_len", "grad_accum", "dtype", "load", "load.dtype")
+"""Plan settings that ``memdiag run`` takes too (the rest describe other code: flash_attn, offload)."""
 CHOICES = {
     "dtype": ("bf16", "fp16", "fp32"),
     "offload": ("none", "optimizer", "params"),
     "load": ("reference", "zero_init", "rank0_broadcast"),
+    "attention": ("plain", "sdpa_math", "fused"),
     "load_dtype": ("bf16", "fp16", "fp32"),
     "checkpoint_format": ("bin", "safetensors"),
 }
@@ -57,6 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--coefficients-out", type=Path, help="where --calibrate writes the fitted coefficients")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--emit", type=Path, metavar="DIR", help="write hostfile, ds_config.json and launch scripts for the recommended (or --layout) layout")
+    parser.add_argument("--run", action="store_true", help="launch the recommended (or --layout) layout with `memdiag run`, memdiag on every node")
+    parser.add_argument("--hostfile", type=Path, help="with --run: the nodes, a DeepSpeed hostfile ('NAME slots=N' lines)")
+    parser.add_argument("--nodes-here", action="store_true", help="with --run: simulate the nodes on this machine")
+    parser.add_argument("--run-args", default="", metavar="'K=V ...'", help="with --run: more `memdiag run` overrides, e.g. 'steps=20 launcher=deepspeed'")
 
 
 def parse_range(text: str, name: str) -> list[int]:
@@ -110,6 +119,8 @@ def settings_from(overrides: list[str], base: Settings) -> tuple[Settings, list[
                 parsed = kind(value)
         except (KeyError, ValueError):
             raise UsageError(f"{key}={value!r}: expected {'true or false' if kind == 'bool' else kind.__name__}") from None
+        if key == "flash_attn":
+            parsed = "fused" if parsed else "plain"
         if field in CHOICES and parsed not in CHOICES[field]:
             raise UsageError(f"{key}={value!r}: use one of {', '.join(CHOICES[field])}")
         changes[field] = parsed
@@ -140,6 +151,10 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"give --host-ram and --device-mem ({ACCEPTED_FORMS}): profile {hardware.name} has none")
     ds = load_ds_config(case_cfg)
     settings = replace(settings, ds_buffers=ds.get("zero_optimization", {}))
+    case_module = importlib.import_module(f"cases.{args.case}")
+    attention_given = any(t.split("=", 1)[0] in ("attention", "flash_attn") for t in args.overrides)
+    if not attention_given and not args.model_config and hasattr(case_module, "BENCHMARK_ATTENTION"):
+        settings = replace(settings, attention=case_module.BENCHMARK_ATTENTION)
     arch = Architecture.from_hf_config(args.model_config) if args.model_config else Architecture.from_case_model(case_cfg.model)
     coefficients = load_coefficients(args.coefficients) if args.coefficients else Coefficients()
     if args.calibrate:
@@ -162,19 +177,78 @@ def main(args: argparse.Namespace) -> int:
     fixes = []
     if full_node is not None and not full_node.fits:
         fixes = fixes_for(full_node, arch, settings, hardware, coefficients, device_capacity_bytes=device_mem, host_limit_bytes=host_limit)
+    chosen = results[0] if args.layout else best
+    if (args.emit or args.run) and chosen is None:
+        raise UsageError(f"--{'emit' if args.emit else 'run'}: no layout fits; pick one with --layout to use it anyway")
+    if args.hostfile and not args.hostfile.is_file():
+        raise UsageError(f"--hostfile {args.hostfile}: no such file")
+    run_overrides = []
+    if args.emit or args.run:
+        run_overrides = run_overrides_for(args, passthrough, hardware, chosen)
     if args.emit:
         from memdiag.plan.emit import emit
 
-        chosen = results[0] if args.layout else best
-        if chosen is None:
-            raise UsageError("--emit: no layout fits; pick one with --layout to emit it anyway")
-        written = emit(args.emit, chosen, ds, args.overrides)
+        written = emit(args.emit, chosen, ds, args.overrides, run_overrides=run_overrides)
         print("memdiag: wrote " + ", ".join(str(p) for p in written))
+    measured = seed_comparison(case_module, args, arch, settings, hardware, results)
     if args.json:
-        print(json.dumps(as_json(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem), indent=2))
-        return 0
-    print_table(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem, single=bool(args.layout))
+        print(json.dumps(as_json(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem) | {"measured": measured}, indent=2))
+    else:
+        print_table(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem, single=bool(args.layout))
+        if measured:
+            print(
+                f"\nmeasured: {measured['layout']} used {format_bytes(measured['device_bytes'])} per device ({measured['source']}); "
+                f"predicted {format_bytes(measured['predicted_device_bytes'])} ({measured['error']:+.1%}, attention={settings.attention})"
+            )
+    if args.run:
+        from memdiag.commands import run
+
+        print(f"\nmemdiag: running {chosen.name}: memdiag run {' '.join(run_overrides)}", flush=True)
+        return run.main(argparse.Namespace(overrides=run_overrides, command=[]))
     return 0
+
+
+def seed_comparison(case_module, args, arch, settings, hardware, results) -> dict | None:
+    """The case's recorded measurement beside the prediction for the same layout and settings."""
+    seed = getattr(case_module, "SEED_MEASUREMENT", None)
+    same = (
+        seed and not args.model_config and hardware.name == "BI-V150" and arch.num_parameters > 1e10
+        and (settings.micro_batch, settings.seq_len, settings.zero_stage, settings.dtype) == (1, 2048, 3, "bf16")
+        and settings.offload == "none" and not settings.activation_checkpointing
+    )
+    match = next((r for r in results if f"{r.nodes}x{r.devices_per_node}" == seed["layout"]), None) if same else None
+    if match is None:
+        return None
+    predicted = int(match.device_peak_bytes)
+    return seed | {"predicted_device_bytes": predicted, "error": (predicted - seed["device_bytes"]) / seed["device_bytes"]}
+
+
+def run_overrides_for(args: argparse.Namespace, passthrough: list[str], hardware, chosen) -> list[str]:
+    """The ``memdiag run`` overrides that run the chosen layout with the plan's settings."""
+    import shlex
+
+    shared = []
+    for token in args.overrides:
+        key, _, value = token.partition("=")
+        if key in RUN_KEYS:
+            if key == "load" and value not in ("reference", "zero_init"):
+                raise UsageError(f"--run: load={value} is a planning option only; memdiag run loads with reference or zero_init")
+            shared.append(token)
+    hardware_token = [] if any(t.startswith("hardware=") for t in passthrough) else [f"hardware={args.profile or hardware_profile_name(hardware)}"]
+    tokens = [f"case={args.case}", *hardware_token, *(t for t in passthrough if not t.startswith("case=")), *shared,
+              f"layout={chosen.nodes}x{chosen.devices_per_node}"]
+    if args.host_ram:
+        tokens.append(f"host_ram={args.host_ram}")
+    if args.hostfile:
+        tokens.append(f"hostfile={args.hostfile.resolve()}")
+    if args.nodes_here:
+        tokens.append("nodes_here=true")
+    return tokens + shlex.split(args.run_args)
+
+
+def hardware_profile_name(hardware) -> str:
+    """The config-group name of a profile (``BI-V150`` -> ``bi_v150``)."""
+    return hardware.name.lower().replace("-", "_")
 
 
 def reason(best) -> str:
@@ -230,7 +304,7 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
     )
     print(
         f"settings: ZeRO-{settings.zero_stage}, {settings.dtype}, micro_batch {settings.micro_batch}, seq_len {settings.seq_len}, "
-        f"flash_attn={str(settings.flash_attn).lower()}, activation_checkpointing={str(settings.activation_checkpointing).lower()}, "
+        f"attention={settings.attention}, activation_checkpointing={str(settings.activation_checkpointing).lower()}, "
         f"offload={settings.offload}, load={settings.load}" + (f" (load.dtype={settings.load_dtype})" if settings.load_dtype else "")
     )
     print()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from memdiag.plan.search import LayoutResult
 
 
-def emit(directory: Path, layout: LayoutResult, ds_config: dict, overrides: list[str], hosts: list[str] | None = None) -> list[Path]:
+def emit(
+    directory: Path, layout: LayoutResult, ds_config: dict, overrides: list[str], hosts: list[str] | None = None,
+    run_overrides: list[str] | None = None,
+) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     hosts = hosts or [f"node{i}" for i in range(layout.nodes)]
     hostfile = directory / "hostfile"
@@ -36,6 +40,17 @@ def emit(directory: Path, layout: LayoutResult, ds_config: dict, overrides: list
         "--node_rank \"$NODE_RANK\" --rdzv_backend static --master_addr \"$MASTER_ADDR\" --master_port 29500 \\\n"
         "  \"$TRAIN_SCRIPT\" --deepspeed ds_config.json \"$@\"\n"
     )
-    for script in (deepspeed, torchrun):
+    scripts = [deepspeed, torchrun]
+    if run_overrides:
+        case = directory / "launch_memdiag.sh"
+        tokens = [t for t in run_overrides if not t.startswith(("hostfile=", "nodes_here="))]
+        case.write_text(
+            "#!/usr/bin/env bash\n"
+            f"# {layout.name}: the case itself, memdiag on every node (over ssh), every node's timelines in one run directory\n"
+            "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n"
+            f"memdiag run {shlex.join(tokens)} hostfile=\"$PWD/hostfile\" \"$@\"\n"
+        )
+        scripts.append(case)
+    for script in scripts:
         script.chmod(0o755)
-    return [hostfile, config, deepspeed, torchrun]
+    return [hostfile, config, *scripts]

@@ -22,6 +22,9 @@ class Coefficients:
 
     layer_sbh: float = 28.0
     layer_as2b: float = 4.0
+    """Plain attention: the masked, clamped scores (saved by ``torch.max``) and the softmax."""
+    layer_as2b_sdpa_math: float = 2.0
+    """SDPA's math path (what a float ALiBi mask gets): only the softmax output is saved."""
     layer_sbi: float = 8.0
     head_sbh: float = 10.0
     head_sbv: float = 4.0
@@ -49,7 +52,10 @@ class Settings:
     seq_len: int = 2048
     grad_accum: int = 1
     dtype: str = "bf16"
-    flash_attn: bool = False
+    attention: str = "plain"
+    """``plain`` (matmul, mask, max, softmax: our model's path), ``sdpa_math``
+    (``F.scaled_dot_product_attention`` with a float mask, no fused kernel) or ``fused``
+    (flash / memory-efficient kernels: no s^2 tensor kept)."""
     activation_checkpointing: bool = False
     offload: str = "none"
     """``none``, ``optimizer`` (states to CPU) or ``params`` (states and parameters to CPU)."""
@@ -68,6 +74,11 @@ class Settings:
     ``allgather_bucket_size``, ``sub_group_size`` from the ds_config (elements)."""
 
 
+    @property
+    def flash_attn(self) -> bool:
+        return self.attention == "fused"
+
+
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -76,7 +87,8 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
     b, seq, h, i, a, v = s.micro_batch, s.seq_len, arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.vocab_size
     scale = DTYPE_BYTES[s.dtype] / 2
     layer = (c.layer_sbh * seq * b * h + c.layer_sbi * seq * b * i) * scale
-    scores = 0.0 if s.flash_attn else c.layer_as2b * a * seq * seq * b * scale
+    per_score = {"plain": c.layer_as2b, "sdpa_math": c.layer_as2b_sdpa_math, "fused": 0.0}[s.attention]
+    scores = per_score * a * seq * seq * b * scale
     if s.activation_checkpointing:  # layer inputs kept; one layer recomputed at a time
         layers, all_scores = arch.num_layers * 2 * seq * b * h * scale + layer, scores
     else:

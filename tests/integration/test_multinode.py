@@ -59,3 +59,20 @@ def test_two_nodes_in_one_run_directory(runs, launcher):
 def test_launchers_train_the_same(runs):
     losses = {k: summarize(read_run(v)).loss for k, v in runs.items()}
     assert losses["torchrun"] == pytest.approx(losses["deepspeed"], rel=1e-6)
+
+
+def test_plan_run_drives_the_chosen_layout(tmp_path):
+    """``memdiag plan --layout 2x1 --run``: the planned layout launched on two simulated nodes."""
+    reports = tmp_path / "reports"
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "plan", "hardware=cpu", "model.scale=tiny", "seq_len=64", "load=zero_init",
+         "--host-ram", "16G", "--device-mem", "16G", "--layout", "2x1", "--run", "--nodes-here",
+         "--run-args", f"steps=2 reports_dir={reports}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "memdiag: running 2x1" in result.stdout
+    (run_dir,) = (reports / "baichuan2_13b").iterdir()
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["status"] == "completed" and spec["layout"] == "2x1" and spec["config"]["seq_len"] == 64
+    assert spec["config"]["load"] == "zero_init" and len(read_run(run_dir).nodes) == 2

@@ -70,6 +70,47 @@ def test_reference_loading_reproduces_the_seed_host_decision():
     assert one_node["terms"]["host_load.model_full_copy_per_rank"] == 16 * 4 * one_node_params(data)
     zero_init = next(f for f in data["fixes_for_full_node"] if f["change"] == "load=zero_init")
     assert zero_init["host_peak_bytes_per_node"] < 100 * 2**30
+    # with the benchmark's attention path the device side agrees: 2 nodes x 4 cards is the choice
+    assert not one_node["fits"] and two_nodes["fits"] and zero_init["fits"]
+    assert (data["recommended"]["nodes"], data["recommended"]["devices_per_node"]) == (2, 8)
+    assert abs(data["measured"]["error"]) < 0.10  # against the seed's 56.59 GiB
+
+
+def test_sdpa_math_keeps_one_score_tensor():
+    """The ``sdpa_math`` coefficient: SDPA's math path with a float (ALiBi) mask saves one
+    s x s tensor per head (the softmax output), where our plain attention saves two. (On the
+    CPU the math path computes in fp32; on a device it stays bf16: 2 bytes an element.)"""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b, a, seq, d = 1, 4, 256, 32
+    q, k, v = (torch.randn(b, a, seq, d, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.randn(a, seq, seq, dtype=torch.bfloat16)
+
+    def square_storages(attend) -> int:
+        storages = set()
+
+        def pack(t):
+            if tuple(t.shape[-2:]) == (seq, seq):
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attend()
+        return len(storages)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        assert square_storages(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) == 1
+
+    def plain():  # the upstream no-xformers path, as our model implements it
+        scores = torch.matmul(q, k.transpose(2, 3)) / d**0.5 + mask
+        scores = torch.max(scores, torch.tensor(torch.finfo(scores.dtype).min))
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+    assert square_storages(plain) == 2
+    c = Coefficients()
+    assert (c.layer_as2b, c.layer_as2b_sdpa_math) == (2 * 2, 1 * 2)  # tensors x bf16 bytes
 
 
 def one_node_params(data):
