@@ -3,8 +3,11 @@
 Measured per run (from the one reader): model states per rank (categorised memory after a step:
 parameters, gradients, optimizer states), saved activations (after a forward), the runtime
 base (RSS before the model build), the node's load-phase host peak and its whole-run peak.
-Fitted: ``host_runtime_bytes`` (the mean runtime base) and ``host_steady_factor`` (measured over
-predicted host RAM while training, the CPU accelerator's allocator and communication buffers).
+Fitted: ``host_runtime_bytes`` (the mean runtime base) and, for the CPU accelerator's host RAM
+while training, three coefficients by least squares: bytes per byte of training state (the
+optimizer step's fp32 temporaries), bytes per model parameter on every rank (ZeRO-3 buckets),
+and a fixed amount per rank (communication buffers, allocator arenas). bench/plan_accuracy
+judges them out of sample (leave one run out).
 """
 
 from __future__ import annotations
@@ -96,19 +99,40 @@ def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
     }
 
 
+STEADY_FEATURES = ("host_state_factor", "host_bytes_per_model_param", "host_rank_fixed_bytes")
+
+
+def steady_features(obs: Observation, c: Coefficients) -> tuple[np.ndarray, float]:
+    """One rank's steady host RAM as ``features . coefficients + known``: the features are the
+    training-state bytes, the model's parameter count and 1; known is runtime + activations."""
+    dev = device_terms(obs.arch, obs.settings, obs.world, c)
+    act = activation_terms(obs.arch, obs.settings, c)
+    states = dev["parameters"] + dev["gradients"] + dev["optimizer_states"]
+    known = c.host_runtime_bytes + act["activations"] + act["attention_scores"] + act["logits_and_loss"]
+    return np.array([states, float(obs.arch.num_parameters), 1.0]), known
+
+
 def fit(observations: list[Observation], c: Coefficients) -> Coefficients:
+    """The runtime base is the mean measured one; the steady coefficients are a least-squares
+    fit of each run's peak per local rank, dropping any that would come out negative."""
     runtime = float(np.mean([o.measured["runtime_base_per_rank"] for o in observations]))
     c = replace(c, host_runtime_bytes=runtime, source=f"calibrated on {len(observations)} runs")
-    # steady host RAM on the CPU accelerator: runtime + factor x device states, per rank
-    ratios = []
+    rows, targets = [], []
     for obs in observations:
-        base = obs.local_ranks * runtime
-        states = predict(obs, replace(c, host_steady_factor=1.0))["host_peak_per_node"] - base
-        if states > 0:
-            ratios.append((obs.measured["host_peak_per_node"] - base) / states)
-    if ratios:
-        c = replace(c, host_steady_factor=float(np.median(ratios)))
-    return c
+        features, known = steady_features(obs, c)
+        rows.append(features)
+        targets.append(obs.measured["host_peak_per_node"] / obs.local_ranks - known)
+    x, y = np.array(rows), np.array(targets)
+    active = list(range(len(STEADY_FEATURES)))[: max(1, min(len(STEADY_FEATURES), len(observations)))]
+    while active:
+        solution, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
+        if (solution >= 0).all():
+            break
+        active.pop(int(np.argmin(solution)))
+    fitted = dict.fromkeys(STEADY_FEATURES, 0.0)
+    for index, value in zip(active, solution if active else []):
+        fitted[STEADY_FEATURES[index]] = float(value)
+    return replace(c, **fitted)
 
 
 def table(observations: list[Observation], c: Coefficients) -> list[dict]:
@@ -132,7 +156,8 @@ def calibrate_main(run_dirs: list[Path], coefficients: Coefficients, out: Path |
         print(f"{row['run'][:34]:34} {row['term']:24} {row['predicted_bytes'] / 2**20:10.1f}Mi {row['measured_bytes'] / 2**20:10.1f}Mi {row['error']:+7.1%}")
     worst = max(abs(r["error"]) for r in rows)
     print(f"\nfitted: host_runtime_bytes={fitted.host_runtime_bytes / 2**20:.1f} MiB, "
-          f"host_steady_factor={fitted.host_steady_factor:.3f}; worst error {worst:.1%}")
+          f"host_state_factor={fitted.host_state_factor:.3f}, host_bytes_per_model_param={fitted.host_bytes_per_model_param:.2f}, "
+          f"host_rank_fixed_bytes={fitted.host_rank_fixed_bytes / 2**20:.1f} MiB; worst error {worst:.1%} (in sample)")
     if out:
         out.write_text(json.dumps(fitted.to_dict(), indent=2))
         print(f"coefficients written to {out} (use with --coefficients)")

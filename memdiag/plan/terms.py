@@ -35,8 +35,15 @@ class Coefficients:
     allocator_reserve_fraction: float = 0.05
     host_runtime_bytes: float = 0.35 * 2**30
     """One rank's host RAM before the model: Python, torch, DeepSpeed, transformers."""
-    host_steady_factor: float = 1.0
-    """Host RAM of the training states relative to their tensor bytes (CPU accelerator)."""
+    host_state_factor: float = 1.0
+    """CPU accelerator: host RAM per byte of training state (parameters, gradients, optimizer
+    states) while training; above 1 by the optimizer step's fp32 temporaries."""
+    host_bytes_per_model_param: float = 0.0
+    """CPU accelerator: host RAM per parameter of the whole model on every rank (ZeRO-3's
+    buckets and gathered layers are sized by the model, not the partition)."""
+    host_rank_fixed_bytes: float = 0.0
+    """CPU accelerator: host RAM a training rank adds whatever the model (communication
+    buffers, allocator arenas, threads)."""
     source: str = "derived"
 
     def to_dict(self) -> dict:
@@ -187,7 +194,12 @@ def host_terms(
         steady["offloaded_parameters"] = local_ranks * DTYPE_BYTES[s.dtype] * n / world
     if cpu_accelerator:  # the CPU accelerator keeps the "device" in host RAM
         dev = device_terms(arch, s, world, c)
-        steady["device_states_in_host_ram"] = c.host_steady_factor * local_ranks * sum(dev.values())
+        states = dev["parameters"] + dev["gradients"] + dev["optimizer_states"]
+        act = activation_terms(arch, s, c)
+        steady["training_states"] = local_ranks * c.host_state_factor * states
+        steady["model_sized_buffers"] = local_ranks * c.host_bytes_per_model_param * n
+        steady["activations"] = local_ranks * (act["activations"] + act["attention_scores"] + act["logits_and_loss"])
+        steady["rank_fixed"] = local_ranks * c.host_rank_fixed_bytes
     return load, steady
 
 

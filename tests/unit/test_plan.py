@@ -169,3 +169,30 @@ def test_emit_writes_a_hostfile_config_and_scripts(tmp_path):
     for script in ("launch_deepspeed.sh", "launch_torchrun.sh"):
         text = (out / script).read_text()
         assert "memdiag run --" in text and subprocess.run(["bash", "-n", str(out / script)]).returncode == 0
+
+
+def test_calibration_recovers_known_host_coefficients():
+    """Runs whose host peaks follow known coefficients: the fit finds them again, and a
+    coefficient that would come out negative is dropped rather than fitted below zero."""
+    from dataclasses import replace
+
+    from memdiag.plan.calibrate import Observation, fit, predict
+
+    truth = replace(Coefficients(), host_runtime_bytes=300 * 2**20, host_state_factor=1.7,
+                    host_bytes_per_model_param=6.0, host_rank_fixed_bytes=150 * 2**20)
+    observations = []
+    for hidden, layers in ((256, 2), (512, 4), (768, 6)):
+        arch = Architecture.from_case_model(dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                                                 intermediate_size=hidden * 3, vocab_size=8192))
+        for ranks in (1, 2, 4):
+            obs = Observation("x", arch, Settings(seq_len=128, load="zero_init", checkpoint_format="none"), ranks, ranks, {})
+            predicted = predict(obs, truth)
+            observations.append(replace(obs, measured={"runtime_base_per_rank": truth.host_runtime_bytes,
+                                                       "host_peak_per_node": predicted["host_peak_per_node"]}))
+    fitted = fit(observations, Coefficients())
+    assert fitted.host_state_factor == pytest.approx(1.7, rel=1e-6)
+    assert fitted.host_bytes_per_model_param == pytest.approx(6.0, rel=1e-6)
+    assert fitted.host_rank_fixed_bytes == pytest.approx(150 * 2**20, rel=1e-6)
+    no_fixed = [replace(o, measured=o.measured | {"host_peak_per_node": o.measured["host_peak_per_node"] - o.local_ranks * 400 * 2**20})
+                for o in observations]
+    assert fit(no_fixed, Coefficients()).host_rank_fixed_bytes == 0.0
