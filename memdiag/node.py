@@ -86,8 +86,10 @@ def _rank_of(pid: int) -> int | None:
 
 
 def find_ranks(root_pid: int) -> dict[int, RankProcesses]:
-    """Ranks below ``root_pid``: the topmost process carrying each ``RANK``, with everything
-    below it as its children (dataloader workers, compilers)."""
+    """Ranks at or below ``root_pid``: the topmost process carrying each ``RANK``, with
+    everything below it as its children (dataloader workers, compilers). The root itself is a
+    rank when no launcher sits between memdiag and the script (``memdiag run -- python x.py``),
+    which shows as no rank below it (a launcher may have inherited a ``RANK`` of its own)."""
     children = _children_map()
     ranks: dict[int, RankProcesses] = {}
     for pid in _descendants(root_pid, children):
@@ -95,6 +97,8 @@ def find_ranks(root_pid: int) -> dict[int, RankProcesses]:
         if rank is None or rank in ranks:
             continue
         ranks[rank] = RankProcesses(rank, pid, _descendants(pid, children))
+    if not ranks and (rank := _rank_of(root_pid)) is not None:
+        ranks[rank] = RankProcesses(rank, root_pid, _descendants(root_pid, children))
     return ranks
 
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "standalone_zero3.py"
 
@@ -59,3 +61,31 @@ def test_bad_key_for_cmd_mode(tmp_path):
         timeout=60,
     )
     assert result.returncode == 2 and "sample_hz" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "launcher, env_extra, ranks",
+    [
+        (["deepspeed", "--num_gpus", "2"], {}, 2),  # the deepspeed launcher (adds --local_rank)
+        # plain python: DeepSpeed needs the launcher's variables, given here by hand
+        ([sys.executable], {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29591"}, 1),
+    ],
+    ids=["deepspeed-launcher", "plain-python"],
+)
+def test_other_launchers_are_profiled(tmp_path, launcher, env_extra, ranks):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env_extra)
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", f"reports_dir={tmp_path / 'reports'}", "--", *launcher, str(SCRIPT)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("standalone done") == ranks
+    (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
+    assert sorted(p.name for p in (run_dir / "timeline").glob("rank-*.jsonl")) == [f"rank-{r}.jsonl" for r in range(ranks)]
+    for rank in range(ranks):
+        records = [json.loads(line) for line in (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()]
+        assert len([r for r in records if r["kind"] == "step"]) == 3
+        assert records[0]["local_world_size"] == ranks
+    node = [json.loads(line) for line in next((run_dir / "timeline").glob("node-*.jsonl")).read_text().splitlines()]
+    seen = {int(k) for r in node if r["kind"] == "sample" for k in r.get("ranks", {})}
+    assert seen == set(range(ranks))  # the watcher found the ranks below this launcher too
