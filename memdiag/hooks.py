@@ -2,7 +2,7 @@
 
 Patched, with the phase each marks:
 - ``deepspeed.zero.Init`` enter/exit: ``zero_init``
-- ``transformers.PreTrainedModel.from_pretrained``: ``checkpoint_load``
+- ``transformers.PreTrainedModel.from_pretrained`` and ``memdiag.loading.load_into_zero3``: ``checkpoint_load``
 - ``deepspeed.initialize``: ``ds_initialize``
 - ``DeepSpeedEngine.forward/backward/step``: ``forward``/``backward``/``step`` per micro-step,
   with categorised memory after each and a ``step`` record (loss, tokens, time) at every
@@ -326,6 +326,10 @@ def _install_transformers(hooks: _Hooks) -> None:
         return hooks.phase_wrapper("checkpoint_load", original)(cls, *args, **kwargs)
 
     _patch(PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+
+    from memdiag import loading  # memdiag's own lean loader: its checkpoint read is a phase too
+
+    _patch(loading, "load_into_zero3", hooks.phase_wrapper("checkpoint_load", loading.load_into_zero3))
 
 
 def uninstall() -> None:

@@ -188,17 +188,23 @@ def partitioned_init(ds_config: dict | str, dtype=None):
     return _Init(config_dict_or_path=ds_config, dtype=dtype)
 
 
-def load_zero3(model_cls: Any, directory: str | Path, ds_config: dict | str, *, dtype=None, trim: bool = True):
+def load_zero3(
+    model_cls: Any, directory: str | Path, ds_config: dict | str, *, dtype=None, trim: bool = True,
+    concurrency: int = 0, lock_name: str = "load",
+):
     """Build ``model_cls`` partitioned under ZeRO-3 and load ``directory`` into it.
 
     ``trim``: gc + ``malloc_trim(0)`` afterwards, so freed buffers go back to the OS.
+    ``concurrency``: >0, at most that many local ranks read the checkpoint at once (the build
+    under zero.Init is collective and is not limited).
     """
     config = model_cls.config_class.from_pretrained(directory)
     find_checkpoint(directory)  # fail on a broken checkpoint before building anything
     with lean_allocator():
         with _no_init_weights(), default_dtype(dtype), partitioned_init(ds_config, dtype):
             model = model_cls(config)
-        load_into_zero3(model, directory)
+        with node_slots(lock_name, concurrency) if concurrency else contextlib.nullcontext():
+            load_into_zero3(model, directory)
     if trim:
         release_freed_memory()
     return model

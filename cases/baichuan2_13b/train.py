@@ -56,7 +56,10 @@ def build_model(config: RunConfig, ds_config: dict, run_name: str):
             return BaichuanForCausalLM(model_cfg).to(dtype)
     dtype = getattr(torch, TORCH_DTYPES[config.load_dtype or config.dtype])
     if config.checkpoint:
-        return loading.load_zero3(BaichuanForCausalLM, config.checkpoint, ds_config, dtype=dtype, trim=False)
+        return loading.load_zero3(
+            BaichuanForCausalLM, config.checkpoint, ds_config, dtype=dtype, trim=False,
+            concurrency=config.load_concurrency, lock_name=run_name,
+        )
     with loading.lean_allocator(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         return BaichuanForCausalLM(model_cfg)  # random init: every element is written anyway
 

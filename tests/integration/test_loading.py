@@ -76,6 +76,19 @@ def test_every_mode_and_format_gives_the_same_first_loss(tmp_path, checkpoints):
     assert abs(random_init - values[0]) > 1e-2  # the checkpoint was really loaded
 
 
+def test_load_concurrency_one_reads_the_checkpoint_one_rank_at_a_time(tmp_path, checkpoints):
+    result, run_dir = run_case(tmp_path, "load=zero_init", "load.concurrency=1", f"checkpoint={checkpoints['safetensors']}")
+    assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]
+    windows = []
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()]
+        begin = next(r["t"] for r in records if r["kind"] == "phase_begin" and r["phase"] == "checkpoint_load")
+        end = next(r["t"] for r in records if r["kind"] == "phase_end" and r["phase"] == "checkpoint_load")
+        windows.append((begin, end))
+    (_, first_end), (second_begin, _) = sorted(windows)
+    assert second_begin >= first_end  # the slot is taken before the read (its phase) starts
+
+
 def _broken(tmp_path, checkpoints, how):
     import shutil
 
