@@ -271,8 +271,8 @@ def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConf
             hydra_overrides.insert(0, "hardware=cpu")
             note = (
                 f"no accelerator ({why}): using hardware profile 'cpu' - DeepSpeed's CPU "
-                "accelerator with gloo, model.scale=tiny, 2 ranks (override with hardware=, "
-                "model.scale=, nproc_per_node=)"
+                "accelerator with gloo, model.scale=tiny, 2 ranks per node (override with hardware=, "
+                "model.scale=, nproc_per_node=, layout=)"
             )
         else:
             note = f"accelerator found ({why}): hardware profile from the case"
