@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ class Architecture:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    @property
+    @functools.cached_property  # the layout search asks for it per layout
     def num_parameters(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         kv = self.num_kv_heads * self.head_dim

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 from memdiag.config import HardwareProfile
 from memdiag.plan.model import Architecture
-from memdiag.plan.terms import Coefficients, Settings, device_terms, host_terms
+from memdiag.plan.terms import Coefficients, Settings, activation_terms, device_terms, host_terms
 from memdiag.units import format_bytes
 
 
@@ -101,10 +101,11 @@ def evaluate(
     *,
     device_capacity_bytes: float,
     host_limit_bytes: float,
+    act: dict[str, float] | None = None,
 ) -> LayoutResult:
     world = nodes * devices_per_node
     cpu = hardware.accelerator == "cpu"
-    dev = device_terms(arch, settings, world, coefficients)
+    dev = device_terms(arch, settings, world, coefficients, act)
     if hardware.device_runtime_context_bytes:
         dev["runtime_context"] = float(hardware.device_runtime_context_bytes)
     load, steady = host_terms(
@@ -137,8 +138,10 @@ def device_counts(max_per_node: int) -> list[int]:
 
 
 def search(arch, settings, hardware, coefficients, *, nodes: list[int], per_node: list[int], device_capacity_bytes, host_limit_bytes):
+    act = activation_terms(arch, settings, coefficients)  # the same for every layout
     return [
-        evaluate(arch, settings, hardware, n, d, coefficients, device_capacity_bytes=device_capacity_bytes, host_limit_bytes=host_limit_bytes)
+        evaluate(arch, settings, hardware, n, d, coefficients, device_capacity_bytes=device_capacity_bytes,
+                 host_limit_bytes=host_limit_bytes, act=act)
         for n in nodes
         for d in per_node
     ]

@@ -109,8 +109,9 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
     }
 
 
-def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients) -> dict[str, float]:
-    """Per device. The ZeRO stage decides what is divided by ``world``."""
+def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, act: dict[str, float] | None = None) -> dict[str, float]:
+    """Per device. The ZeRO stage decides what is divided by ``world``. ``act``: the
+    activation terms when already computed (they do not depend on the layout)."""
     n = arch.num_parameters
     d = DTYPE_BYTES[s.dtype]
     master = 4 if s.dtype != "fp32" else 0  # fp32 master weights next to bf16/fp16 parameters
@@ -134,13 +135,13 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients) -
     elif stage >= 1:
         terms["allgather_bucket"] = d * min(float(buffers.get("allgather_bucket_size", 5e8)), n)
         terms["reduce_bucket"] = d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
-    terms |= activation_terms(arch, s, c)
+    act = act if act is not None else activation_terms(arch, s, c)
+    terms |= act
     if stage >= 3:
         # the optimizer step runs one sub-group at a time with fp32 gradients, after the
         # activations are gone: it counts only when it is larger than what it replaces
         step_only = 4 * min(float(buffers.get("sub_group_size", 1e9)), n / world)
-        during_backward = sum(v for k, v in terms.items() if k.startswith(("activations", "attention", "logits", "backward")))
-        terms["step_fp32_grads_above_backward"] = max(0.0, step_only - during_backward)
+        terms["step_fp32_grads_above_backward"] = max(0.0, step_only - sum(act.values()))
     subtotal = sum(terms.values())
     terms["allocator_reserve"] = c.allocator_reserve_fraction * subtotal
     return terms
