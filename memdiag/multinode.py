@@ -37,6 +37,9 @@ PART_KEYS = ("node_rank", "run_dir", "master_addr", "master_port", "nodes_here")
 FAILED_PART_GRACE_S = 15.0
 """After one node part fails, how long the others get to fail on their own (collectives time out)."""
 SPEC_WAIT_S = 120.0
+PEERS_WAIT_S = 600.0
+"""How long the finishing node waits for the other nodes' end records after its own."""
+FINISHER = "node_rank 0"
 
 
 def node_hosts(config: RunConfig) -> list[Host]:
@@ -79,14 +82,15 @@ def _prepare(run_dir: Path, spec: dict, hosts: list[Host]) -> None:
 
 
 def _join(config: RunConfig, hosts: list[Host]) -> Path:
-    """The run directory a node part writes into; node 0 makes it when nobody has."""
+    """The run directory a node part writes into; node 0 makes it when nobody has (the nodes
+    were started by a scheduler, not by memdiag), and then also finishes the run."""
     run_dir = Path(config.run_dir).resolve()
     if not (run_dir / launch.fmt.RUN_JSON).exists():
         if config.node_rank == 0:
             for sub in (launch.fmt.TIMELINE_DIR, "logs"):
                 (run_dir / sub).mkdir(parents=True, exist_ok=True)
             spec = launch.initial_spec(config, run_dir)
-            spec["hosts"] = [h.name for h in hosts]
+            spec.update(hosts=[h.name for h in hosts], launcher=config.launcher, finished_by=FINISHER)
             _prepare(run_dir, spec, hosts)
         deadline = time.monotonic() + SPEC_WAIT_S
         while not (run_dir / launch.fmt.RUN_JSON).exists():
@@ -100,8 +104,9 @@ def _raise_terminated(*_: object) -> None:
     raise KeyboardInterrupt  # wait_for_job passes it on to the ranks' launcher
 
 
-def run_node_part(config: RunConfig) -> int:
-    """This node's part: watcher, ranks, and ``nodes/<node>.json``."""
+def run_node_part(config: RunConfig) -> tuple[int, tuple[Path, dict] | None]:
+    """This node's part: watcher, ranks, and ``nodes/<node>.json``. Returns its exit code and,
+    for the node that finishes a scheduler-started run, the run directory and its record."""
     hosts = node_hosts(config)
     me = hosts[config.node_rank]
     run_dir = _join(config, hosts)
@@ -131,7 +136,13 @@ def run_node_part(config: RunConfig) -> int:
         "ended_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     (run_dir / NODES_DIR / f"{me.name}.json").write_text(json.dumps(record, indent=2))
-    return code
+    if spec.get("finished_by") != FINISHER or config.node_rank != 0:
+        return code, None
+    deadline = time.monotonic() + PEERS_WAIT_S
+    while not all((run_dir / NODES_DIR / f"{h.name}.json").exists() for h in hosts) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    spec = json.loads((run_dir / launch.fmt.RUN_JSON).read_text())
+    return record_end(run_dir, spec, hosts, started, False, {me.name: code}), (run_dir, spec)
 
 
 def _part_overrides(overrides: list[str]) -> list[str]:
@@ -158,8 +169,13 @@ def run_nodes(config: RunConfig, run_dir: Path, spec: dict) -> int:
     interrupted = _wait_all(parts)
     if not config.nodes_here:
         _collect(run_dir, hosts)
+    return record_end(run_dir, spec, hosts, started, interrupted, {name: p.returncode for name, p in parts.items()})
+
+
+def record_end(run_dir: Path, spec: dict, hosts: list[Host], started: float, interrupted: bool, fallback_codes: dict[str, int]) -> int:
+    """The run's status from every node part's end record, written to run.json."""
     records = {h.name: _node_record(run_dir, h.name) for h in hosts}
-    codes = [r.get("exit_code", parts[name].returncode) for name, r in records.items()]
+    codes = [r.get("exit_code", fallback_codes.get(name, 1)) for name, r in records.items()]
     code = next((c for c in codes if c), 0)
     if launch.guard_event(run_dir) is not None:
         status = "stopped_by_guard"

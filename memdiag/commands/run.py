@@ -52,7 +52,8 @@ def main(args: argparse.Namespace) -> int:
     if config.node_rank is not None:  # one node's part of a multi-node run
         from memdiag import multinode
 
-        return multinode.run_node_part(config)
+        code, finished = multinode.run_node_part(config)
+        return code if finished is None else finish(config, *finished, code)
     if config.selection_note:
         print(f"memdiag: {config.selection_note}", flush=True)
     if config.nnodes > 1:
@@ -76,9 +77,14 @@ def main(args: argparse.Namespace) -> int:
         code = multinode.run_nodes(config, run_dir, spec)
     else:
         code = launch.run_local(config, run_dir, spec)
+    return finish(config, run_dir, spec, code)
+
+
+def finish(config, run_dir, spec: dict, code: int) -> int:
+    """Summary, checks and report for a run that has ended; what the user sees last."""
     summary, html_path, findings = report.build(run_dir, with_checks=True)
     if summary.warnings:
-        spec["warnings"] = summary.warnings
+        spec["warnings"] = spec.get("warnings", []) + summary.warnings
         launch.write_run_json(run_dir, spec)
         for warning in summary.warnings:
             print(f"memdiag: warning: {warning}")

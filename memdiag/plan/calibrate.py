@@ -67,6 +67,9 @@ def observe(run: Run) -> Observation:
         raise UsageError(f"{run.path}: no categorised memory after a forward and a step")
     last = after_step[-1]
     loads = run_loads(run)
+    load_per_node: dict[str, int] = {}
+    for load in loads:
+        load_per_node[load.host] = load_per_node.get(load.host, 0) + load.load_peak_bytes
     summary = summarize(run)
     measured = {
         "parameters": last["parameters_bytes"],
@@ -74,7 +77,7 @@ def observe(run: Run) -> Observation:
         "optimizer_states": last["optimizer_master_bytes"] + last["optimizer_exp_avg_bytes"] + last["optimizer_exp_avg_sq_bytes"],
         "saved_activations": max(m["activations_bytes"] for m in after_forward),
         "runtime_base_per_rank": float(np.mean([l.baseline_bytes for l in loads])),
-        "host_load_per_node": float(sum(l.load_peak_bytes for l in loads)),
+        "host_load_per_node": float(max(load_per_node.values())),
         "host_peak_per_node": float(max(summary.host_peak_bytes_per_node.values())),
     }
     local = max(t.header.get("local_world_size", 1) for t in run.ranks.values())

@@ -76,3 +76,25 @@ def test_plan_run_drives_the_chosen_layout(tmp_path):
     spec = json.loads((run_dir / "run.json").read_text())
     assert spec["status"] == "completed" and spec["layout"] == "2x1" and spec["config"]["seq_len"] == 64
     assert spec["config"]["load"] == "zero_init" and len(read_run(run_dir).nodes) == 2
+
+
+def test_nodes_started_by_a_scheduler_join_one_run(tmp_path):
+    """As under ``srun memdiag run ... node_rank=$SLURM_NODEID run_dir=DIR``: no coordinator;
+    node 0 makes the directory, the other node joins it, node 0 finishes the run and reports."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "shared" / "run1"
+    common = [sys.executable, "-m", "memdiag", "run", "layout=2x1", f"run_dir={run_dir}", "master_addr=127.0.0.1",
+              f"master_port={port}", "steps=2", "seq_len=64"]
+    parts = [subprocess.Popen([*common, f"node_rank={rank}"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (1, 0)]  # the joining node first: it waits for node 0's directory
+    outputs = [p.communicate(timeout=600)[0] for p in parts]
+    assert [p.returncode for p in parts] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "memdiag: done." in outputs[1] and "memdiag: done." not in outputs[0]
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["status"] == "completed" and spec["finished_by"] == "node_rank 0"
+    assert sorted(spec["nodes"]) == ["node0", "node1"] and (run_dir / "report.html").exists()
+    assert sorted(read_run(run_dir).nodes) == ["node0", "node1"]
