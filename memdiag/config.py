@@ -157,6 +157,12 @@ class RunConfig:
             raise UsageError("overhead_ab and inject_leak_mb must be >= 0")
         if not self.sample_hz > 0:
             raise UsageError(f"sample_hz={self.sample_hz!r} must be positive")
+        if self.hardware.accelerator == "cuda" and self.nproc_per_node > self.hardware.devices_per_node:
+            raise UsageError(
+                f"layout {self.layout}: {self.nproc_per_node} ranks per node, but hardware profile {self.hardware.name} has "
+                f"{self.hardware.devices_per_node} devices per node ({self.hardware.devices_per_card} per card x "
+                f"{self.hardware.cards_per_node} cards); use at most {self.nnodes}x{self.hardware.devices_per_node}"
+            )
         if self.launcher not in LAUNCHERS:
             raise UsageError(f"launcher={self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
         if self.node_rank is not None and not (isinstance(self.node_rank, int) and 0 <= self.node_rank < self.nnodes):

@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
         (["layout=2x2", "hostfile=HOSTS"], "layout 2x2 needs 2 hosts; hostfile"),
         (["layout=2x2", "nodes_here=true", "launcher=mpirun"], "launcher='mpirun': use one of torchrun, deepspeed"),
         (["layout=2x2", "node_rank=2", "run_dir=/tmp/x"], "node_rank=2 must be an integer in 0..1"),
+        (["hardware=bi_v150", "layout=1x32"], "hardware profile BI-V150 has 16 devices per node"),
     ],
 )
 def test_bad_run_input(tmp_path, args, expected):
