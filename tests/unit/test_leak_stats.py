@@ -30,3 +30,20 @@ def test_theil_sen_ignores_one_outlier():
     values = 2.0 * steps
     values[5] += 1000  # a checkpoint save, say
     assert theil_sen(steps, values) == 2.0
+
+
+# RSS (MiB) at steps 20-39 of a healthy 40-step CPU run that an earlier threshold (1% of the
+# window's mean) called a leak: flat for ten steps, then allocator jumps (one CI run)
+HEALTHY_STAIRCASE = [761.4] * 10 + [783.5, 783.5, 783.5, 849.5, 893.5, 915.6, 915.6, 915.6, 871.5, 893.6]
+
+
+def test_a_healthy_staircase_is_not_a_leak_and_a_leak_is():
+    from memdiag.checks.leak import HOST_THRESHOLD_BYTES_PER_STEP, steady_growth
+
+    steps = np.arange(20, 40, dtype=float)
+    mib = 2**20
+    healthy = steady_growth(steps, np.array(HEALTHY_STAIRCASE) * mib, HOST_THRESHOLD_BYTES_PER_STEP)
+    assert healthy.rho >= MIN_RANK_CORRELATION  # it does rise, in rank order
+    assert not healthy.leaks  # but by ~1% a step, below the 2% that counts
+    leaking = steady_growth(steps, (np.array(HEALTHY_STAIRCASE) + 64 * (steps - 20)) * mib, HOST_THRESHOLD_BYTES_PER_STEP)
+    assert leaking.leaks and 55 * mib < leaking.slope < 75 * mib
