@@ -213,12 +213,19 @@ def case_dir(case: str) -> Path:
     return CASES_DIR / case
 
 
-def parse_layout(text: str) -> tuple[int, int]:
-    """``2x4`` -> (2 nodes, 4 ranks per node)."""
+def split_layout(text: str) -> tuple[int, int] | None:
+    """``2x4`` -> (2 nodes, 4 ranks per node); None when it is not that form (callers word the error)."""
     nodes, sep, per_node = text.lower().partition("x")
     if not sep or not nodes.isdigit() or not per_node.isdigit() or int(nodes) < 1 or int(per_node) < 1:
-        raise UsageError(f"layout={text!r}: write NODESxRANKS_PER_NODE with positive numbers, e.g. layout=2x4")
+        return None
     return int(nodes), int(per_node)
+
+
+def parse_layout(text: str) -> tuple[int, int]:
+    layout = split_layout(text)
+    if layout is None:
+        raise UsageError(f"layout={text!r}: write NODESxRANKS_PER_NODE with positive numbers, e.g. layout=2x4")
+    return layout
 
 
 def _split(token: str) -> tuple[str, str]:

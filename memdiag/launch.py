@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from memdiag.config import RunConfig
+from memdiag.instrument import NODE_ENV
 from memdiag.probes import cgroup
 from memdiag.probes.host import read_meminfo
 from memdiag.timeline import format as fmt
@@ -115,32 +116,33 @@ def torchrun_command(config: RunConfig, run_dir: Path) -> list[str]:
 def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
     """Run the ranks on this node; returns torchrun's exit code and records the end in run.json."""
     write_run_json(run_dir, spec)
-    launcher_log = open(run_dir / "logs" / "launcher.log", "w")
     started = time.monotonic()
-    process = subprocess.Popen(
-        torchrun_command(config, run_dir),
-        env=rank_env(config, run_dir),
-        cwd=REPO_ROOT,
-        stderr=launcher_log,
-        start_new_session=False,
-    )
-    watcher = None
-    if config.instrument:
-        watcher = start_watcher(
-            run_dir,
-            process.pid,
-            rank_env(config, run_dir),
-            limit_bytes=spec["host_limit_bytes"],
-            fraction=config.guard_fraction,
-            min_available_bytes=config.guard_min_available_bytes,
-            grace_s=config.guard_grace_s,
-            stderr=launcher_log,
-        )
+    code, status = run_ranks(config, run_dir, torchrun_command(config, run_dir), spec["host_limit_bytes"])
+    return record_end(run_dir, spec, code, status, started)
+
+
+def run_ranks(
+    config: RunConfig, run_dir: Path, command: list[str], limit_bytes: int | None, node: str | None = None
+) -> tuple[int, str]:
+    """One node's ranks through ``command`` with the node watcher over them, until they end.
+    ``node``: the node's name for ranks and watcher (``MEMDIAG_NODE``); its own log and TMPDIR."""
+    suffix = f"-{node}" if node else ""
+    env = rank_env(config, run_dir, tmp_name=f"tmp{suffix}")
+    if node:
+        env[NODE_ENV] = node
+    log = open(run_dir / "logs" / f"launcher{suffix}.log", "w")
     try:
-        return wait_and_record(process, watcher, run_dir, spec, started)
+        process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stderr=log)
+        watcher = None
+        if config.instrument:
+            watcher = start_watcher(
+                run_dir, process.pid, env, host=node, limit_bytes=limit_bytes, fraction=config.guard_fraction,
+                min_available_bytes=config.guard_min_available_bytes, grace_s=config.guard_grace_s, stderr=log,
+            )
+        return wait_for_job(process, watcher)
     finally:
-        launcher_log.close()
-        shutil.rmtree(run_dir / "tmp", ignore_errors=True)
+        log.close()
+        shutil.rmtree(run_dir / f"tmp{suffix}", ignore_errors=True)
 
 
 def start_watcher(
@@ -206,6 +208,11 @@ def wait_and_record(
 ) -> int:
     """Wait for the job and its watcher, and record how the run ended in run.json."""
     code, status = wait_for_job(process, watcher, interrupt)
+    return record_end(run_dir, spec, code, status, started)
+
+
+def record_end(run_dir: Path, spec: dict, code: int, status: str, started: float) -> int:
+    """How a single-node run ended, in run.json (the guard's stop overrides the exit status)."""
     if guard_event(run_dir) is not None:
         status = "stopped_by_guard"
     spec.update(

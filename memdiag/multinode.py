@@ -16,7 +16,6 @@ import datetime as dt
 import importlib
 import json
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +27,6 @@ from memdiag import launch
 from memdiag.config import RunConfig
 from memdiag.errors import UsageError
 from memdiag.hostfile import Host, format_hostfile, nodes_for_layout, read_hostfile
-from memdiag.instrument import NODE_ENV
 
 NODES_DIR = "nodes"
 HOSTFILE = "hostfile"
@@ -112,24 +110,10 @@ def run_node_part(config: RunConfig) -> tuple[int, tuple[Path, dict] | None]:
     run_dir = _join(config, hosts)
     spec = json.loads((run_dir / launch.fmt.RUN_JSON).read_text())
     addr, port = rendezvous(config, hosts)
-    env = launch.rank_env(config, run_dir, tmp_name=f"tmp-{me.name}")
-    env[NODE_ENV] = me.name
     signal.signal(signal.SIGTERM, _raise_terminated)
-    log = open(run_dir / "logs" / f"launcher-{me.name}.log", "w")
     started = time.monotonic()
-    process = subprocess.Popen(ranks_command(config, run_dir, config.node_rank, addr, port), env=env, cwd=launch.REPO_ROOT, stderr=log)
-    watcher = None
-    if config.instrument:
-        watcher = launch.start_watcher(
-            run_dir, process.pid, env, host=me.name, limit_bytes=spec.get("host_limit_bytes"),
-            fraction=config.guard_fraction, min_available_bytes=config.guard_min_available_bytes,
-            grace_s=config.guard_grace_s, stderr=log,
-        )
-    try:
-        code, status = launch.wait_for_job(process, watcher)
-    finally:
-        log.close()
-        shutil.rmtree(run_dir / f"tmp-{me.name}", ignore_errors=True)
+    command = ranks_command(config, run_dir, config.node_rank, addr, port)
+    code, status = launch.run_ranks(config, run_dir, command, spec.get("host_limit_bytes"), node=me.name)
     record = {
         "node": me.name, "node_rank": config.node_rank, "exit_code": code, "status": status,
         "launcher": config.launcher, "duration_s": round(time.monotonic() - started, 3),

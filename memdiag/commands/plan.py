@@ -10,7 +10,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from memdiag.config import compose, load_ds_config
+from memdiag.config import compose, load_ds_config, split_layout
 from memdiag.errors import UsageError
 from memdiag.plan.calibrate import load_coefficients
 from memdiag.plan.model import Architecture
@@ -82,12 +82,10 @@ def parse_range(text: str, name: str) -> list[int]:
 
 
 def parse_layout(text: str, max_per_node: int) -> tuple[int, int]:
-    try:
-        nodes, per_node = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise UsageError(f"--layout {text!r}: write NODESxDEVICES, e.g. 2x8") from None
-    if nodes < 1 or per_node < 1:
-        raise UsageError(f"--layout {text!r}: nodes and devices must be positive")
+    layout = split_layout(text)
+    if layout is None:
+        raise UsageError(f"--layout {text!r}: write NODESxDEVICES with positive numbers, e.g. 2x8")
+    nodes, per_node = layout
     if per_node > max_per_node:
         raise UsageError(
             f"--layout {text!r}: {per_node} devices per node, but the profile has {max_per_node} "

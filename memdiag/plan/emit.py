@@ -6,6 +6,7 @@ import json
 import shlex
 from pathlib import Path
 
+from memdiag.hostfile import Host, format_hostfile
 from memdiag.plan.search import LayoutResult
 
 
@@ -16,7 +17,7 @@ def emit(
     directory.mkdir(parents=True, exist_ok=True)
     hosts = hosts or [f"node{i}" for i in range(layout.nodes)]
     hostfile = directory / "hostfile"
-    hostfile.write_text("".join(f"{host} slots={layout.devices_per_node}\n" for host in hosts))
+    hostfile.write_text(format_hostfile([Host(name, layout.devices_per_node) for name in hosts]))
     config = directory / "ds_config.json"
     config.write_text(json.dumps(ds_config, indent=2))
     deepspeed = directory / "launch_deepspeed.sh"
