@@ -76,16 +76,19 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 
 def alibi_causal_bias(num_heads: int, seq_len: int, device=None) -> torch.Tensor:
-    """``(heads, seq, seq)`` fp32 bias: slope * key position, ``-inf`` above the diagonal.
+    """``(heads, seq, seq)`` fp32 bias: ``slope * (j - i)`` for key j of query i, ``-inf``
+    above the diagonal, as the upstream 13B training path builds it.
 
-    A per-row constant does not change a softmax, so ``slope * j`` is equivalent to the
-    textbook ``slope * (j - i)``; the upstream 13B code uses this form.
+    The relative form keeps the bias near zero where softmax weighs most (the diagonal and
+    the keys close to it). ``slope * j`` gives the same softmax in exact arithmetic but
+    grows to thousands at j ~ 2000-4000, where bf16's spacing is 8-16 and the scores'
+    differences are rounded away once the bias is cast to the model's dtype.
     """
     slopes = torch.tensor(alibi_slopes(num_heads), dtype=torch.float32, device=device)
     positions = torch.arange(seq_len, dtype=torch.float32, device=device)
-    bias = slopes[:, None, None] * positions[None, None, :]
-    future = torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), 1)
-    return bias.masked_fill(future, float("-inf")).expand(num_heads, seq_len, seq_len)
+    distance = positions[None, :] - positions[:, None]  # j - i: <= 0 on and below the diagonal
+    bias = slopes[:, None, None] * distance[None, :, :]
+    return bias.masked_fill(distance[None, :, :] > 0, float("-inf"))
 
 
 class RMSNorm(nn.Module):
@@ -95,8 +98,11 @@ class RMSNorm(nn.Module):
         self.epsilon = epsilon
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        variance = hidden_states.float().pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.epsilon).to(hidden_states.dtype)
+        # as upstream: normalise in float32 and cast once, to the weight's dtype
+        variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            hidden_states = hidden_states.to(self.weight.dtype)
         return self.weight * hidden_states
 
 
