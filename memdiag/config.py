@@ -118,6 +118,8 @@ class RunConfig:
     host_ram_bytes: int | None
     force: bool
     """Launch even when the plan predicts that the layout does not fit (to reproduce an OOM)."""
+    stop_grace_s: float = 30.0
+    """On SIGTERM/SIGINT/SIGHUP: how long the job gets between SIGTERM and SIGKILL."""
     hostfile: str | None = None
     launcher: str = "torchrun"
     """``torchrun`` or ``deepspeed``: what starts the ranks of one node."""
@@ -155,6 +157,8 @@ class RunConfig:
             raise UsageError(f"guard.fraction={self.guard_fraction} must be in (0, 1]")
         if self.overhead_ab < 0 or self.inject_leak_mb < 0:
             raise UsageError("overhead_ab and inject_leak_mb must be >= 0")
+        if not self.stop_grace_s >= 0:
+            raise UsageError(f"stop_grace_s={self.stop_grace_s!r} must be >= 0 (seconds)")
         if not self.sample_hz > 0:
             raise UsageError(f"sample_hz={self.sample_hz!r} must be positive")
         if self.hardware.accelerator == "cuda" and self.nproc_per_node > self.hardware.devices_per_node:
@@ -370,6 +374,7 @@ def _to_run_config(raw: dict, overrides: list[str], case_path: Path, note: str) 
             guard_grace_s=float(raw["guard"]["grace_s"]),
             host_ram_bytes=None if host_ram is None else parse_size(host_ram, name="host_ram"),
             force=bool(raw["force"]),
+            stop_grace_s=float(raw.get("stop_grace_s", 30.0)),
             hostfile=raw.get("hostfile"),
             launcher=str(raw.get("launcher", "torchrun")),
             nodes_here=bool(raw.get("nodes_here", False)),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -66,34 +65,3 @@ def py_spy_dump(pid: int, out: Path, timeout_s: float = 15.0) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text
-
-
-def stop_ranks(rank_pids: dict[int, int], grace_s: float) -> None:
-    """SIGTERM every rank (memdiag's handler flushes its timeline), SIGKILL the stragglers."""
-    for pid in rank_pids.values():
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    alive = dict(rank_pids)
-    while alive and time.monotonic() < deadline:
-        alive = {r: p for r, p in alive.items() if _alive(p)}
-        time.sleep(0.1)
-    for pid in alive.values():
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

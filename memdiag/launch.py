@@ -1,8 +1,9 @@
-"""Start runs: the run directory, run.json, and the ranks through torchrun.
+"""Start runs: the run directory, run.json, and one node's ranks with its node watcher.
 
-torchrun (``torch.distributed.run``) starts the ranks as real processes; memdiag waits for it,
-then records how it ended. Files the launch causes outside the run directory (torchelastic's
-TMPDIR files) are kept inside it and removed afterwards.
+A single-node run is the one-node case of a node part (``run_node``): the launcher (torchrun,
+the deepspeed launcher, or the user's command) and the node watcher are started and ended by
+``lifetime.Job``, which owns every process of the run. Files the launch causes outside the run
+directory (torchelastic's TMPDIR files) are kept inside it and removed afterwards.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import json
 import os
 import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from memdiag import lifetime
 from memdiag.config import RunConfig
+from memdiag.files import free_bytes, write_atomic
 from memdiag.instrument import NODE_ENV
 from memdiag.probes import cgroup
 from memdiag.probes.host import read_meminfo
@@ -61,9 +62,7 @@ def _versions() -> dict[str, str | None]:
 
 
 def write_run_json(run_dir: Path, data: dict) -> None:
-    tmp = run_dir / (fmt.RUN_JSON + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(run_dir / fmt.RUN_JSON)
+    write_atomic(run_dir / fmt.RUN_JSON, json.dumps(data, indent=2, default=str))
 
 
 def initial_spec(config: RunConfig, run_dir: Path) -> dict:
@@ -82,7 +81,13 @@ def initial_spec(config: RunConfig, run_dir: Path) -> dict:
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "status": "running",
         "run_dir": str(run_dir),
+        "owner": owner(),
     }
+
+
+def owner() -> dict:
+    """Who is running the run: ``report``/``check`` tell a live run from an abandoned one."""
+    return {"host": platform.node(), "pid": os.getpid(), "start_ticks": lifetime.procs.start_ticks(os.getpid())}
 
 
 def rank_env(config: RunConfig, run_dir: Path, tmp_name: str = "tmp") -> dict[str, str]:
@@ -114,115 +119,110 @@ def torchrun_command(config: RunConfig, run_dir: Path) -> list[str]:
 
 
 def run_local(config: RunConfig, run_dir: Path, spec: dict) -> int:
-    """Run the ranks on this node; returns torchrun's exit code and records the end in run.json."""
+    """Run the ranks on this node; returns the run's exit code and records the end in run.json."""
     write_run_json(run_dir, spec)
     started = time.monotonic()
-    code, status = run_ranks(config, run_dir, torchrun_command(config, run_dir), spec["host_limit_bytes"])
-    return record_end(run_dir, spec, code, status, started)
+    ended = run_node(config, run_dir, torchrun_command(config, run_dir), spec["host_limit_bytes"])
+    return record_end(run_dir, spec, ended, started)
 
 
-def run_ranks(
+class DiskWatch:
+    """Says on the console when the run directory's filesystem fills up and when it has room
+    again (the ranks' writers hold their samples in memory meanwhile; their own messages go
+    to their logs, on that same full disk)."""
+
+    FULL_BELOW_BYTES = 256 * 2**10
+    ROOM_ABOVE_BYTES = 4 * 2**20
+    INTERVAL_S = 1.0
+
+    def __init__(self, run_dir: Path, say=None) -> None:
+        self.run_dir = run_dir
+        self.say = say or (lambda text: print(f"memdiag: {text}", flush=True))
+        self.full_since: float | None = None
+        self.episodes: list[tuple[str, str | None]] = []
+        self._next = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.INTERVAL_S
+        free = free_bytes(self.run_dir)
+        if free is None:
+            return
+        stamp = dt.datetime.now(dt.timezone.utc).isoformat()
+        if self.full_since is None and free < self.FULL_BELOW_BYTES:
+            self.full_since = now
+            self.episodes.append((stamp, None))
+            self.say(
+                f"warning: the filesystem of {self.run_dir} is full ({free / 2**10:.0f} KiB free): training goes on; "
+                "each rank keeps its newest samples in memory (up to 64 MiB) until there is room"
+            )
+        elif self.full_since is not None and free > self.ROOM_ABOVE_BYTES:
+            self.full_since = None
+            self.episodes[-1] = (self.episodes[-1][0], stamp)
+            self.say(f"the filesystem of {self.run_dir} has room again ({free / 2**20:.0f} MiB free): writing the held samples")
+
+
+def watcher_command(config: RunConfig, run_dir: Path, root_pid: int, limit_bytes: int | None, node: str | None) -> list[str]:
+    command = [sys.executable, "-m", "memdiag.node", str(run_dir), f"--root-pid={root_pid}", f"--owner-pid={os.getpid()}"]
+    if node:
+        command.append(f"--host={node}")
+    if limit_bytes:
+        command.append(f"--guard-limit-bytes={limit_bytes}")
+    command += [
+        f"--guard-fraction={config.guard_fraction}",
+        f"--guard-min-available-bytes={config.guard_min_available_bytes}",
+        f"--guard-grace-s={config.guard_grace_s}",
+    ]
+    return command
+
+
+def run_node(
     config: RunConfig, run_dir: Path, command: list[str], limit_bytes: int | None, node: str | None = None
-) -> tuple[int, str]:
-    """One node's ranks through ``command`` with the node watcher over them, until they end.
-    ``node``: the node's name for ranks and watcher (``MEMDIAG_NODE``); its own log and TMPDIR."""
+) -> lifetime.Ended:
+    """One node's ranks through ``command`` with the node watcher over them, until nothing of
+    them is left. ``node``: the node's name for ranks and watcher (``MEMDIAG_NODE``); its own
+    log and TMPDIR."""
     suffix = f"-{node}" if node else ""
     env = rank_env(config, run_dir, tmp_name=f"tmp{suffix}")
     if node:
         env[NODE_ENV] = node
-    log = open(run_dir / "logs" / f"launcher{suffix}.log", "w")
+    disk = DiskWatch(run_dir)
     try:
-        process = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stderr=log)
-        watcher = None
-        if config.instrument:
-            watcher = start_watcher(
-                run_dir, process.pid, env, host=node, limit_bytes=limit_bytes, fraction=config.guard_fraction,
-                min_available_bytes=config.guard_min_available_bytes, grace_s=config.guard_grace_s, stderr=log,
-            )
-        return wait_for_job(process, watcher)
+        with open(run_dir / "logs" / f"launcher{suffix}.log", "w") as log, lifetime.Job(config.stop_grace_s) as job:
+            process = job.start("ranks", command, env=env, cwd=REPO_ROOT, stderr=log)
+            if config.instrument:
+                job.start_helper(
+                    watcher_command(config, run_dir, process.pid, limit_bytes, node), env=env, cwd=REPO_ROOT, stderr=log
+                )
+            ended = job.wait(tick=disk)
+            job.stop_helpers()
     finally:
-        log.close()
         shutil.rmtree(run_dir / f"tmp{suffix}", ignore_errors=True)
+    ended.disk_full = disk.episodes
+    return ended
 
 
-def start_watcher(
-    run_dir: Path,
-    root_pid: int,
-    env: dict[str, str],
-    *,
-    limit_bytes: int | None,
-    fraction: float = 0.95,
-    min_available_bytes: int = 0,
-    grace_s: float = 10.0,
-    stderr=None,
-    host: str | None = None,
-) -> subprocess.Popen:
-    """The node watcher (and its OOM guard) over the process tree below ``root_pid``."""
-    command = [sys.executable, "-m", "memdiag.node", str(run_dir), f"--root-pid={root_pid}"]
-    if host:
-        command.append(f"--host={host}")
-    if limit_bytes:
-        command.append(f"--guard-limit-bytes={limit_bytes}")
-    command += [
-        f"--guard-fraction={fraction}",
-        f"--guard-min-available-bytes={min_available_bytes}",
-        f"--guard-grace-s={grace_s}",
-    ]
-    return subprocess.Popen(command, env=env, cwd=REPO_ROOT, stderr=stderr)
-
-
-def wait_for_job(
-    process: subprocess.Popen, watcher: subprocess.Popen | None, interrupt: int = signal.SIGTERM
-) -> tuple[int, str]:
-    """Wait for the job (Ctrl-C: pass ``interrupt`` on, then kill after 30 s), then stop the
-    watcher; returns the exit code and ``completed``/``failed``/``interrupted``."""
-    code, status = 1, "failed"
-    try:
-        code = process.wait()
-        status = "completed" if code == 0 else "failed"
-    except KeyboardInterrupt:
-        process.send_signal(interrupt)
-        try:
-            code = process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            code = process.wait()
-        status = "interrupted"
-    finally:
-        if watcher is not None:
-            watcher.terminate()
-            try:
-                watcher.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                watcher.kill()
-    return code, status
-
-
-def wait_and_record(
-    process: subprocess.Popen,
-    watcher: subprocess.Popen | None,
-    run_dir: Path,
-    spec: dict,
-    started: float,
-    interrupt: int = signal.SIGTERM,
-) -> int:
-    """Wait for the job and its watcher, and record how the run ended in run.json."""
-    code, status = wait_for_job(process, watcher, interrupt)
-    return record_end(run_dir, spec, code, status, started)
-
-
-def record_end(run_dir: Path, spec: dict, code: int, status: str, started: float) -> int:
+def record_end(run_dir: Path, spec: dict, ended: lifetime.Ended, started: float) -> int:
     """How a single-node run ended, in run.json (the guard's stop overrides the exit status)."""
-    if guard_event(run_dir) is not None:
+    status = ended.status
+    if guard_event(run_dir) is not None and status != "interrupted":
         status = "stopped_by_guard"
     spec.update(
         status=status,
-        exit_code=code,
+        exit_code=ended.code,
         ended_at=dt.datetime.now(dt.timezone.utc).isoformat(),
         duration_s=round(time.monotonic() - started, 3),
     )
+    if ended.signal:
+        spec["signal"] = ended.signal
+    if ended.killed:
+        spec["killed_after_grace"] = ended.killed
+    if ended.disk_full:
+        spec["disk_full"] = [{"from": a, "to": b} for a, b in ended.disk_full]
     write_run_json(run_dir, spec)
-    return code
+    return ended.code
 
 
 def guard_event(run_dir: Path) -> dict | None:
@@ -240,13 +240,13 @@ def guard_event(run_dir: Path) -> dict | None:
 def failure_excerpt(run_dir: Path, lines: int = 15) -> str:
     """The end of the first rank log that holds a traceback (or of the launcher's log)."""
     logs = sorted((run_dir / "logs").glob("rank-*.log")) + [run_dir / "logs" / "launcher.log"]
-    logs += sorted((run_dir / "logs").glob("launcher-*.log"))
+    logs += sorted((run_dir / "logs").glob("launcher-*.log")) + [run_dir / "logs" / "stderr.log"]
     for log_file in logs:
         try:
             text = log_file.read_text(errors="replace")
         except OSError:
             continue
-        if "Traceback" in text or log_file.name.startswith("launcher"):
+        if "Traceback" in text or log_file.name.startswith("launcher") or log_file.name == "stderr.log":
             tail = [line for line in text.splitlines() if line.strip()][-lines:]
             return f"{log_file}:\n" + "\n".join(tail)
     return ""

@@ -23,8 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from memdiag import launch
+from memdiag import launch, lifetime
 from memdiag.config import RunConfig
+from memdiag.files import write_atomic
 from memdiag.errors import UsageError
 from memdiag.hostfile import Host, format_hostfile, nodes_for_layout, read_hostfile
 
@@ -75,7 +76,7 @@ def ranks_command(config: RunConfig, run_dir: Path, node_rank: int, addr: str, p
 
 def _prepare(run_dir: Path, spec: dict, hosts: list[Host]) -> None:
     (run_dir / NODES_DIR).mkdir(exist_ok=True)
-    (run_dir / HOSTFILE).write_text(format_hostfile(hosts))
+    write_atomic(run_dir / HOSTFILE, format_hostfile(hosts))
     launch.write_run_json(run_dir, spec)
 
 
@@ -98,10 +99,6 @@ def _join(config: RunConfig, hosts: list[Host]) -> Path:
     return run_dir
 
 
-def _raise_terminated(*_: object) -> None:
-    raise KeyboardInterrupt  # wait_for_job passes it on to the ranks' launcher
-
-
 def run_node_part(config: RunConfig) -> tuple[int, tuple[Path, dict] | None]:
     """This node's part: watcher, ranks, and ``nodes/<node>.json``. Returns its exit code and,
     for the node that finishes a scheduler-started run, the run directory and its record."""
@@ -110,23 +107,22 @@ def run_node_part(config: RunConfig) -> tuple[int, tuple[Path, dict] | None]:
     run_dir = _join(config, hosts)
     spec = json.loads((run_dir / launch.fmt.RUN_JSON).read_text())
     addr, port = rendezvous(config, hosts)
-    signal.signal(signal.SIGTERM, _raise_terminated)
     started = time.monotonic()
     command = ranks_command(config, run_dir, config.node_rank, addr, port)
-    code, status = launch.run_ranks(config, run_dir, command, spec.get("host_limit_bytes"), node=me.name)
+    ended = launch.run_node(config, run_dir, command, spec.get("host_limit_bytes"), node=me.name)
     record = {
-        "node": me.name, "node_rank": config.node_rank, "exit_code": code, "status": status,
-        "launcher": config.launcher, "duration_s": round(time.monotonic() - started, 3),
+        "node": me.name, "node_rank": config.node_rank, "exit_code": ended.code, "status": ended.status,
+        "signal": ended.signal, "launcher": config.launcher, "duration_s": round(time.monotonic() - started, 3),
         "ended_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
-    (run_dir / NODES_DIR / f"{me.name}.json").write_text(json.dumps(record, indent=2))
+    write_atomic(run_dir / NODES_DIR / f"{me.name}.json", json.dumps(record, indent=2))
     if spec.get("finished_by") != FINISHER or config.node_rank != 0:
-        return code, None
+        return ended.code, None
     deadline = time.monotonic() + PEERS_WAIT_S
     while not all((run_dir / NODES_DIR / f"{h.name}.json").exists() for h in hosts) and time.monotonic() < deadline:
         time.sleep(1.0)
     spec = json.loads((run_dir / launch.fmt.RUN_JSON).read_text())
-    return record_end(run_dir, spec, hosts, started, False, {me.name: code}), (run_dir, spec)
+    return record_end(run_dir, spec, hosts, started, ended.signal, {me.name: ended.code}), (run_dir, spec)
 
 
 def _part_overrides(overrides: list[str]) -> list[str]:
@@ -134,79 +130,76 @@ def _part_overrides(overrides: list[str]) -> list[str]:
 
 
 def run_nodes(config: RunConfig, run_dir: Path, spec: dict) -> int:
-    """Start every node's part, wait for all, collect their files, record the end in run.json."""
+    """Start every node's part, wait for all, collect their files, record the end in run.json.
+    A stop signal goes to the node parts, which stop their own nodes within ``stop_grace_s``;
+    whatever is left after that and a margin is killed."""
     hosts = node_hosts(config)
     spec["hosts"] = [h.name for h in hosts]
     spec["launcher"] = config.launcher
     _prepare(run_dir, spec, hosts)
     addr, port = rendezvous(config, hosts)
     started = time.monotonic()
-    parts: dict[str, subprocess.Popen] = {}
-    for rank, host in enumerate(hosts):
-        command = [
-            sys.executable, "-m", "memdiag", "run", *_part_overrides(config.overrides), f"node_rank={rank}",
-            f"run_dir={run_dir.resolve()}", f"master_addr={addr}", f"master_port={port}",
-        ]
-        if not config.nodes_here:
-            command = ["ssh", host.name, f"cd {shlex.quote(str(launch.REPO_ROOT))} && {shlex.join(command)}"]
-        parts[host.name] = subprocess.Popen(command, cwd=launch.REPO_ROOT)
-    interrupted = _wait_all(parts)
+    with lifetime.Job(config.stop_grace_s + FAILED_PART_GRACE_S, signal_tree=False) as job:
+        for rank, host in enumerate(hosts):
+            command = [
+                sys.executable, "-m", "memdiag", "run", *_part_overrides(config.overrides), f"node_rank={rank}",
+                f"run_dir={run_dir.resolve()}", f"master_addr={addr}", f"master_port={port}",
+            ]
+            if not config.nodes_here:
+                command = ["ssh", host.name, f"cd {shlex.quote(str(launch.REPO_ROOT))} && {shlex.join(command)}"]
+            job.start(host.name, command, cwd=launch.REPO_ROOT)
+        ended = job.wait(tick=_FailedPartWatch(job))
     if not config.nodes_here:
         _collect(run_dir, hosts)
-    return record_end(run_dir, spec, hosts, started, interrupted, {name: p.returncode for name, p in parts.items()})
+    return record_end(run_dir, spec, hosts, started, ended.signal, ended.codes)
 
 
-def record_end(run_dir: Path, spec: dict, hosts: list[Host], started: float, interrupted: bool, fallback_codes: dict[str, int]) -> int:
+class _FailedPartWatch:
+    """One node part failing stops the rest after a grace period (their collectives would
+    otherwise wait for the dead node until a long timeout)."""
+
+    def __init__(self, job: lifetime.Job) -> None:
+        self.job = job
+        self.failed_at: float | None = None
+
+    def __call__(self) -> None:
+        failed = [name for name, p in self.job.mains.items() if p.poll() not in (None, 0)]
+        if not failed:
+            return
+        if self.failed_at is None:
+            self.failed_at = time.monotonic()
+        elif time.monotonic() - self.failed_at > FAILED_PART_GRACE_S:
+            self.job.request_stop(f"node part {failed[0]} failed; stopping the other nodes")
+
+
+def record_end(
+    run_dir: Path, spec: dict, hosts: list[Host], started: float, stop_signal: str | None, fallback_codes: dict[str, int]
+) -> int:
     """The run's status from every node part's end record, written to run.json."""
     records = {h.name: _node_record(run_dir, h.name) for h in hosts}
     codes = [r.get("exit_code", fallback_codes.get(name, 1)) for name, r in records.items()]
     code = next((c for c in codes if c), 0)
-    if launch.guard_event(run_dir) is not None:
-        status = "stopped_by_guard"
-    elif interrupted or any(r.get("status") == "interrupted" for r in records.values()):
+    signal_name = stop_signal or next((r.get("signal") for r in records.values() if r.get("signal")), None)
+    if signal_name or any(r.get("status") == "interrupted" for r in records.values()):
         status = "interrupted"
+    elif launch.guard_event(run_dir) is not None:
+        status = "stopped_by_guard"
     else:
         status = "completed" if code == 0 and all(records.values()) else "failed"
     missing = [name for name, r in records.items() if not r]
     if missing:
         spec.setdefault("warnings", []).append(f"no end record from node(s) {', '.join(missing)}: their part did not finish")
         code = code or 1
+    if stop_signal:
+        code = 128 + signal.Signals[stop_signal].value
     spec.update(
         status=status, exit_code=code, nodes=records,
         ended_at=dt.datetime.now(dt.timezone.utc).isoformat(), duration_s=round(time.monotonic() - started, 3),
     )
+    if signal_name:
+        spec["signal"] = signal_name
     launch.write_run_json(run_dir, spec)
     return code
-
-
-def _wait_all(parts: dict[str, subprocess.Popen]) -> bool:
-    """Wait for every node part. One failing stops the rest after a grace period (their
-    collectives would otherwise wait for the dead node until a long timeout); Ctrl-C stops all."""
-    failed_at = None
-    try:
-        while any(p.poll() is None for p in parts.values()):
-            if failed_at is None and any(p.returncode not in (None, 0) for p in parts.values()):
-                failed_at = time.monotonic()
-            if failed_at is not None and time.monotonic() - failed_at > FAILED_PART_GRACE_S:
-                _stop(parts)
-            time.sleep(0.2)
-        return False
-    except KeyboardInterrupt:
-        _stop(parts)
-        return True
-
-
-def _stop(parts: dict[str, subprocess.Popen]) -> None:
-    for process in parts.values():
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 40
-    for process in parts.values():
-        try:
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _node_record(run_dir: Path, name: str) -> dict:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import memdiag
-from memdiag.guard import GuardConfig, guard_reason, py_spy_dump, stop_ranks
+from memdiag import procs
+from memdiag.guard import GuardConfig, guard_reason, py_spy_dump
 from memdiag.probes import cgroup
 from memdiag.probes.host import read_meminfo, read_proc_status, read_pss_bytes
 from memdiag.timeline import format as fmt
@@ -41,40 +42,12 @@ def parse_environ_rank(data: bytes) -> int | None:
     return None
 
 
-def parse_stat_ppid(text: str) -> int:
-    """Parent pid from ``/proc/<pid>/stat`` (the command name may hold spaces and parens)."""
-    return int(text[text.rindex(")") + 2 :].split()[1])
-
-
 @dataclass
 class RankProcesses:
     rank: int
     pid: int
     children: list[int]
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                ppid = parse_stat_ppid(f.read())
-        except (OSError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def _descendants(root: int, children: dict[int, list[int]]) -> list[int]:
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        for child in children.get(pid, []):
-            found.append(child)
-            todo.append(child)
-    return found
+    start_ticks: int | None = None
 
 
 def _rank_of(pid: int) -> int | None:
@@ -90,15 +63,15 @@ def find_ranks(root_pid: int) -> dict[int, RankProcesses]:
     everything below it as its children (dataloader workers, compilers). The root itself is a
     rank when no launcher sits between memdiag and the script (``memdiag run -- python x.py``),
     which shows as no rank below it (a launcher may have inherited a ``RANK`` of its own)."""
-    children = _children_map()
+    children = procs.children_map()
     ranks: dict[int, RankProcesses] = {}
-    for pid in _descendants(root_pid, children):
+    for pid in procs.descendants(root_pid, children):
         rank = _rank_of(pid)
         if rank is None or rank in ranks:
             continue
-        ranks[rank] = RankProcesses(rank, pid, _descendants(pid, children))
+        ranks[rank] = RankProcesses(rank, pid, procs.descendants(pid, children), procs.start_ticks(pid))
     if not ranks and (rank := _rank_of(root_pid)) is not None:
-        ranks[rank] = RankProcesses(rank, root_pid, _descendants(root_pid, children))
+        ranks[rank] = RankProcesses(rank, root_pid, procs.descendants(root_pid, children), procs.start_ticks(root_pid))
     return ranks
 
 
@@ -111,8 +84,17 @@ class NodeWatcher:
         pss_interval_s: float = 1.0,
         host: str | None = None,
         guard: GuardConfig | None = None,
+        parent_pid: int | None = None,
+        orphan_grace_s: float = 10.0,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.parent_pid = parent_pid
+        """The memdiag that owns the job; when it dies the watcher stops the job itself."""
+        self.orphan_grace_s = orphan_grace_s
+        self._orphaned_at: float | None = None
+        self._kill_at: float | None = None
+        self._kill_pids: dict[int, int | None] = {}
+        self._root_ticks = procs.start_ticks(root_pid)
         self.guard = guard
         self.guard_fired = False
         self.host = host or socket.gethostname()
@@ -151,7 +133,12 @@ class NodeWatcher:
     def sample_once(self) -> dict:
         now = time.monotonic()
         if now >= self._next_tree:
-            self._ranks = find_ranks(self.root_pid)
+            found = find_ranks(self.root_pid) if self._root_alive() else {}
+            # a rank whose launcher died is re-parented, not gone: keep following it
+            for rank, old in self._ranks.items():
+                if rank not in found and procs.alive(old.pid, old.start_ticks):
+                    found[rank] = old
+            self._ranks = found
             self._next_tree = now + TREE_REFRESH_S
         with_pss = now >= self._next_pss
         if with_pss:
@@ -171,21 +158,21 @@ class NodeWatcher:
                 cgroup_limit_bytes=group.limit_bytes,
             )
         ranks = {}
-        for rank, procs in sorted(self._ranks.items()):
-            entry = self._read_rank(procs, with_pss)
+        for rank, processes in sorted(self._ranks.items()):
+            entry = self._read_rank(processes, with_pss)
             if entry is not None:
                 ranks[str(rank)] = entry
         record["ranks"] = ranks
         return record
 
     @staticmethod
-    def _read_rank(procs: RankProcesses, with_pss: bool) -> dict | None:
+    def _read_rank(rank: RankProcesses, with_pss: bool) -> dict | None:
         try:
-            entry = {"pid": procs.pid, "rss_bytes": read_proc_status(procs.pid).rss_bytes}
+            entry = {"pid": rank.pid, "rss_bytes": read_proc_status(rank.pid).rss_bytes}
         except OSError:
             return None  # the rank has exited
         children_rss = 0
-        for child in procs.children:
+        for child in rank.children:
             try:
                 children_rss += read_proc_status(child).rss_bytes
             except OSError:
@@ -193,8 +180,8 @@ class NodeWatcher:
         entry["children_rss_bytes"] = children_rss
         if with_pss:
             try:
-                pss = read_pss_bytes(procs.pid)
-                for child in procs.children:
+                pss = read_pss_bytes(rank.pid)
+                for child in rank.children:
                     try:
                         pss += read_pss_bytes(child)
                     except OSError:
@@ -212,7 +199,7 @@ class NodeWatcher:
         if reason is None:
             return
         self.guard_fired = True
-        pids = {rank: procs.pid for rank, procs in self._ranks.items()}
+        pids = {rank: processes.pid for rank, processes in self._ranks.items()}
         stacks = {}
         for rank, pid in pids.items():
             path = self.run_dir / "stacks" / f"rank-{rank}.txt"
@@ -231,22 +218,68 @@ class NodeWatcher:
             }
         )
         self.writer.flush()
-        stop_ranks(pids, self.guard.grace_s)
+        # memdiag's SIGTERM handler in each rank flushes its timeline; sampling goes on meanwhile
+        self._stop_job({pid: procs.start_ticks(pid) for pid in pids.values()}, self.guard.grace_s)
+
+    def _stop_job(self, pids: dict[int, int | None], grace_s: float) -> None:
+        procs.send(pids, signal.SIGTERM)
+        self._kill_at = time.monotonic() + grace_s
+        self._kill_pids = pids
+
+    def _kill_stragglers(self) -> None:
+        if self._kill_at is not None and time.monotonic() >= self._kill_at:
+            procs.send({p: t for p, t in self._kill_pids.items() if procs.alive(p, t)}, signal.SIGKILL)
+            self._kill_at = None
+
+    def _root_alive(self) -> bool:
+        return procs.alive(self.root_pid, self._root_ticks)
+
+    def job_alive(self) -> bool:
+        return self._root_alive() or any(procs.alive(p.pid, p.start_ticks) for p in self._ranks.values())
+
+    def _job_processes(self) -> dict[int, int | None]:
+        pids: dict[int, int | None] = {}
+        if self._root_alive():
+            pids[self.root_pid] = self._root_ticks
+            pids.update({p: procs.start_ticks(p) for p in procs.descendants(self.root_pid)})
+        for rank in self._ranks.values():
+            pids[rank.pid] = rank.start_ticks
+            pids.update({p: None for p in rank.children})
+        return pids
+
+    def _watch_owner(self) -> None:
+        """When the memdiag that owns the job is gone (killed with SIGKILL, say), nobody else
+        will stop the job: SIGTERM all of it, SIGKILL what is left after the grace."""
+        if self.parent_pid is None:
+            return
+        if self._orphaned_at is not None or os.getppid() == self.parent_pid:
+            return
+        self._orphaned_at = time.monotonic()
+        pids = self._job_processes()
+        self._warn("owner", f"memdiag (pid {self.parent_pid}) is gone; stopping the job ({len(pids)} processes)")
+        self._stop_job(pids, self.orphan_grace_s)
 
     def run(self) -> None:
         deadline = time.monotonic()
         errors = 0
+        reason = "stopped by memdiag"
         while not self.stop_event.is_set():
             try:
                 sample = self.sample_once()
                 self.writer.write(sample)
                 self.enforce_guard(sample)
+                self._watch_owner()
+                self._kill_stragglers()
+                if not self.job_alive():
+                    reason = "the job ended" if self._orphaned_at is None else f"memdiag (pid {self.parent_pid}) died; the job was stopped"
+                    break
             except Exception as exc:  # a watcher must outlive a bad read
                 errors += 1
                 if errors == 1:
                     self._warn("sample", f"node sample failed: {exc!r}")
             deadline = max(deadline + self.interval_s, time.monotonic())
             self.stop_event.wait(deadline - time.monotonic())
+        self.writer.write({"kind": fmt.ENDED, "t": time.time_ns(), "reason": reason})
         self.writer.close()
 
 
@@ -261,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guard-min-available-bytes", type=int, default=0)
     parser.add_argument("--guard-grace-s", type=float, default=10.0)
     parser.add_argument("--host", default=None, help="the node's name (default: the hostname)")
+    parser.add_argument("--owner-pid", type=int, default=None, help="stop the job when this process (memdiag) dies")
     args = parser.parse_args(argv)
     guard = None
     if args.guard_limit_bytes or args.guard_min_available_bytes:
@@ -270,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
             min_available_bytes=args.guard_min_available_bytes,
             grace_s=args.guard_grace_s,
         )
-    watcher = NodeWatcher(args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, host=args.host, guard=guard)
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    watcher = NodeWatcher(
+        args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, host=args.host, guard=guard,
+        parent_pid=args.owner_pid, orphan_grace_s=args.guard_grace_s,
+    )
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: watcher.stop_event.set())
     watcher.run()
     return 0

@@ -9,6 +9,7 @@ from typing import Callable
 
 from memdiag.checks import device_headroom, guard, host_limit, leak, not_released, scaling_5290
 from memdiag.checks.finding import Finding
+from memdiag.files import write_atomic
 from memdiag.timeline.reader import Run
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def run_checks(run: Run) -> list[Finding]:
         except Exception as exc:  # an accounting surprise is itself worth reporting
             log.debug("check %s failed", name, exc_info=True)
             findings.append(
-                Finding(id=name, severity="info", message=f"check {name} could not run on this data: {exc!r}")
+                Finding(id=name, severity="warning", message=f"check {name} could not run on this data ({exc!r}); the data it needs is missing or malformed")
             )
     for problem in run.problems:
         findings.append(Finding(id="incomplete_run", severity="info", message=problem))
@@ -56,7 +57,7 @@ def run_checks(run: Run) -> list[Finding]:
 
 def write_findings(run_dir: Path, findings: list[Finding]) -> Path:
     path = Path(run_dir) / FINDINGS_JSON
-    path.write_text(json.dumps([f.to_dict() for f in findings], indent=2))
+    write_atomic(path, json.dumps([f.to_dict() for f in findings], indent=2))
     return path
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from memdiag.checks import MULTI_RUN_CHECKS, run_checks, write_findings
 from memdiag.checks.finding import Finding
+from memdiag.runstate import settle
 from memdiag.timeline import read_run
 from memdiag.units import parse_size
 
@@ -32,23 +33,40 @@ def format_finding(finding: Finding) -> str:
     return "\n".join(lines)
 
 
+def cannot_judge(run) -> str | None:
+    """What a run lacks for any judgement: rank timelines, or samples in them."""
+    if not run.ranks:
+        return "no rank timeline with data"
+    if not any(len(t.t_ns) for t in run.ranks.values()):
+        return "no samples in any rank timeline"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
+    """Exit 0: judged, no error; 1: an error finding; 2: a run could not be judged."""
     runs = [read_run(path) for path in args.run_dirs]
-    if args.host_ram:
+    what_if = bool(args.host_ram)
+    if what_if:
         limit = parse_size(args.host_ram, name="--host-ram")
         for run in runs:
             run.spec["host_limit_bytes"] = limit
             run.spec["host_limit_source"] = f"--host-ram {args.host_ram}"
             (run.spec.get("config") or {}).pop("host_ram_bytes", None)
     everything: list[dict] = []
-    failed = False
+    failed = unjudged = False
     for run in runs:
+        settle(run)
         findings = run_checks(run)
-        write_findings(run.path, findings)
+        missing = cannot_judge(run)
+        if missing:
+            unjudged = True
+            findings.insert(0, Finding(id="cannot_judge", severity="warning", message=f"{missing}: the checks could not judge this run"))
+        if not what_if:  # a what-if never changes what the run recorded
+            write_findings(run.path, findings)
         failed |= any(f.severity == "error" for f in findings)
         everything += [{"run": str(run.path)} | f.to_dict() for f in findings]
         if not args.json:
-            print(f"{run.path}:")
+            print(f"{run.path}:" + (f" (what if the host limit were {args.host_ram}; findings.json unchanged)" if what_if else ""))
             print("\n".join(format_finding(f) for f in findings) if findings else "  no findings")
     if len(runs) > 1:
         for check in MULTI_RUN_CHECKS.values():
@@ -59,4 +77,6 @@ def main(args: argparse.Namespace) -> int:
                     print("across runs:\n" + format_finding(finding))
     if args.json:
         print(json.dumps(everything, indent=2))
-    return 1 if failed else 0
+    if failed:
+        return 1
+    return 2 if unjudged else 0

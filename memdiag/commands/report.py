@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 from memdiag.checks import read_findings, run_checks, write_findings
+from memdiag.files import write_atomic
 from memdiag.report import build_figures, write_report
+from memdiag.runstate import settle
 from memdiag.summary import summarize
 from memdiag.timeline import format as fmt
 from memdiag.timeline import read_run
@@ -24,8 +26,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def build(run_dir: Path, *, with_checks: bool = False):
     """summary.json and report.html (and, with checks, findings.json first) for one run."""
     run = read_run(run_dir)
+    settle(run)
     summary = summarize(run)
-    (run_dir / fmt.SUMMARY_JSON).write_text(json.dumps(summary.to_dict(), indent=2))
+    write_atomic(run_dir / fmt.SUMMARY_JSON, json.dumps(summary.to_dict(), indent=2))
     findings = None
     if with_checks:
         findings = run_checks(run)

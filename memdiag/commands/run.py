@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from memdiag import launch
+from memdiag import launch, lifetime
 from memdiag.commands import report
 from memdiag.commands.check import format_finding
 from memdiag.config import compose
 from memdiag.errors import UsageError
+from memdiag.files import WriteFailed
 from memdiag.units import format_bytes
 
 
@@ -44,10 +45,16 @@ def consult_plan(config) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.command:
-        from memdiag.commands import profile
+    # from here to the report, a stop signal stops the job and is recorded; it never kills memdiag
+    with lifetime.handling_stops():
+        if args.command:
+            from memdiag.commands import profile
 
-        return profile.main(args.overrides, args.command)
+            return profile.main(args.overrides, args.command)
+        return _run_case(args)
+
+
+def _run_case(args: argparse.Namespace) -> int:
     config = compose(args.overrides)
     if config.node_rank is not None:  # one node's part of a multi-node run
         from memdiag import multinode
@@ -82,15 +89,16 @@ def main(args: argparse.Namespace) -> int:
 
 def finish(config, run_dir, spec: dict, code: int) -> int:
     """Summary, checks and report for a run that has ended; what the user sees last."""
-    summary, html_path, findings = report.build(run_dir, with_checks=True)
-    if summary.warnings:
-        spec["warnings"] = spec.get("warnings", []) + summary.warnings
-        launch.write_run_json(run_dir, spec)
-        for warning in summary.warnings:
-            print(f"memdiag: warning: {warning}")
+    built = build_report(run_dir, spec)
+    if built is None:
+        return code or 1
+    summary, html_path, findings = built
     for finding in findings:
         if finding.severity != "info":
             print(format_finding(finding))
+    if spec.get("status") == "interrupted":
+        print(f"memdiag: the run was stopped ({spec.get('signal', 'a stop signal')}); report of what was recorded: {html_path}")
+        return code
     guard = launch.guard_event(run_dir)
     if guard is not None:
         print(f"memdiag: the guard stopped the run: {guard['reason']}; stacks in {run_dir / 'stacks'}")
@@ -101,7 +109,7 @@ def finish(config, run_dir, spec: dict, code: int) -> int:
         excerpt = launch.failure_excerpt(run_dir)
         if excerpt:
             print(excerpt)
-        return 1
+        return code
     rate = summary.tokens_per_s_per_device
     loss = "n/a" if summary.loss is None else f"{summary.loss:.4f}"
     print(
@@ -111,3 +119,19 @@ def finish(config, run_dir, spec: dict, code: int) -> int:
     )
     print(f"memdiag: report {html_path}")
     return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def build_report(run_dir, spec: dict):
+    """Summary, findings and report of an ended run; None (said in one line) when the disk
+    cannot take them. run.json gains the readers' warnings."""
+    try:
+        summary, html_path, findings = report.build(run_dir, with_checks=True)
+        if summary.warnings:
+            spec["warnings"] = spec.get("warnings", []) + summary.warnings
+            launch.write_run_json(run_dir, spec)
+            for warning in summary.warnings:
+                print(f"memdiag: warning: {warning}")
+    except WriteFailed as exc:
+        print(f"memdiag: error: {exc}", flush=True)
+        return None
+    return summary, html_path, findings

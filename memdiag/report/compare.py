@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import plotly.graph_objects as go
 
+from memdiag.files import write_atomic
 from memdiag.report.figures import phase_bands, run_start_ns
 from memdiag.summary import node_totals
 from memdiag.timeline.reader import Run
@@ -109,5 +110,5 @@ def write_comparison(runs: list[Run], path: Path) -> Path:
         + pio.to_html(figure, full_html=False, include_plotlyjs=True, div_id="fig-compare", config={"displaylogo": False})
         + "</section>"
     )
-    path.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>memdiag comparison</title><style>{STYLE}</style></head><body>{body}</body></html>")
+    write_atomic(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>memdiag comparison</title><style>{STYLE}</style></head><body>{body}</body></html>")
     return path

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
+from memdiag.files import write_atomic
 from memdiag.report.figures import downsampling_note
 from memdiag.summary import Summary
 from memdiag.timeline.reader import Run
@@ -85,8 +86,11 @@ def _status_html(run: Run) -> str:
         "stopped_by_guard": "memdiag's guard stopped the run before the host ran out of memory; see the oom_guard finding",
         "failed": "the run failed; what was recorded up to then is shown",
         "interrupted": "the run was interrupted; what was recorded up to then is shown",
-        "running": "run.json still says running: the launcher was killed; what was recorded is shown",
+        "running": "run.json still says running: the run is live, or its memdiag was killed moments ago; what was recorded is shown",
+        "abandoned": run.spec.get("abandoned_note", "memdiag did not finish this run") + "; what was recorded is shown",
     }.get(status, status)
+    if run.spec.get("signal"):
+        text += f" (stopped by {run.spec['signal']})"
     return f"<p class='status'>Status: <b>{html.escape(status)}</b>: {html.escape(text)}</p>"
 
 
@@ -208,5 +212,5 @@ def write_report(
         + html.escape(json.dumps(summary.to_dict()), quote=False)
         + "</script></body></html>"
     )
-    path.write_text("".join(parts), encoding="utf-8")
+    write_atomic(path, "".join(parts))
     return path

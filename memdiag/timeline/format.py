@@ -30,6 +30,10 @@ GUARD = "guard"
 MALLOC = "malloc"
 WARNING = "warning"
 KILLED = "killed"
+DROPPED = "dropped"
+"""Lines a writer could not keep while the disk was full: how many, and between which times."""
+ENDED = "ended"
+"""The node watcher's last record: why it stopped (the job ended, or memdiag died)."""
 
 FLUSH_INTERVAL_S = 0.1
 SOURCE_SYNTHETIC = "synthetic (bench)"

@@ -123,6 +123,8 @@ class Run:
     ranks: dict[int, RankTimeline]
     problems: list[str] = field(default_factory=list)
     nodes: dict[str, NodeTimeline] = field(default_factory=dict)
+    dropped: list[dict] = field(default_factory=list)
+    """``dropped`` records: samples a writer could not keep while the disk was full."""
     node_totals_cache: dict | None = field(default=None, repr=False, compare=False)
     """Filled by ``summary.node_totals``; derived data, never read from disk."""
 
@@ -172,7 +174,7 @@ def _check_version(header: dict, path: Path) -> None:
 
 def read_rank_file(path: Path, rank: int) -> tuple[RankTimeline | None, list[str]]:
     records, problems = _read_records(path)
-    torn = len(problems)
+    torn = sum(1 for p in problems if "torn" in p)
     if not records or records[0].get("kind") != fmt.HEADER:
         problems.append(f"{path.name}: empty or without a header line; rank {rank} has no data")
         return None, problems
@@ -204,9 +206,86 @@ NODE_COLUMNS = (
 )
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number_or_none(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _converts(values: list, dtype) -> bool:
+    """Whether a column converts as the reader will convert it (in C: columns are long)."""
+    try:
+        return np.asarray(values, dtype=dtype).ndim == 1
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def record_shape_problem(record) -> str | None:
+    """Why a parsed line cannot be used, or None. The writer never produces these; a file
+    edited, concatenated or written by another tool can."""
+    if not isinstance(record, dict):
+        return "not an object"
+    kind = record.get("kind")
+    if not isinstance(kind, str):
+        return "no kind"
+    t = record.get("t")
+    if kind == fmt.SAMPLES:
+        if not isinstance(t, list) or not _converts(t, np.int64):
+            return "t is not a list of integers"
+        for name in (*SAMPLE_COLUMNS, "phase", "step"):
+            column = record.get(name)
+            if column is None:
+                continue
+            if not isinstance(column, list) or len(column) != len(t):
+                return f"column {name} does not match t in length"
+            if name == "phase":
+                if not all(isinstance(v, str) or v is None for v in column):
+                    return "phase holds a non-string"
+            elif not _converts(column, np.float64):
+                return f"column {name} holds a non-number"
+        return None
+    if not _is_int(t):
+        return "t is not an integer"
+    if kind == fmt.SAMPLE:
+        if not all(_is_number_or_none(record.get(name)) for name in (*SAMPLE_COLUMNS, *NODE_COLUMNS)):
+            return "a figure is not a number"
+        ranks = record.get("ranks")
+        if ranks is not None and not (
+            isinstance(ranks, dict)
+            and all(
+                isinstance(e, dict) and _is_int(e.get("rss_bytes")) and str(k).isdigit()
+                and all(_is_number_or_none(v) for v in e.values())
+                for k, e in ranks.items()
+            )
+        ):
+            return "ranks is not a map of rank -> {rss_bytes}"
+    elif kind in (fmt.PHASE_BEGIN, fmt.PHASE_END) and not isinstance(record.get("phase"), str):
+        return "phase is not a string"
+    return None
+
+
+def _summarise(path: Path, causes: dict[str, int]) -> list[str]:
+    """One line per file: how many lines were skipped, by cause."""
+    if not causes:
+        return []
+    parts = []
+    for cause, count in sorted(causes.items(), key=lambda kv: -kv[1]):
+        noun = "line" if count == 1 else "lines"
+        parts.append(f"{count:,} {cause}" if cause.startswith("torn") else f"{count:,} {noun} {cause}")
+    return [f"{path.name}: skipped " + ", ".join(parts)]
+
+
 def _read_records(path: Path) -> tuple[list[dict], list[str]]:
-    problems: list[str] = []
-    lines = path.read_bytes().split(b"\n")
+    """Every usable record of a file; the others counted by cause, never raised."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return [], [f"{path.name}: cannot be read ({exc.strerror or exc})"]
+    lines = data.split(b"\n")
+    last = len(lines) - 1  # the piece after the final newline: a torn write when not empty
+    causes: dict[str, int] = {}
     records: list[dict] = []
     collecting = gc.isenabled()
     gc.disable()  # millions of small dicts: the cyclic collector would rescan them all
@@ -215,14 +294,23 @@ def _read_records(path: Path) -> tuple[list[dict], list[str]]:
             if not line.strip():
                 continue
             try:
-                records.append(_loads(line))
+                record = _loads(line)
             except ValueError:
-                where = "last line" if number >= len(lines) - 2 else f"line {number + 1}"
-                problems.append(f"{path.name}: skipped a torn {where} (the writer was cut off)")
+                cause = "torn last line (the writer was cut off)" if number == last else "not JSON"
+                causes[cause] = causes.get(cause, 0) + 1
+                continue
+            problem = record_shape_problem(record)
+            if problem is None and not records and record.get("kind") != fmt.HEADER:
+                problem = "before the header"
+            if problem is not None:
+                cause = f"of the wrong shape ({problem})" if problem != "before the header" else "before the header"
+                causes[cause] = causes.get(cause, 0) + 1
+                continue
+            records.append(record)
     finally:
         if collecting:
             gc.enable()
-    return records, problems
+    return records, _summarise(path, causes)
 
 
 def _as_float(values: list) -> np.ndarray:
@@ -322,6 +410,11 @@ def read_run(path: str | Path) -> Run:
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a run directory; pass a directory under reports/")
+    if not (run_dir / fmt.RUN_JSON).exists() and not (run_dir / fmt.TIMELINE_DIR).is_dir():
+        raise UsageError(
+            f"{run_dir} is not a run directory (no {fmt.RUN_JSON}, no {fmt.TIMELINE_DIR}/); "
+            "pass one that `memdiag run` made, e.g. reports/<case>/<time>-<layout>"
+        )
     problems: list[str] = []
     spec: dict = {}
     run_json = run_dir / fmt.RUN_JSON
@@ -358,4 +451,24 @@ def read_run(path: str | Path) -> Run:
             nodes[node.host] = node
     if not nodes and ranks:
         problems.append("no node watcher timeline: node totals are summed from the rank files")
-    return Run(path=run_dir, spec=spec, ranks=ranks, problems=problems, nodes=nodes)
+    dropped = [
+        {"file": t.path.name, **{k: e.get(k) for k in ("samples", "records", "first_t", "last_t")}}
+        for t in [*ranks.values(), *nodes.values()]
+        for e in t.events
+        if e.get("kind") == fmt.DROPPED
+    ]
+    if dropped:
+        problems.append(incomplete_text(dropped))
+    return Run(path=run_dir, spec=spec, ranks=ranks, problems=problems, nodes=nodes, dropped=dropped)
+
+
+def incomplete_text(dropped: list[dict]) -> str:
+    """``incomplete: N samples dropped between T1 and T2`` (UTC) over every file."""
+    import datetime as dt
+
+    samples = sum(int(d.get("samples") or 0) for d in dropped)
+    times = [d[k] for d in dropped for k in ("first_t", "last_t") if isinstance(d.get(k), int)]
+    when = lambda ns: dt.datetime.fromtimestamp(ns / 1e9, dt.timezone.utc).strftime("%H:%M:%S")  # noqa: E731
+    span = f" between {when(min(times))} and {when(max(times))} UTC" if times else ""
+    files = sorted({d["file"] for d in dropped})
+    return f"incomplete: {samples:,} samples dropped{span} (the disk was full; {', '.join(files)})"

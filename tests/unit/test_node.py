@@ -5,14 +5,23 @@ import subprocess
 import sys
 import time
 
-from memdiag.node import NodeWatcher, find_ranks, parse_environ_rank, parse_stat_ppid
+from memdiag.node import NodeWatcher, find_ranks, parse_environ_rank
+from memdiag.procs import parse_stat, parse_stat_ppid
 from memdiag.timeline import read_run
 
-STAT = "4242 (python3 -m my (odd) name) S 4200 4242 4200 0 -1 4194560 1234 0 0 0 10 5 0 0 20 0 3 0"
+# a real /proc/<pid>/stat line, its command name made awkward
+STAT = (
+    "4242 (python3 -m my (odd) name) S 4200 4242 1143 0 -1 4194304 103 0 0 0 0 0 0 0 20 0 1 0 78107 "
+    "3133440 389 18446744073709551615 94438931243008 94438931262889 140720610971440 0 0 0 0 0 0 0 0 0 17 "
+    "1 0 0 0 0 0 94438931278896 94438931280512 94439508615168 140720610978519 140720610978539 "
+    "140720610978539 140720610979819 0"
+)
 
 
 def test_parse_stat_ppid_with_parens_and_spaces_in_the_name():
     assert parse_stat_ppid(STAT) == 4200
+    assert parse_stat(STAT) == ("S", 4200, 78107)  # state, ppid, start time in clock ticks
+    assert parse_stat(STAT.replace(") S ", ") Z ")) [0] == "Z"
 
 
 def test_parse_environ_rank():

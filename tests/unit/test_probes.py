@@ -58,7 +58,8 @@ def test_parse_smaps_rollup_takes_pss_not_swappss():
 def test_self_status_reader_sees_an_allocation():
     reader = host.SelfStatusReader()
     before = reader.read().rss_bytes
-    block = bytearray(64 * 2**20)  # zero-filled: pages are touched
+    block = bytearray(64 * 2**20)  # calloc'd: fresh mmap pages stay untouched until written
+    block[::4096] = b"\x01" * (len(block) // 4096)
     after = reader.read().rss_bytes
     del block
     reader.close()

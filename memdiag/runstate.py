@@ -1,0 +1,72 @@
+"""What a run directory says about how its run ended, made truthful after the fact.
+
+A run.json that still says ``running`` while nothing of memdiag is alive was left by a memdiag
+that could not finish (SIGKILL, a machine that went down): ``settle`` marks it ``abandoned``
+with the time of its last sample, so it never reads as a live run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import time
+
+from memdiag import procs
+from memdiag.files import WriteFailed, write_atomic
+from memdiag.timeline import format as fmt
+from memdiag.timeline.reader import Run
+
+STALE_S = 300.0
+"""Without an owner on this host to ask: a run with no write for this long is not live."""
+
+
+def owner_alive(spec: dict) -> bool | None:
+    """True/False when the owner is a process on this host; None when it cannot be asked."""
+    owner = spec.get("owner") or {}
+    if owner.get("host") != platform.node() or not owner.get("pid"):
+        return None
+    return procs.alive(int(owner["pid"]), owner.get("start_ticks"))
+
+
+def last_record_ns(run: Run) -> int | None:
+    times = []
+    for timeline in [*run.ranks.values(), *run.nodes.values()]:
+        if len(timeline.t_ns):
+            times.append(int(timeline.t_ns[-1]))
+        times += [e["t"] for e in timeline.events[-1:]]
+    return max(times) if times else None
+
+
+def _newest_write_s(run: Run) -> float:
+    paths = [run.path / fmt.RUN_JSON, *(run.path / fmt.TIMELINE_DIR).glob("*.jsonl")]
+    stamps = []
+    for path in paths:
+        try:
+            stamps.append(path.stat().st_mtime)
+        except OSError:
+            pass
+    return max(stamps, default=0.0)
+
+
+def settle(run: Run) -> str | None:
+    """Mark a run left ``running`` by a dead memdiag as ``abandoned`` (in run.json when it can
+    be written); returns the note, or None for a live or finished run."""
+    spec = run.spec
+    if spec.get("status") != "running":
+        return None
+    alive = owner_alive(spec)
+    if alive or (alive is None and time.time() - _newest_write_s(run) < STALE_S):
+        return None
+    last = last_record_ns(run)
+    at = dt.datetime.fromtimestamp(last / 1e9, dt.timezone.utc).isoformat() if last else None
+    note = (
+        "memdiag did not finish this run (it was killed, or its machine went down)"
+        + (f"; the last record is from {at}" if at else "; nothing was recorded")
+    )
+    spec.update(status="abandoned", abandoned_at=at, abandoned_note=note)
+    try:
+        write_atomic(run.path / fmt.RUN_JSON, json.dumps(spec, indent=2, default=str))
+    except WriteFailed:
+        pass  # a read-only copy of a run: the status still reads abandoned here
+    return note
