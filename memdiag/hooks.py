@@ -12,7 +12,8 @@ Patched, with the phase each marks:
 - ZeRO-3's ``PartitionedParameterCoordinator.fetch_sub_module``: the current layer, so peaks
   inside forward and backward are attributed to the layer being computed.
 
-A hook that fails records the error once and disables itself; the wrapped call always runs.
+A hook that fails records the error once and disables itself (an I/O error does not: the disk
+may have room again later); the wrapped call always runs.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class _Hooks:
             return None
         try:
             return fn(*args)
+        except OSError as exc:  # the disk or /proc, not the hook: try again next time
+            self.warn_once(f"hook-io:{name}", f"memdiag hook {name} hit an I/O error (it stays on): {exc!r}")
+            return None
         except Exception as exc:
             self.disabled.add(name)
             self.warn_once(f"hook:{name}", f"memdiag hook {name} failed and is now off: {exc!r}")

@@ -231,6 +231,13 @@ class NodeWatcher:
             procs.send({p: t for p, t in self._kill_pids.items() if procs.alive(p, t)}, signal.SIGKILL)
             self._kill_at = None
 
+    def request_stop(self) -> None:
+        """memdiag's SIGTERM after the job: stop. The same signal sent by the kernel because
+        memdiag died (PR_SET_PDEATHSIG) is not a stop: the job still has to be stopped."""
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            return
+        self.stop_event.set()
+
     def _root_alive(self) -> bool:
         return procs.alive(self.root_pid, self._root_ticks)
 
@@ -309,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         parent_pid=args.owner_pid, orphan_grace_s=args.guard_grace_s,
     )
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, lambda *_: watcher.stop_event.set())
+        signal.signal(signum, lambda *_: watcher.request_stop())
     watcher.run()
     return 0
 

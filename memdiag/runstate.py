@@ -34,7 +34,7 @@ def last_record_ns(run: Run) -> int | None:
     for timeline in [*run.ranks.values(), *run.nodes.values()]:
         if len(timeline.t_ns):
             times.append(int(timeline.t_ns[-1]))
-        times += [e["t"] for e in timeline.events[-1:]]
+        times += [e["t"] for e in timeline.events if e.get("kind") != fmt.HEADER][-1:]
     return max(times) if times else None
 
 

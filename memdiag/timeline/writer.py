@@ -18,6 +18,7 @@ from collections import deque
 from pathlib import Path
 
 from memdiag.timeline.format import DROPPED, FLUSH_INTERVAL_S, FORMAT_VERSION, HEADER
+from memdiag.units import format_bytes
 
 HOLD_BYTES = 64 * 2**20
 """Per writer (per rank): what a full disk may hold back in memory before the oldest goes."""
@@ -164,7 +165,7 @@ class TimelineWriter:
             self.failing = exc
             _say(
                 f"{self.path.name}: cannot write ({os.strerror(exc.errno) if exc.errno else exc}); "
-                f"keeping the newest samples in memory (up to {self.hold_bytes // 2**20} MiB) until it can"
+                f"keeping the newest samples in memory (up to {format_bytes(self.hold_bytes)}) until it can"
             )
 
     @property

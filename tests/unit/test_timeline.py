@@ -140,3 +140,79 @@ def test_report_renders_a_damaged_run_and_says_what_is_missing(tmp_path):
     assert "skipped 1 torn last line" in html and "rank 1 has no data" in html and "[2]" in html
     assert "still says running" in html  # no owner to ask, written moments ago: maybe live
     assert summary.host_peak_bytes_per_rank == {"0": 149}
+
+
+# lines a writer never produces, as a hand edit, a concatenation or another tool leaves them
+WRONG_SHAPES = [
+    b"[1,2,3]",
+    b'"just a string"',
+    b'{"kind":"sample","t":"oops","rss_bytes":5}',
+    b'{"kind":"samples","t":[1,2,3],"rss_bytes":[1,2]}',
+    b'{"kind":"samples","t":[1,2],"rss_bytes":["a","b"]}',
+    b'{"kind":"samples","t":[[1],[2]],"rss_bytes":[1,2]}',
+    b'{"kind":"phase_begin","t":4,"phase":7}',
+    b'{"t":5}',
+]
+
+
+def test_wrong_shape_and_garbage_lines_are_skipped_and_counted_by_cause(tmp_path):
+    write_rank(tmp_path, 0, [(1, 100), (2, 200)])
+    with open(rank_path(tmp_path, 0), "ab") as f:
+        f.write(b"\n".join(WRONG_SHAPES) + b"\n")
+        f.write(b"\x00\xffgarbage\n" * 3500)
+        f.write(b'{"kind":"sample","t":9,"rss_bytes":300}\n')  # a good line after the damage
+        f.write(b'{"kind":"sample","t":10,"rss')
+    run = read_run(tmp_path)
+    assert list(run.ranks[0].columns["rss_bytes"]) == [100, 200, 300]
+    lines = [p for p in run.problems if p.startswith("rank-0.jsonl")]
+    assert len(lines) == 1, "one line per file, never one per bad line"
+    assert "3,500 lines not JSON" in lines[0] and "1 torn last line" in lines[0]
+    shape_count = sum(int(part.split()[0].replace(",", "")) for part in lines[0].split(": skipped ")[1].split(", ") if "wrong shape" in part)
+    assert shape_count == len(WRONG_SHAPES)
+
+
+def test_check_and_report_survive_wrong_shapes_and_check_says_it_cannot_judge(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 1, "status": "completed"}))
+    rank_path(tmp_path, 0).parent.mkdir(parents=True)
+    rank_path(tmp_path, 0).write_bytes(b'{"kind":"header","t":1,"format_version":"1.1","rank":0}\n' + b"\n".join(WRONG_SHAPES) + b"\n")
+    for command in (["check"], ["report"]):
+        result = subprocess.run([sys.executable, "-m", "memdiag", *command, str(tmp_path)], cwd=repo, capture_output=True, text=True, timeout=300)
+        assert "Traceback" not in result.stderr, result.stderr
+        if command == ["check"]:
+            assert result.returncode == 2, result.stdout  # judged nothing: no samples
+            assert "could not judge" in result.stdout
+        else:
+            assert result.returncode == 0 and (tmp_path / fmt.REPORT_HTML).exists()
+
+
+def test_a_directory_that_is_not_a_run_is_refused_and_left_untouched(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a run")
+    with pytest.raises(UsageError, match="not a run directory"):
+        read_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_run_left_running_by_a_dead_memdiag_is_settled_as_abandoned(tmp_path):
+    import platform
+    import subprocess
+
+    from memdiag import procs
+    from memdiag.runstate import settle
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    live = {"host": platform.node(), "pid": __import__("os").getpid(), "start_ticks": procs.start_ticks(__import__("os").getpid())}
+    for owner, expected in ((live, "running"), ({"host": platform.node(), "pid": gone.pid, "start_ticks": 1}, "abandoned")):
+        (tmp_path / "run.json").write_text(json.dumps({"status": "running", "owner": owner}))
+        rank_path(tmp_path, 0).unlink(missing_ok=True)
+        write_rank(tmp_path, 0, [(1_000_000_000, 100), (2_000_000_000, 200)])
+        run = read_run(tmp_path)
+        settle(run)
+        spec = json.loads((tmp_path / "run.json").read_text())
+        assert spec["status"] == expected
+    assert spec["abandoned_at"].startswith("1970-01-01T00:00:02")  # the last sample's time
