@@ -15,7 +15,7 @@ import time
 from memdiag import procs
 from memdiag.files import WriteFailed, write_atomic
 from memdiag.timeline import format as fmt
-from memdiag.timeline.reader import Run
+from memdiag.timeline.reader import Run, incomplete_text
 
 STALE_S = 300.0
 """Without an owner on this host to ask: a run with no write for this long is not live."""
@@ -49,10 +49,21 @@ def _newest_write_s(run: Run) -> float:
     return max(stamps, default=0.0)
 
 
+def _write(run: Run) -> None:
+    try:
+        write_atomic(run.path / fmt.RUN_JSON, json.dumps(run.spec, indent=2, default=str))
+    except WriteFailed:
+        pass  # a read-only copy of a run: what it says still reads right here
+
+
 def settle(run: Run) -> str | None:
-    """Mark a run left ``running`` by a dead memdiag as ``abandoned`` (in run.json when it can
-    be written); returns the note, or None for a live or finished run."""
+    """Make run.json say what the timelines show: ``incomplete: N samples dropped ...`` when
+    a full disk cost samples, and ``abandoned`` for a run left ``running`` by a dead memdiag
+    (returns that note; None for a live or finished run)."""
     spec = run.spec
+    if run.dropped and spec and spec.get("incomplete") != incomplete_text(run.dropped):
+        spec["incomplete"] = incomplete_text(run.dropped)
+        _write(run)
     if spec.get("status") != "running":
         return None
     alive = owner_alive(spec)
@@ -65,8 +76,5 @@ def settle(run: Run) -> str | None:
         + (f"; the last record is from {at}" if at else "; nothing was recorded")
     )
     spec.update(status="abandoned", abandoned_at=at, abandoned_note=note)
-    try:
-        write_atomic(run.path / fmt.RUN_JSON, json.dumps(spec, indent=2, default=str))
-    except WriteFailed:
-        pass  # a read-only copy of a run: the status still reads abandoned here
+    _write(run)
     return note

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from memdiag import launch, lifetime
 from memdiag.commands import report
@@ -126,6 +127,10 @@ def build_report(run_dir, spec: dict):
     cannot take them. run.json gains the readers' warnings."""
     try:
         summary, html_path, findings = report.build(run_dir, with_checks=True)
+        settled = json.loads((run_dir / "run.json").read_text())
+        if settled.get("incomplete"):  # a full disk cost samples (runstate.settle said so)
+            spec["incomplete"] = settled["incomplete"]
+            print(f"memdiag: warning: {spec['incomplete']}")
         if summary.warnings:
             spec["warnings"] = spec.get("warnings", []) + summary.warnings
             launch.write_run_json(run_dir, spec)

@@ -132,3 +132,26 @@ def test_run_cmd_returns_the_commands_code_and_keeps_its_output(tmp_path):
     assert "training output" in memdiag.output and "the script gives up" in memdiag.output  # streamed live too
     spec = json.loads((run_dir / fmt.RUN_JSON).read_text())
     assert spec["status"] == "failed" and spec["exit_code"] == 3
+
+
+def test_sigterm_to_a_multinode_coordinator_stops_every_node(tmp_path):
+    """Two simulated nodes: the coordinator passes the stop to each node part, which stops its
+    own ranks and watcher and records its end; nothing of either node survives."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("sim-a.invalid slots=1\nsim-b.invalid slots=1\n")
+    memdiag = Memdiag(["layout=2x1", f"hostfile={hostfile}", "nodes_here=true", "steps=400", "seq_len=128",
+                       f"reports_dir={tmp_path / 'reports'}"])
+    run_dir = memdiag.run_dir
+    try:
+        memdiag.wait_for(r"step 3/400")
+        memdiag.signal_group(signal.SIGTERM)
+        assert memdiag.wait() == 143
+        assert run_processes(run_dir) == []
+        spec = json.loads((run_dir / fmt.RUN_JSON).read_text())
+        assert spec["status"] == "interrupted" and spec["signal"] == "SIGTERM"
+        assert {n: r.get("status") for n, r in spec["nodes"].items()} == {"sim-a.invalid": "interrupted", "sim-b.invalid": "interrupted"}
+        run = read_run(run_dir)
+        assert sorted(run.ranks) == [0, 1] and all(len(t.steps) >= 3 for t in run.ranks.values())
+        assert "Traceback" not in memdiag.output
+    finally:
+        kill_leftovers(run_dir)

@@ -216,3 +216,16 @@ def test_a_run_left_running_by_a_dead_memdiag_is_settled_as_abandoned(tmp_path):
         spec = json.loads((tmp_path / "run.json").read_text())
         assert spec["status"] == expected
     assert spec["abandoned_at"].startswith("1970-01-01T00:00:02")  # the last sample's time
+
+
+def test_samples_dropped_on_a_full_disk_mark_the_run_incomplete(tmp_path):
+    from memdiag.runstate import settle
+
+    (tmp_path / "run.json").write_text(json.dumps({"status": "completed"}))
+    dropped = {"kind": fmt.DROPPED, "t": 9_000_000_000, "records": 3, "samples": 120,
+               "first_t": 3_600_000_000_000, "last_t": 3_660_000_000_000, "reason": "the disk was full"}
+    write_rank(tmp_path, 0, [(1, 100)], events=[dropped])
+    run = read_run(tmp_path)
+    settle(run)
+    incomplete = json.loads((tmp_path / "run.json").read_text())["incomplete"]
+    assert incomplete.startswith("incomplete: 120 samples dropped between 01:00:00 and 01:01:00 UTC")
