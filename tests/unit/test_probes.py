@@ -56,12 +56,16 @@ def test_parse_smaps_rollup_takes_pss_not_swappss():
 
 
 def test_self_status_reader_sees_an_allocation():
+    import mmap
+
     reader = host.SelfStatusReader()
     before = reader.read().rss_bytes
-    block = bytearray(64 * 2**20)  # calloc'd: fresh mmap pages stay untouched until written
-    block[::4096] = b"\x01" * (len(block) // 4096)
+    # fresh anonymous pages, written one by one: a heap block could reuse pages already resident
+    block = mmap.mmap(-1, 64 * 2**20)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
     after = reader.read().rss_bytes
-    del block
+    block.close()
     reader.close()
     assert after - before >= 60 * 2**20
 
