@@ -67,6 +67,11 @@ class _Hooks:
         self.activations_bytes = 0
         self.named_engines: set[int] = set()
         self.active = True
+        self.zero_init_depth = 0
+        self.builder_depth = 0
+        self.built_by: dict[str, Any] | None = None
+        """How the last model was built by transformers: ``from_pretrained`` or ``from_config``,
+        and whether a DeepSpeed ZeRO-3 config (HfDeepSpeedConfig) was alive then."""
 
     def guarded(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         if name in self.disabled:
@@ -157,14 +162,16 @@ class _Hooks:
             record = {"kind": fmt.MALLOC, "t": time.time_ns(), "after": after, "rss_bytes": self.tracker.read_rss()}
             self.tracker.emit(record | asdict(stats) | extra)
 
-    def record_model_input(self, model: Any) -> None:
+    def record_model_input(self, model: Any, config: Any) -> None:
         """The model as handed to deepspeed.initialize: already partitioned (built under
-        zero.Init) or whole on this rank, and in which dtype (the 5290 evidence)."""
-        if model is None:
+        zero.Init) or whole on this rank, in which dtype, and how it was built (the 5290
+        evidence)."""
+        if model is None or not hasattr(model, "parameters"):
             return
         params = list(model.parameters())
         partitioned = any(hasattr(p, "ds_id") for p in params)
         materialised = sum(p.numel() * p.element_size() for p in params if not hasattr(p, "ds_id"))
+        built = self.built_by or {"via": "constructor", "hf_deepspeed_config": _hf_zero3_enabled()}
         self.tracker.emit(
             {
                 "kind": fmt.MODEL_INPUT,
@@ -172,8 +179,16 @@ class _Hooks:
                 "partitioned": partitioned,
                 "dtype": str(next((p.dtype for p in params), None)),
                 "materialised_bytes": materialised,
+                "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params),
+                "model_class": type(model).__name__,
+                "built_by": built["via"],
+                "hf_deepspeed_config": built["hf_deepspeed_config"],
+                "zero_stage": _zero_stage(config),
             }
         )
+
+    def note_builder(self, via: str) -> None:
+        self.built_by = {"via": via, "hf_deepspeed_config": _hf_zero3_enabled()}
 
     def on_step(self, engine: Any, steps_before: int) -> None:
         if engine.global_steps == steps_before:
@@ -190,9 +205,40 @@ class _Hooks:
         self.tracker.record_step(record)
 
 
+def _hf_zero3_enabled() -> bool:
+    """Whether transformers sees a ZeRO-3 DeepSpeed config (HfDeepSpeedConfig, or
+    TrainingArguments(deepspeed=...)) and so builds models under zero.Init itself."""
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _zero_stage(config: Any) -> int | None:
+    """The ZeRO stage a ``deepspeed.initialize(config=...)`` asks for (a dict or a JSON path)."""
+    if isinstance(config, (str, bytes)) or hasattr(config, "__fspath__"):
+        import json
+
+        try:
+            with open(config) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return None
+    if isinstance(config, dict):
+        stage = (config.get("zero_optimization") or {}).get("stage")
+        return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None
+    return None
+
+
 def _patch(owner: Any, name: str, replacement: Any) -> None:
     _ORIGINALS.append((owner, name, owner.__dict__.get(name, getattr(owner, name))))
     setattr(owner, name, replacement)
+
+
+LOAD_PHASE = "load"
+"""From memdiag's start in the process (before the script's imports) to deepspeed.initialize:
+where a model is built and loaded, whoever's code does it."""
 
 
 def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> None:
@@ -227,7 +273,11 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
 
     @functools.wraps(deepspeed.initialize)
     def initialize(*args: Any, **kwargs: Any) -> Any:
-        hooks.guarded("model_event", hooks.record_model_input, kwargs.get("model"))
+        # the load phase (process start to here) ends as DeepSpeed takes the model over
+        hooks.guarded("load_phase", tracker.end_if_innermost, LOAD_PHASE)
+        model = kwargs.get("model", args[1] if len(args) > 1 else None)
+        config = kwargs.get("config", kwargs.get("config_params"))
+        hooks.guarded("model_event", hooks.record_model_input, model, config)
         result = ds_initialize(*args, **kwargs)
         hooks.guarded("model_event", hooks.record_model, result[0])
         hooks.guarded("malloc_event", hooks.record_malloc, "ds_initialize")
@@ -327,9 +377,16 @@ def _install_transformers(hooks: _Hooks) -> None:
 
     @functools.wraps(original)
     def from_pretrained(cls: Any, *args: Any, **kwargs: Any) -> Any:
-        return hooks.phase_wrapper("checkpoint_load", original)(cls, *args, **kwargs)
+        return _building(hooks, "from_pretrained", hooks.phase_wrapper("checkpoint_load", original), cls, *args, **kwargs)
 
     _patch(PreTrainedModel, "from_pretrained", classmethod(from_pretrained))
+    from_config_original = PreTrainedModel._from_config.__func__
+
+    @functools.wraps(from_config_original)
+    def from_config(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        return _building(hooks, "from_config", from_config_original, cls, *args, **kwargs)
+
+    _patch(PreTrainedModel, "_from_config", classmethod(from_config))
 
     from memdiag import loading  # memdiag's own lean loader: its checkpoint read is a phase too
 
@@ -340,3 +397,15 @@ def uninstall() -> None:
     while _ORIGINALS:
         owner, name, original = _ORIGINALS.pop()
         setattr(owner, name, original)
+
+
+def _building(hooks: _Hooks, via: str, build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Note the outermost transformers builder of a model (``from_pretrained`` may call
+    ``_from_config`` inside)."""
+    if hooks.builder_depth == 0:
+        hooks.guarded("builder", hooks.note_builder, via)
+    hooks.builder_depth += 1
+    try:
+        return build(*args, **kwargs)
+    finally:
+        hooks.builder_depth -= 1

@@ -90,6 +90,7 @@ class Instrumentation:
 
     def start(self) -> Instrumentation:
         hooks.install(self.tracker, self.warn_once)
+        self.tracker.begin(hooks.LOAD_PHASE)  # until deepspeed.initialize: the model's load, exactly
         self.sampler.start()
         atexit.register(self.stop)
         _chain_sigterm(self.stop)

@@ -144,6 +144,14 @@ class PhaseTracker:
         record.update(frame.end_fields())
         self.emit(record)
 
+    def end_if_innermost(self, name: str) -> bool:
+        """End ``name`` when it is the innermost open phase (a phase that may or may not be
+        open, like the load phase when deepspeed.initialize is called a second time)."""
+        if self._stack and self._stack[-1].name == name:
+            self.end(name)
+            return True
+        return False
+
     @contextmanager
     def phase_scope(self, name: str) -> Iterator[None]:
         self.begin(name)

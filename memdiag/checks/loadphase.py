@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from memdiag.timeline.reader import Phase, RankTimeline, Run
 
 LOAD_PHASES = ("model_build", "zero_init", "checkpoint_load")
+LOAD = "load"
+"""memdiag's own phase from its start in the process to deepspeed.initialize: the load phase
+of any script, where the case's ``model_build`` is not there to mark it."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ def _first(phases: list[Phase], names: tuple[str, ...]) -> Phase | None:
 
 def rank_load(timeline: RankTimeline) -> RankLoad | None:
     phases = timeline.phases
-    outer = _first(phases, ("model_build",)) or _first(phases, LOAD_PHASES)
+    outer = _first(phases, ("model_build",)) or _first(phases, LOAD_PHASES) or _first(phases, (LOAD,))
     init = _first(phases, ("ds_initialize",))
     if outer is None or outer.begin_rss_bytes is None or outer.host_peak_bytes is None:
         return None

@@ -44,7 +44,143 @@ def causes(run: Run, built_under_zero_init: bool, read_checkpoint: bool) -> list
     return found
 
 
+WHOLE_MODEL_FRACTION = 0.9
+"""A rank whose unpartitioned parameters come to this share of parameters x dtype bytes holds
+the whole model (buffers and tied weights make the rest)."""
+FORECAST_LOCAL_RANKS = (8, 16)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+FIX_BY_BUILDER = {
+    "constructor": """\
+# build the model partitioned: each rank materialises only its 1/world share
+import deepspeed, torch
+with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.bfloat16):
+    model = {cls}(config)
+engine, *_ = deepspeed.initialize(model=model, config=ds_config, ...)""",
+    "from_pretrained": """\
+# let transformers build under zero.Init and load one shard at a time: create the DeepSpeed
+# config object BEFORE from_pretrained and keep it alive (TrainingArguments(deepspeed=ds_config)
+# does the same when created first)
+from transformers.integrations import HfDeepSpeedConfig
+dschf = HfDeepSpeedConfig(ds_config)          # keep this reference
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+engine, *_ = deepspeed.initialize(model=model, config=ds_config, ...)""",
+    "from_config": """\
+# create the DeepSpeed config first, then build: transformers enters zero.Init itself
+args = TrainingArguments(..., deepspeed=ds_config)   # or: dschf = HfDeepSpeedConfig(ds_config)
+model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+trainer = Trainer(model=model, args=args, ...)""",
+}
+HOW_BUILT = {
+    "constructor": "built by its constructor ({cls}(config)) outside deepspeed.zero.Init",
+    "from_pretrained": "loaded with from_pretrained while no DeepSpeed ZeRO-3 config was alive "
+    "(HfDeepSpeedConfig / TrainingArguments(deepspeed=...) created after it, or not at all)",
+    "from_config": "built with from_config outside HfDeepSpeedConfig (TrainingArguments(deepspeed=...) "
+    "created after the model)",
+}
+
+
+def model_inputs(run: Run) -> list[tuple[int, dict, int, str]]:
+    """(rank, model_input event, local ranks, host) for every rank that recorded one."""
+    found = []
+    for rank, timeline in sorted(run.ranks.items()):
+        event = next((e for e in timeline.events if e["kind"] == "model_input"), None)
+        if event is not None:
+            found.append((rank, event, int(timeline.header.get("local_world_size", 1)), timeline.header.get("host", "?")))
+    return found
+
+
+def _full_node_ranks(run: Run) -> int | None:
+    hardware = (run.spec.get("config") or {}).get("hardware") or {}
+    if hardware.get("accelerator") == "cuda":
+        return int(hardware.get("devices_per_card", 1)) * int(hardware.get("cards_per_node", 1))
+    return None
+
+
+def check_model_input(run: Run) -> list[Finding]:
+    """The pattern from what each rank handed deepspeed.initialize, whoever's code built it:
+    unpartitioned under ZeRO-3, its parameters all materialised, on every rank."""
+    inputs = model_inputs(run)
+    if not inputs:
+        return []
+    stage = next((e.get("zero_stage") for _, e, _, _ in inputs if e.get("zero_stage") is not None), None)
+    if stage is None:
+        stage = (model_event(run) or {}).get("zero_stage")
+    if stage != 3:
+        return []
+    whole = []
+    for rank, event, _, _ in inputs:
+        n = int(event.get("num_parameters") or 0)
+        per = DTYPE_BYTES.get(str(event.get("dtype", "")).removeprefix("torch."), 2)
+        if n and not event.get("partitioned") and event.get("materialised_bytes", 0) >= WHOLE_MODEL_FRACTION * n * per:
+            whole.append(rank)
+    if not whole or len(whole) < len(inputs):
+        return []
+    event = inputs[0][1]
+    n, dtype = int(event["num_parameters"]), str(event.get("dtype", "?")).removeprefix("torch.")
+    copy = int(max(e["materialised_bytes"] for _, e, _, _ in inputs))
+    local = max(lw for _, _, lw, _ in inputs)
+    loads = {l.rank: l for l in run_loads(run)}
+    # the same per-rank figure as host_limit's forecast, so the two never disagree
+    per_rank_peak = max((max(l.load_peak_bytes, l.init_peak_bytes or 0) for l in loads.values()), default=copy)
+    limit, _ = _limit(run)
+    full = _full_node_ranks(run)
+    counts = sorted(set(FORECAST_LOCAL_RANKS) | ({full} if full else set()) | {local})
+    forecast = {k: k * per_rank_peak for k in counts}
+    judged = full or max(FORECAST_LOCAL_RANKS[0], local)
+    over = bool(limit and forecast.get(judged, judged * per_rank_peak) > limit)
+    severity = "error" if local >= 2 and over else "warning"
+    via = event.get("built_by", "constructor")
+    cls = event.get("model_class", "Model")
+    how = HOW_BUILT.get(via, via).format(cls=cls)
+    fix = FIX_BY_BUILDER.get(via, FIX_CODE).replace("{cls}", cls)
+    if dtype == "float32":
+        fix += "\n# and give the dtype you train in: an fp32 copy is twice a bf16 one"
+    causes = [f"the model was {how}", f"every rank held all {n / 1e6:,.1f}M parameters in {dtype}"]
+    fits = ", ".join(f"{k} ranks {format_bytes(v)}" for k, v in forecast.items())
+    verdict = (
+        f"{judged} ranks per node would exceed the {format_bytes(limit)} host limit" if over
+        else (f"{judged} ranks per node still fit in {format_bytes(limit)}" if limit else "no host limit known")
+    )
+    return [
+        Finding(
+            id="scaling_5290",
+            severity=severity,
+            message=f"each rank handed deepspeed.initialize the whole model: {format_bytes(copy)} "
+            f"({n / 1e6:,.1f}M parameters in {dtype}) on every one of {len(inputs)} rank(s), {how}; the "
+            f"DeepSpeed issue 5290 pattern: node host RAM grows by a whole copy per local rank. "
+            f"Load peak per rank {format_bytes(per_rank_peak)}, so a node needs about {fits}; {verdict}"
+            + ("" if local >= 2 else " (one local rank here: a forecast)"),
+            evidence={
+                "num_parameters": n,
+                "dtype": dtype,
+                "built_by": via,
+                "hf_deepspeed_config": bool(event.get("hf_deepspeed_config")),
+                "materialised_bytes_by_rank": {str(r): e["materialised_bytes"] for r, e, _, _ in inputs},
+                "per_rank_load_peak_bytes": per_rank_peak,
+                "local_ranks": local,
+                "node_load_peak_bytes_by_local_ranks": {str(k): v for k, v in forecast.items()},
+                "limit_bytes": limit,
+                "causes": causes,
+            },
+            fix=fix,
+            ranks=whole,
+            moments=[{"t": event["t"], "label": "whole model at deepspeed.initialize (5290)"}],
+        )
+    ]
+
+
+def _limit(run: Run) -> tuple[int | None, str]:
+    config = run.spec.get("config") or {}
+    if config.get("host_ram_bytes"):
+        return config["host_ram_bytes"], "host_ram override"
+    return run.spec.get("host_limit_bytes"), run.spec.get("host_limit_source") or "unknown"
+
+
 def check(run: Run) -> list[Finding]:
+    from_input = check_model_input(run)
+    if from_input:
+        return from_input
     loads = run_loads(run)
     n = num_parameters(run)
     if not loads or not n:

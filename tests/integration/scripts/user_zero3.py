@@ -10,6 +10,7 @@ MODE says how the model is built:
   trainer_outside            a Trainer script that builds with from_config before its
                              TrainingArguments(deepspeed=...) exist
   trainer_inside             the same with TrainingArguments created first
+  save DIR                   write the checkpoint the from_pretrained modes read
 """
 
 import importlib
@@ -75,6 +76,9 @@ def train_with_trainer(build_first: bool):
     print("user script done", flush=True)
 
 
+if MODE == "save":  # the small checkpoint the from_pretrained modes read
+    LlamaForCausalLM(CONFIG).save_pretrained(sys.argv[2])
+    raise SystemExit(0)
 if MODE in ("constructor", "constructor_zero_init", "from_pretrained", "from_pretrained_ds"):
     deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
 if MODE == "constructor":
