@@ -7,13 +7,14 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["memdiag", "memdiag.*", "cases", "cases.*"]),
     package_data={"cases": ["*/conf/*.yaml", "*/conf/*/*.yaml", "*/*.json"]},
+    # ranges, so memdiag installs beside the user's own torch (a CUDA build), DeepSpeed and
+    # transformers; the exact versions of the reference environment are in constraints.txt
     install_requires=[
-        # torch 2.13.0: the CPU build these machines carry; an open range pulls a CUDA build
-        "torch==2.13.0",
-        "deepspeed==0.19.8",
-        "transformers>=4.57,<6",
+        "torch>=2.2",
+        "deepspeed>=0.14",
+        "transformers>=4.57",
         "safetensors>=0.4",
-        "hydra-core>=1.3,<1.4",
+        "hydra-core>=1.3",
         "numpy>=1.26",
         "psutil>=5.9",
         "nvidia-ml-py>=12",
@@ -22,6 +23,6 @@ setup(
         # reading hour-long 16-rank timelines inside the report's 10 s budget
         "orjson>=3.9",
     ],
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={"test": ["pytest>=8", "accelerate>=1.0"]},
     entry_points={"console_scripts": ["memdiag=memdiag.cli:main"]},
 )
