@@ -1,6 +1,15 @@
 """The Baichuan2-13B DeepSpeed ZeRO-3 case (see ../../docs/DESIGN.md and shared/reference)."""
 
 ENTRY_MODULE = "cases.baichuan2_13b.train"
+MODEL_CLASS = "cases.baichuan2_13b.modeling_baichuan:BaichuanForCausalLM"
+"""What ``memdiag plan`` builds (on the meta device, and under FakeTensorMode) to count the case's model."""
+MODEL_ATTENTION = "plain"
+"""The one attention path our model implements; the planner scales its s^2 terms to others."""
+
+
+def model_config(model: dict) -> dict:
+    """The ``model`` config group as the HF config the model class takes."""
+    return {k: v for k, v in model.items() if k != "scale"} | {"model_type": "baichuan"}
 
 
 def num_parameters(model: dict) -> int:

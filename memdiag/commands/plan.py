@@ -14,8 +14,8 @@ from memdiag.config import compose, load_ds_config, split_layout
 from memdiag.errors import UsageError
 from memdiag.plan.calibrate import load_coefficients
 from memdiag.plan.model import Architecture
-from memdiag.plan.search import deepspeed_estimate, device_counts, fixes_for, recommend, search
-from memdiag.plan.terms import Coefficients, Settings
+from memdiag.plan.search import deepspeed_estimate, device_counts, evaluate, fixes_for, recommend, search
+from memdiag.plan.terms import Coefficients, Settings, consolidation_bytes
 from memdiag.units import ACCEPTED_FORMS, format_bytes, parse_size
 
 BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
@@ -33,6 +33,8 @@ PLAN_KEYS = {
     "load.dtype": ("load_dtype", str),
     "checkpoint_format": ("checkpoint_format", str),
     "checkpoint_shards": ("checkpoint_shards", int),
+    "pin_memory": ("pin_memory", "bool"),
+    "save_16bit_weights": ("save_16bit_weights", "bool"),
 }
 RUN_KEYS = ("zero.stage", "micro_batch", "seq_len", "grad_accum", "dtype", "load", "load.dtype")
 """Plan settings that ``memdiag run`` takes too (the rest describe other code: flash_attn, offload)."""
@@ -126,9 +128,6 @@ def settings_from(overrides: list[str], base: Settings) -> tuple[Settings, list[
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # only DeepSpeed's estimator is used here
     settings, passthrough = settings_from(args.overrides, Settings())
     hardware_override = [f"hardware={args.profile}"] if args.profile else []
     case_cfg = compose(
@@ -148,12 +147,22 @@ def main(args: argparse.Namespace) -> int:
     if not host_limit or not device_mem:
         raise UsageError(f"give --host-ram and --device-mem ({ACCEPTED_FORMS}): profile {hardware.name} has none")
     ds = load_ds_config(case_cfg)
-    settings = replace(settings, ds_buffers=ds.get("zero_optimization", {}))
+    zero = ds.get("zero_optimization", {})
+    given = {t.split("=", 1)[0] for t in args.overrides}
+    from_ds = {}
+    if "pin_memory" not in given:
+        from_ds["pin_memory"] = bool((zero.get("offload_optimizer") or {}).get("pin_memory", False))
+    if "save_16bit_weights" not in given:
+        from_ds["save_16bit_weights"] = bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
+    settings = replace(settings, ds_buffers=zero, **from_ds)
     case_module = importlib.import_module(f"cases.{args.case}")
     attention_given = any(t.split("=", 1)[0] in ("attention", "flash_attn") for t in args.overrides)
     if not attention_given and not args.model_config and hasattr(case_module, "BENCHMARK_ATTENTION"):
         settings = replace(settings, attention=case_module.BENCHMARK_ATTENTION)
-    arch = Architecture.from_hf_config(args.model_config) if args.model_config else Architecture.from_case_model(case_cfg.model)
+    if args.model_config:
+        arch = Architecture.from_hf_config(args.model_config, dtype=settings.dtype, attention=settings.attention)
+    else:
+        arch = Architecture.for_case(args.case, case_cfg.model, dtype=settings.dtype, attention=settings.attention)
     coefficients = load_coefficients(args.coefficients) if args.coefficients else Coefficients()
     if args.calibrate:
         from memdiag.plan.calibrate import calibrate_main
@@ -189,6 +198,8 @@ def main(args: argparse.Namespace) -> int:
         written = emit(args.emit, chosen, ds, args.overrides, run_overrides=run_overrides)
         print("memdiag: wrote " + ", ".join(str(p) for p in written))
     measured = seed_comparison(case_module, args, arch, settings, hardware, results)
+    if measured:
+        measured["hypotheses"] = seed_hypotheses(case_module, arch, settings, hardware, coefficients, node_list, per_node_list, device_mem, host_limit)
     if args.json:
         print(json.dumps(as_json(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem) | {"measured": measured}, indent=2))
     else:
@@ -198,6 +209,7 @@ def main(args: argparse.Namespace) -> int:
                 f"\nmeasured: {measured['layout']} used {format_bytes(measured['device_bytes'])} per device ({measured['source']}); "
                 f"predicted {format_bytes(measured['predicted_device_bytes'])} ({measured['error']:+.1%}, attention={settings.attention})"
             )
+            print_hypotheses(measured)
     if args.run:
         from memdiag.commands import run
 
@@ -219,6 +231,51 @@ def seed_comparison(case_module, args, arch, settings, hardware, results) -> dic
         return None
     predicted = int(match.device_peak_bytes)
     return seed | {"predicted_device_bytes": predicted, "error": (predicted - seed["device_bytes"]) / seed["device_bytes"]}
+
+
+HYPOTHESES = [(attention, checkpointing) for checkpointing in (False, True) for attention in ("plain", "sdpa_math", "fused")]
+
+
+def seed_hypotheses(case_module, arch, settings, hardware, coefficients, nodes, per_node, device_mem, host_limit) -> list[dict]:
+    """What the benchmark may have run, each beside the seed's measurement: the attention path
+    (plain without xformers, SDPA's math path with xformers importable, a fused kernel) and
+    activation checkpointing (the upstream config's ``self.gradient_checkpointing =
+    gradient_checkpointing,`` is a truthy tuple, which transformers' compatibility hook reads as
+    on), with the layout each would recommend."""
+    seed = case_module.SEED_MEASUREMENT
+    rows = []
+    for attention, checkpointing in HYPOTHESES:
+        changed = replace(settings, attention=attention, activation_checkpointing=checkpointing)
+        results = search(arch, changed, hardware, coefficients, nodes=nodes, per_node=per_node,
+                         device_capacity_bytes=device_mem, host_limit_bytes=host_limit)
+        match = next(r for r in results if f"{r.nodes}x{r.devices_per_node}" == seed["layout"])
+        # the seed's choice: the same devices on one node, or spread over two
+        one_node = evaluate(arch, changed, hardware, 1, match.world, coefficients,
+                            device_capacity_bytes=device_mem, host_limit_bytes=host_limit)
+        rows.append({
+            "attention": attention, "activation_checkpointing": checkpointing,
+            "predicted_device_bytes": int(match.device_peak_bytes),
+            "error": (match.device_peak_bytes - seed["device_bytes"]) / seed["device_bytes"],
+            "seed_layout_verdict": match.verdict, "one_node_layout": one_node.name, "one_node_verdict": one_node.verdict,
+            "decision_holds": match.fits and not one_node.fits,
+        })
+    return rows
+
+
+def print_hypotheses(measured: dict) -> None:
+    rows = measured["hypotheses"]
+    print(f"what the benchmark may have run, against the {format_bytes(measured['device_bytes'])} it measured at {measured['layout']}:")
+    one = rows[0]["one_node_layout"].split(" ")[0]
+    print(f"  {'attention':10} {'checkpointing':14} {'predicted':>11} {'error':>8}  {measured['layout'] + ' (the seed ran)':26} {one} (one node)")
+    for row in rows:
+        print(f"  {row['attention']:10} {str(row['activation_checkpointing']).lower():14} "
+              f"{format_bytes(row['predicted_device_bytes']):>11} {row['error']:>+8.1%}  "
+              f"{row['seed_layout_verdict'].split(' (')[0]:26} {row['one_node_verdict'].split(' (')[0]}")
+    holds = [row["decision_holds"] for row in rows]
+    if all(holds):
+        print(f"  under every hypothesis {measured['layout']} fits and {one} does not: the seed's decision does not hang on which one ran")
+    else:
+        print(f"  the seed's decision ({measured['layout']} over {one}) holds under {sum(holds)} of {len(holds)} hypotheses")
 
 
 def run_overrides_for(args: argparse.Namespace, passthrough: list[str], hardware, chosen) -> list[str]:
@@ -276,8 +333,15 @@ def as_json(arch, settings, hardware, results, best, full_node, fixes, host_limi
 
 
 def cross_check(arch, settings, layout) -> dict:
-    """memdiag's model-state terms beside DeepSpeed's estimator for the same layout."""
-    ds = deepspeed_estimate(arch, layout.devices_per_node, layout.nodes, zero_init=settings.load != "reference")
+    """memdiag's model-state terms beside DeepSpeed's estimator for the same layout (device
+    without offload, as the equality below needs; host with the run's offload and DeepSpeed's
+    default 1.5 buffer factor, as users call it)."""
+    zero_init = settings.load != "reference"
+    ds = deepspeed_estimate(arch, layout.devices_per_node, layout.nodes, zero_init=zero_init)
+    ds_host = deepspeed_estimate(arch, layout.devices_per_node, layout.nodes, zero_init=zero_init,
+                                 offload=settings.offload, buffer_factor=1.5)
+    ds["host_bytes_per_node_with_offload_x1_5"] = ds_host["host_bytes_per_node"]
+    ds["memdiag_host_peak_bytes_per_node"] = int(layout.host_peak_bytes)
     states = sum(layout.device_terms[k] for k in ("parameters", "gradients", "optimizer_states"))
     world = layout.world
     return ds | {
@@ -306,9 +370,18 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
         f"offload={settings.offload}, load={settings.load}" + (f" (load.dtype={settings.load_dtype})" if settings.load_dtype else "")
     )
     print()
-    print(f"{'layout':28} {'device peak':>12} {'host load/node':>15} {'host steady/node':>17}  verdict")
+    phases = list(results[0].host_phases)
+    print(f"{'':28} {'':>11}  host RAM per node at the peak of each phase")
+    print(f"{'layout':28} {'device peak':>11}  " + " ".join(f"{p:>11}" for p in phases) + "  verdict")
     for r in results:
-        print(f"{r.name:28} {format_bytes(r.device_peak_bytes):>12} {format_bytes(r.host_load_bytes):>15} {format_bytes(r.host_steady_bytes):>17}  {r.verdict}")
+        peaks = r.host_phase_peaks
+        print(f"{r.name:28} {format_bytes(r.device_peak_bytes):>11}  "
+              + " ".join(f"{format_bytes(peaks[p]):>11}" for p in phases) + f"  {r.verdict}")
+    print(f"(device peak: the \"used\" figure nvidia-smi shows: tensors plus the allocator's reserve "
+          f"({Coefficients().allocator_reserve_fraction:.0%} assumed), the runtime context and NCCL's buffers "
+          f"({format_bytes(Coefficients().nccl_buffer_bytes)} assumed); --json gives the allocated peak too)")
+    print(f"(host: the busiest node, the one of global rank 0; offline zero_to_fp32.py needs "
+          f"{format_bytes(consolidation_bytes(arch))} on the machine that runs it)")
     print()
     if best is None:
         print("no layout fits: see the terms below, and the fixes")
@@ -321,9 +394,15 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
         shown = results
     for r in shown:
         print(f"\nterms for {r.name} ({r.verdict}):")
-        for line in _terms_lines("device, per device", r.device_terms) + _terms_lines(
-            "host RAM per node while loading", r.host_load_terms
-        ) + _terms_lines("host RAM per node while training", r.host_steady_terms):
+        lines = _terms_lines("device, per device", r.device_terms)
+        lines += _terms_lines("host RAM per node while loading", r.host_load_terms)
+        lines += _terms_lines("host RAM per node while training", r.host_steady_terms)
+        for phase in ("initialize", "save", "resume"):
+            extra = {k: v for k, v in r.host_phases.get(phase, {}).items() if k not in r.host_steady_terms}
+            if extra:
+                lines += _terms_lines(f"host RAM per node in {phase}: training plus", extra)
+        lines.append(f"  the host peak binds in {r.binding_phase}")
+        for line in lines:
             print(line)
     anchor = best or full_node or results[0]
     if anchor is not None:
@@ -333,6 +412,12 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
             f"{format_bytes(ds['device_bytes'])} per device for model states; memdiag's parameters + gradients + "
             f"optimizer states are {format_bytes(ds['memdiag_model_states_bytes'])} ({ds['difference_explained']}: "
             f"{format_bytes(ds['memdiag_plus_explained_bytes'])})"
+        )
+        print(
+            f"  host: DeepSpeed's estimator (offload={settings.offload}, its default buffer factor 1.5) says "
+            f"{format_bytes(ds['host_bytes_per_node_with_offload_x1_5'])} per node; memdiag's peak is "
+            f"{format_bytes(ds['memdiag_host_peak_bytes_per_node'])} ({anchor.binding_phase}), with the runtime, "
+            "loading and checkpoint phases it leaves out"
         )
     if fixes:
         print(f"\nto make {full_node.name} fit (one change at a time):")

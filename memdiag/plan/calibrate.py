@@ -53,7 +53,7 @@ def observe(run: Run) -> Observation:
     config = run.spec.get("config")
     if not config:
         raise UsageError(f"{run.path}: no run.json config; calibrate from `memdiag run` runs")
-    arch = Architecture.from_case_model(config["model"])
+    arch = Architecture.for_case(config.get("case") or "baichuan2_13b", config["model"], dtype=config["dtype"])
     settings = Settings(
         zero_stage=config["zero_stage"], micro_batch=config["micro_batch"], seq_len=config["seq_len"],
         dtype=config["dtype"], load=config["load"], load_dtype=config.get("load_dtype"),

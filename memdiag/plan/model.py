@@ -1,13 +1,19 @@
-"""The architecture the planner needs, from the case or from any HF ``config.json``."""
+"""The architecture the planner needs, from the case or from any HF ``config.json``.
+
+``facts`` (memdiag.plan.arch) are counted from the model itself: exact parameters, largest
+layer, tied weights and saved-for-backward bytes. Without them (``from_case_model`` alone)
+the dense-SwiGLU formula below stands in.
+"""
 
 from __future__ import annotations
 
 import json
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memdiag.errors import UsageError
+from memdiag.plan.arch import ModelFacts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,6 +28,8 @@ class Architecture:
     fused_qkv: bool = True
     """Baichuan's W_pack; only the parameter names differ, not the count."""
     name: str = "model"
+    facts: ModelFacts | None = None
+    """Counted from the model (meta device, FakeTensorMode); they override the formulas."""
 
     @property
     def head_dim(self) -> int:
@@ -29,6 +37,8 @@ class Architecture:
 
     @functools.cached_property  # the layout search asks for it per layout
     def num_parameters(self) -> int:
+        if self.facts is not None:
+            return self.facts.num_parameters
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         kv = self.num_kv_heads * self.head_dim
         attention = h * h + 2 * h * kv + h * h  # q, k, v, o
@@ -37,7 +47,16 @@ class Architecture:
         return v * h + self.num_layers * per_layer + h + head
 
     @property
+    def largest_layer_params(self) -> int:
+        """Parameters of the largest decoder layer (what ZeRO-3 gathers at once)."""
+        if self.facts is not None:
+            return self.facts.largest_layer_params
+        return self.num_parameters // max(self.num_layers, 1)
+
+    @property
     def largest_tensor_elements(self) -> int:
+        if self.facts is not None:
+            return self.facts.largest_tensor_elements
         return max(self.vocab_size * self.hidden_size, 3 * self.hidden_size * self.hidden_size, self.hidden_size * self.intermediate_size)
 
     @classmethod
@@ -54,7 +73,46 @@ class Architecture:
         )
 
     @classmethod
-    def from_hf_config(cls, path: str | Path) -> Architecture:
+    def from_facts(cls, facts: ModelFacts) -> Architecture:
+        return cls(
+            hidden_size=facts.hidden_size,
+            num_layers=facts.num_layers,
+            num_heads=facts.num_heads,
+            num_kv_heads=facts.num_kv_heads,
+            intermediate_size=facts.intermediate_size,
+            vocab_size=facts.vocab_size,
+            tied_embeddings=facts.tied_parameters > 0,
+            name=facts.name,
+            facts=facts,
+        )
+
+    @classmethod
+    def counted(cls, config: dict, *, dtype: str, attention: str, model_class=None) -> Architecture:
+        """From the model itself (cached per config); see memdiag.plan.arch."""
+        from memdiag.plan import arch
+
+        return cls.from_facts(arch.facts(config, dtype=dtype, attention=attention, model_class=model_class))
+
+    @classmethod
+    def for_case(cls, case: str, model: dict, *, dtype: str = "bf16", attention: str = "plain") -> Architecture:
+        """The case's own model class, counted (its name from the config group, e.g. 13b)."""
+        import importlib
+
+        module = importlib.import_module(f"cases.{case}")
+        attention = getattr(module, "MODEL_ATTENTION", attention)  # a model with one attention path
+        counted = cls.counted(module.model_config(model), dtype=dtype, attention=attention, model_class=module.MODEL_CLASS)
+        scale = model.get("scale")
+        return replace(counted, name=f"{case.split('_')[0]} {scale}".strip() if scale else counted.name)
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path, *, dtype: str = "bf16", attention: str = "plain") -> Architecture:
+        """Any HF decoder's ``config.json`` (or its directory), counted from the model itself."""
+        from memdiag.plan import arch
+
+        return cls.counted(arch.read_config(path), dtype=dtype, attention=attention)
+
+    @classmethod
+    def from_hf_config_formula(cls, path: str | Path) -> Architecture:
         path = Path(path)
         try:
             cfg = json.loads(path.read_text())

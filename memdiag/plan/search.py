@@ -6,8 +6,12 @@ from dataclasses import dataclass, replace
 
 from memdiag.config import HardwareProfile
 from memdiag.plan.model import Architecture
-from memdiag.plan.terms import Coefficients, Settings, activation_terms, device_terms, host_terms
+from memdiag.plan.terms import Coefficients, Settings, activation_terms, device_terms, host_phase_terms
 from memdiag.units import format_bytes
+
+
+DEVICE_USED_ONLY = ("allocator_reserve", "runtime_context", "nccl_buffers")
+"""Device terms that are not tensors: in the "used" figure, not in the allocated one."""
 
 
 @dataclass(frozen=True)
@@ -15,11 +19,30 @@ class LayoutResult:
     nodes: int
     devices_per_node: int
     device_terms: dict[str, float]
-    host_load_terms: dict[str, float]
-    host_steady_terms: dict[str, float]
+    host_phases: dict[str, dict[str, float]]
+    """Per phase (load, initialize, training, save, resume), the host terms of the busiest
+    node (the one of global rank 0)."""
     device_capacity_bytes: float
     host_limit_bytes: float
     devices_per_card: int
+
+    @property
+    def host_load_terms(self) -> dict[str, float]:
+        return self.host_phases["load"]
+
+    @property
+    def host_steady_terms(self) -> dict[str, float]:
+        return self.host_phases["training"]
+
+    @property
+    def host_phase_peaks(self) -> dict[str, float]:
+        return {phase: sum(terms.values()) for phase, terms in self.host_phases.items()}
+
+    @property
+    def binding_phase(self) -> str:
+        """The phase whose node host peak is the highest."""
+        peaks = self.host_phase_peaks
+        return max(peaks, key=peaks.get)
 
     @property
     def world(self) -> int:
@@ -27,7 +50,14 @@ class LayoutResult:
 
     @property
     def device_peak_bytes(self) -> float:
+        """The device's "used" peak (what nvidia-smi shows, and what runs out): allocated
+        tensors plus the allocator's reserve, the runtime context and NCCL's buffers."""
         return sum(self.device_terms.values())
+
+    @property
+    def device_allocated_peak_bytes(self) -> float:
+        """Tensors alone (torch.cuda.max_memory_allocated)."""
+        return sum(v for k, v in self.device_terms.items() if k not in DEVICE_USED_ONLY)
 
     @property
     def host_load_bytes(self) -> float:
@@ -39,7 +69,7 @@ class LayoutResult:
 
     @property
     def host_peak_bytes(self) -> float:
-        return max(self.host_load_bytes, self.host_steady_bytes)
+        return max(self.host_phase_peaks.values())
 
     @property
     def device_margin_bytes(self) -> float:
@@ -59,7 +89,7 @@ class LayoutResult:
         if self.device_margin_bytes < 0:
             problems.append(f"device OOM by {format_bytes(-self.device_margin_bytes)}")
         if self.host_margin_bytes < 0:
-            problems.append(f"host OOM by {format_bytes(-self.host_margin_bytes)}")
+            problems.append(f"host OOM by {format_bytes(-self.host_margin_bytes)} ({self.binding_phase})")
         if problems:
             return ", ".join(problems)
         return f"fits (device margin {format_bytes(self.device_margin_bytes)}, host margin {format_bytes(self.host_margin_bytes)})"
@@ -74,16 +104,23 @@ class LayoutResult:
         terms = {f"device.{k}": int(v) for k, v in self.device_terms.items()}
         terms |= {f"host_load.{k}": int(v) for k, v in self.host_load_terms.items()}
         terms |= {f"host_steady.{k}": int(v) for k, v in self.host_steady_terms.items()}
+        for phase in ("initialize", "save", "resume"):
+            terms |= {f"host_{phase}.{k}": int(v) for k, v in self.host_phases.get(phase, {}).items()}
         return {
             "nodes": self.nodes,
             "devices_per_node": self.devices_per_node,
             "cards_per_node": self.devices_per_node / self.devices_per_card,
             "world_size": self.world,
             "device_peak_bytes": int(self.device_peak_bytes),
+            "device_used_peak_bytes": int(self.device_peak_bytes),
+            "device_allocated_peak_bytes": int(self.device_allocated_peak_bytes),
+            "device_verdict_uses": "used",
             "device_capacity_bytes": int(self.device_capacity_bytes),
             "host_peak_bytes_per_node": int(self.host_peak_bytes),
             "host_load_bytes_per_node": int(self.host_load_bytes),
             "host_steady_bytes_per_node": int(self.host_steady_bytes),
+            "host_peak_bytes_by_phase": {k: int(v) for k, v in self.host_phase_peaks.items()},
+            "binding_host_phase": self.binding_phase,
             "host_limit_bytes": int(self.host_limit_bytes),
             "fits": self.fits,
             "verdict": self.verdict,
@@ -108,7 +145,9 @@ def evaluate(
     dev = device_terms(arch, settings, world, coefficients, act)
     if hardware.device_runtime_context_bytes:
         dev["runtime_context"] = float(hardware.device_runtime_context_bytes)
-    load, steady = host_terms(
+    if not cpu and world > 1:
+        dev["nccl_buffers"] = coefficients.nccl_buffer_bytes
+    phases = host_phase_terms(
         arch,
         settings,
         local_ranks=devices_per_node,
@@ -121,8 +160,7 @@ def evaluate(
         nodes=nodes,
         devices_per_node=devices_per_node,
         device_terms=dev,
-        host_load_terms=load,
-        host_steady_terms=steady,
+        host_phases=phases,
         device_capacity_bytes=device_capacity_bytes,
         host_limit_bytes=host_limit_bytes,
         devices_per_card=hardware.devices_per_card,
@@ -187,19 +225,23 @@ def fixes_for(layout: LayoutResult, arch, settings, hardware, coefficients, *, d
     return found
 
 
-def deepspeed_estimate(arch: Architecture, devices_per_node: int, nodes: int, *, zero_init: bool) -> dict[str, int]:
-    """DeepSpeed's own ZeRO-3 model-state estimate (no offload) with the true counts.
+def deepspeed_estimate(
+    arch: Architecture, devices_per_node: int, nodes: int, *, zero_init: bool, offload: str = "none",
+    buffer_factor: float = 1.0,
+) -> dict[str, int]:
+    """DeepSpeed's own ZeRO-3 model-state estimate with the true counts (its estimator,
+    transcribed in memdiag.plan.estimator and tested against the installed DeepSpeed).
 
     The ``..._all_cold`` entry point prints; the function below it returns the figures. Its
     ``..._all_live`` variant counts a live model's parameters, which under zero.Init or on
     the meta device are empty, so it is not used."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from memdiag.plan.estimator import estimate_zero3_model_states_mem_needs
 
-    largest_layer = arch.num_parameters // max(arch.num_layers, 1)
-    largest = max(largest_layer, arch.largest_tensor_elements)
+    largest = max(arch.largest_layer_params, arch.largest_tensor_elements)
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
         arch.num_parameters, largest, num_gpus_per_node=devices_per_node, num_nodes=nodes,
-        cpu_offload=False, cpu_offload_params=False, zero_init=zero_init, additional_buffer_factor=1.0,
+        cpu_offload=offload in ("optimizer", "params"), cpu_offload_params=offload == "params", zero_init=zero_init,
+        additional_buffer_factor=buffer_factor,
     )
     return {"host_bytes_per_node": cpu, "device_bytes": gpu, "largest_layer_params": largest}
 
@@ -220,7 +262,7 @@ def check_run_layout(config, host_limit_bytes: int, device_capacity_bytes: int):
         grad_accum=config.grad_accum, dtype=config.dtype, load=config.load, load_dtype=config.load_dtype,
         checkpoint_format=fmt, ds_buffers=load_ds_config(config).get("zero_optimization", {}),
     )
-    arch = Architecture.from_case_model(config.model)
+    arch = Architecture.for_case(config.case, config.model, dtype=config.dtype, attention=settings.attention)
     coefficients = Coefficients()
     chosen = evaluate(arch, settings, config.hardware, config.nnodes, config.nproc_per_node, coefficients,
                       device_capacity_bytes=device_capacity_bytes, host_limit_bytes=host_limit_bytes)

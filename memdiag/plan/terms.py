@@ -11,6 +11,7 @@ o_proj input 2sbh, gate/up input 2sbh -> 28 sbh; the ALiBi attention scores and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 from memdiag.plan.model import Architecture
@@ -33,6 +34,10 @@ class Coefficients:
     backward_transient_sbv: float = 6.0
     """Gradient of the logits (fp32) and its bf16 cast."""
     allocator_reserve_fraction: float = 0.05
+    """The caching allocator's reserve and fragmentation over the allocated peak (an
+    assumption until fitted: ``plan --calibrate`` on recorded CUDA runs)."""
+    nccl_buffer_bytes: float = 0.5 * 2**30
+    """NCCL's communication buffers per device (channels x peers x NCCL_BUFFSIZE; an assumption)."""
     host_runtime_bytes: float = 0.35 * 2**30
     """One rank's host RAM before the model: Python, torch, DeepSpeed, transformers."""
     host_state_factor: float = 1.0
@@ -76,6 +81,10 @@ class Settings:
     checkpoint_shards: int = 3
     """Shards of the checkpoint (Baichuan2-13B-Base ships three .bin files); one is in memory
     at a time while a rank reads it."""
+    pin_memory: bool = False
+    """``offload_optimizer.pin_memory`` (DeepSpeed's default: false)."""
+    save_16bit_weights: bool = False
+    """``stage3_gather_16bit_weights_on_model_save`` (what HF's save_model needs under ZeRO-3)."""
     ds_buffers: dict = field(default_factory=dict)
     """``stage3_max_live_parameters``, ``stage3_prefetch_bucket_size``, ``reduce_bucket_size``,
     ``allgather_bucket_size``, ``sub_group_size`` from the ds_config (elements)."""
@@ -89,13 +98,38 @@ class Settings:
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
+SCORE_TENSORS = {"plain": 1.0, "sdpa_math": 0.5, "fused": 0.0}
+"""s x s tensors a layer saves, relative to plain attention (scores and softmax: two)."""
+
+
+def _measured_layer(arch: Architecture, s: Settings) -> tuple[float, float, float] | None:
+    """(per layer s-linear bytes, per layer s^2 bytes, head bytes) from the counted forward,
+    for the micro-batch; None when the architecture was not counted."""
+    saved = arch.facts.saved if arch.facts is not None else None
+    if saved is None:
+        return None
+    b, seq = s.micro_batch, s.seq_len
+    scale = DTYPE_BYTES[s.dtype] / DTYPE_BYTES[saved.dtype]
+    squared = saved.layer_per_token_squared * seq * seq
+    if saved.attention != s.attention:
+        # a model that runs one attention path (the case's own): the s^2 part scales with the
+        # number of score tensors the requested path keeps
+        squared *= SCORE_TENSORS[s.attention] / SCORE_TENSORS[saved.attention] if SCORE_TENSORS[saved.attention] else 0.0
+    return saved.layer_per_token * seq * b * scale, squared * b * scale, (saved.head_per_token * seq * b + saved.head_fixed) * scale
+
+
 def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[str, float]:
-    """Saved-for-backward bytes at the end of the forward, plus the backward's transient."""
+    """Saved-for-backward bytes at the end of the forward, plus the backward's transient.
+    Counted from the model's forward when ``arch.facts`` has them, else the formula above."""
     b, seq, h, i, a, v = s.micro_batch, s.seq_len, arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.vocab_size
     scale = DTYPE_BYTES[s.dtype] / 2
     layer = (c.layer_sbh * seq * b * h + c.layer_sbi * seq * b * i) * scale
     per_score = {"plain": c.layer_as2b, "sdpa_math": c.layer_as2b_sdpa_math, "fused": 0.0}[s.attention]
     scores = per_score * a * seq * seq * b * scale
+    head = c.head_sbh * seq * b * h * scale + c.head_sbv * seq * b * v + 2 * v * h * scale
+    measured = _measured_layer(arch, s)
+    if measured is not None:
+        layer, scores, head = measured
     if s.activation_checkpointing:  # layer inputs kept; one layer recomputed at a time
         layers, all_scores = arch.num_layers * 2 * seq * b * h * scale + layer, scores
     else:
@@ -104,7 +138,7 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
     return {
         "activations": layers,
         "attention_scores": all_scores,
-        "logits_and_loss": c.head_sbh * seq * b * h * scale + c.head_sbv * seq * b * v + 2 * v * h * scale,
+        "logits_and_loss": head,
         "backward_transient": max(transient_scores, c.backward_transient_sbv * seq * b * v),
     }
 
@@ -188,11 +222,7 @@ def host_terms(
         else:
             load["checkpoint_mmap_once_per_node"] = shard
     steady: dict[str, float] = {"runtime_base": runtime}
-    if s.offload in ("optimizer", "params"):
-        steady["offloaded_optimizer_states"] = local_ranks * 12 * n / world
-        steady["pinned_buffers"] = local_ranks * 4 * float(s.ds_buffers.get("sub_group_size", 1e9))
-    if s.offload == "params":
-        steady["offloaded_parameters"] = local_ranks * DTYPE_BYTES[s.dtype] * n / world
+    steady |= offload_terms(arch, s, local_ranks=local_ranks, world=world)
     if cpu_accelerator:  # the CPU accelerator keeps the "device" in host RAM
         dev = device_terms(arch, s, world, c)
         states = dev["parameters"] + dev["gradients"] + dev["optimizer_states"]
@@ -202,6 +232,98 @@ def host_terms(
         steady["activations"] = local_ranks * (act["activations"] + act["attention_scores"] + act["logits_and_loss"])
         steady["rank_fixed"] = local_ranks * c.host_rank_fixed_bytes
     return load, steady
+
+
+def _pow2_ceil(size: float) -> float:
+    return float(1 << max(0, math.ceil(math.log2(size)))) if size > 1 else size
+
+
+def offload_terms(arch: Architecture, s: Settings, *, local_ranks: int, world: int) -> dict[str, float]:
+    """Host RAM per node that ZeRO-3 offload holds, as DeepSpeed 0.19 lays it out
+    (deepspeed/runtime/zero/stage3.py) for a partition of x = N / world elements per rank:
+
+    - ``offload_optimizer``: the fp32 master partition (4x), Adam's exp_avg and exp_avg_sq
+      (8x, DeepSpeedCPUAdam's ``zeros_like`` of the master), the flat fp32 gradient partitions
+      ``grad_partitions_flat_buffer`` (4x, on the CPU when the optimizer is), and each sub-group
+      master's ``.grad`` buffer (4x, kept when offloading: ``initialize_optimizer_states``);
+    - ``offload_param``: the bf16 parameter partitions ``param_groups_fp16_flat_cpu_memory``
+      (2x, always pinned);
+    - ``pin_memory``: the gradient buffers pinned; torch's CachingHostAllocator rounds each
+      pinned block up to a power of two (``pinned_max_round_threshold`` defaults to no limit).
+    """
+    if s.offload not in ("optimizer", "params"):
+        return {}
+    n = arch.num_parameters
+    x = n / world
+    sub_group = min(float(s.ds_buffers.get("sub_group_size", 1e9)), x)
+    groups = max(1, math.ceil(x / sub_group))
+    terms = {
+        "offloaded_fp32_master": local_ranks * 4 * x,
+        "offloaded_adam_moments": local_ranks * 8 * x,
+        "offloaded_fp32_gradients": local_ranks * 4 * x,
+        "offloaded_master_grad_buffers": local_ranks * 4 * x,
+    }
+    pinned = [4 * x] + [4 * sub_group] * groups if s.pin_memory else []
+    if s.offload == "params":
+        terms["offloaded_parameters"] = local_ranks * DTYPE_BYTES[s.dtype] * x
+        pinned.append(DTYPE_BYTES[s.dtype] * x)
+    if pinned:
+        terms["pinned_power_of_two_rounding"] = local_ranks * sum(_pow2_ceil(b) - b for b in pinned)
+    return terms
+
+
+HOST_PHASES = ("load", "initialize", "training", "save", "resume")
+
+
+def host_phase_terms(
+    arch: Architecture,
+    s: Settings,
+    *,
+    local_ranks: int,
+    world: int,
+    runtime_context_bytes: float,
+    cpu_accelerator: bool,
+    c: Coefficients,
+    first_node: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Per node, the terms of each phase whose host peak can bind: loading, deepspeed.initialize
+    (the optimizer's partitions being created), training, saving a checkpoint and resuming one.
+    ``first_node``: the node of global rank 0, which gathers the 16-bit weights on save."""
+    load, steady = host_terms(
+        arch, s, local_ranks=local_ranks, world=world, runtime_context_bytes=runtime_context_bytes,
+        cpu_accelerator=cpu_accelerator, c=c,
+    )
+    n = arch.num_parameters
+    x = n / world
+    sub_group = min(float(s.ds_buffers.get("sub_group_size", 1e9)), x)
+    phases = {"load": load, "training": steady}
+    initialize = dict(steady)
+    if s.offload in ("optimizer", "params"):
+        # initialize_optimizer_states' fp32 gradient_buffer of the largest sub-group (and the
+        # bf16 -> fp32 copies that make each master partition) exist only while it runs
+        initialize["initialize_transient"] = local_ranks * 4 * sub_group
+    phases["initialize"] = initialize
+    if s.zero_stage >= 3:
+        save = dict(steady)
+        # each rank torch.save's its optimizer shard; from the device one fp32 flat buffer at a
+        # time is copied to the host to be written (from offload, it is written in place)
+        if s.offload == "none":
+            save["optimizer_shard_staging"] = local_ranks * 4 * sub_group
+        if s.save_16bit_weights and first_node:
+            # stage3_gather_16bit_weights_on_model_save: rank 0 gathers the whole 16-bit model
+            save["gathered_16bit_model_rank0"] = DTYPE_BYTES[s.dtype] * n
+        phases["save"] = save
+        resume = dict(steady)
+        # load_checkpoint: each rank reads its optimizer shard (fp32 master + both moments) to the host
+        resume["optimizer_shard_read"] = local_ranks * 12 * x
+        phases["resume"] = resume
+    return phases
+
+
+def consolidation_bytes(arch: Architecture) -> float:
+    """Offline ``zero_to_fp32.py``: every rank's optimizer shard loaded (12 B a parameter over
+    all shards) and the fp32 state dict it builds (4 B): one machine, 16 B a parameter."""
+    return 16.0 * arch.num_parameters
 
 
 def with_coefficients(c: Coefficients, **changes) -> Coefficients:

@@ -32,11 +32,12 @@ def test_architecture_counts_match_the_model():
 
 
 def test_hf_config_json(tmp_path):
-    cfg = dict(B13, num_key_value_heads=8, tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    cfg = dict(B13, num_key_value_heads=8, tie_word_embeddings=True, architectures=["LlamaForCausalLM"], model_type="llama")
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     arch = Architecture.from_hf_config(path)
     assert arch.num_kv_heads == 8 and arch.tied_embeddings
+    assert arch.facts.tied_parameters == B13["vocab_size"] * B13["hidden_size"]
     assert arch.num_parameters < Architecture.from_case_model(B13).num_parameters  # GQA + tied
 
 
@@ -69,7 +70,8 @@ def test_reference_loading_reproduces_the_seed_host_decision():
     assert two_nodes["host_peak_bytes_per_node"] <= 500 * 2**30
     assert one_node["terms"]["host_load.model_full_copy_per_rank"] == 16 * 4 * one_node_params(data)
     zero_init = next(f for f in data["fixes_for_full_node"] if f["change"] == "load=zero_init")
-    assert zero_init["host_peak_bytes_per_node"] < 100 * 2**30
+    # lean loading leaves resuming (every rank reads its 12 B/param optimizer shard) the binding phase
+    assert zero_init["host_peak_bytes_per_node"] < 250 * 2**30
     # with the benchmark's attention path the device side agrees: 2 nodes x 4 cards is the choice
     assert not one_node["fits"] and two_nodes["fits"] and zero_init["fits"]
     assert (data["recommended"]["nodes"], data["recommended"]["devices_per_node"]) == (2, 8)
@@ -129,7 +131,9 @@ def test_zero_stage_and_offload_move_the_terms():
     assert stage2["device.parameters"] == 8 * base["device.parameters"]
     offload = plan_json("--host-ram", "2T", "--layout", "1x8", "offload=optimizer")["layouts"][0]["terms"]
     assert offload["device.optimizer_states"] == 0
-    assert offload["host_steady.offloaded_optimizer_states"] == pytest.approx(8 * base["device.optimizer_states"], rel=1e-6)
+    # DeepSpeed's layout on the host: fp32 master + both moments = the device's optimizer states
+    master_and_moments = offload["host_steady.offloaded_fp32_master"] + offload["host_steady.offloaded_adam_moments"]
+    assert master_and_moments == pytest.approx(8 * base["device.optimizer_states"], rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,296 @@
+"""Architecture facts of any HF decoder, counted from the model itself, not from a formula.
+
+- Parameters, the largest layer and tied weights: the model built on the meta device
+  (``AutoModelForCausalLM.from_config``, ``trust_remote_code`` where the config asks); tied
+  weights are one ``Parameter``, so counting unique parameters counts them once.
+- Saved-for-backward bytes: the model's real forward (with labels, in train mode, in the
+  dtype trained in) under ``FakeTensorMode`` with ``saved_tensors_hooks``, counting unique
+  storages that are not parameters: exact bytes, nothing allocated. Run with 1 and 2 decoder
+  layers at two sequence lengths, which separates per layer ``x * s + y * s^2`` from the head's
+  ``u * s + w`` (all per sequence of the micro-batch).
+
+Both are cached on disk per (config, dtype, attention), so a layout search or a second plan
+never builds a model. torch and transformers are imported only when counting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from memdiag.errors import UsageError
+
+CACHE_VERSION = 1
+PROBE_SEQ = (256, 512)
+"""Sequence lengths the forward is run at; two points fit the s and s^2 terms exactly."""
+ATTN_IMPLEMENTATION = {"plain": "eager", "sdpa_math": "sdpa", "fused": "sdpa"}
+"""How the planner's attention settings map onto transformers' ``attn_implementation``."""
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedBytes:
+    """Saved-for-backward bytes for one sequence of length ``s`` (multiply by the micro-batch)."""
+
+    layer_per_token: float
+    layer_per_token_squared: float
+    head_per_token: float
+    head_fixed: float
+    attention: str
+    dtype: str
+
+    def layer(self, s: int) -> float:
+        return self.layer_per_token * s + self.layer_per_token_squared * s * s
+
+    def head(self, s: int) -> float:
+        return self.head_per_token * s + self.head_fixed
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelFacts:
+    name: str
+    model_class: str
+    num_parameters: int
+    num_layers: int
+    largest_layer_params: int
+    """The largest decoder layer (what ZeRO-3 gathers at once)."""
+    largest_tensor_elements: int
+    tied_parameters: int
+    """Elements shared by tied tensors, counted once in ``num_parameters``."""
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+    saved: SavedBytes | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelFacts:
+        data = dict(data)
+        saved = data.pop("saved", None)
+        return cls(**data, saved=SavedBytes(**saved) if saved else None)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MEMDIAG_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "memdiag")
+    return Path(base) / "arch"
+
+
+def _key(config: dict, model_class: str | None, dtype: str, attention: str) -> str:
+    text = json.dumps({"v": CACHE_VERSION, "config": config, "class": model_class, "dtype": dtype, "attention": attention}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def read_config(path: str | Path) -> dict:
+    """An HF ``config.json`` (or the directory holding it) as a dict, with a clear error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--model-config {path}: no such file") from None
+    except ValueError as exc:
+        raise UsageError(f"--model-config {path} is not JSON: {exc}") from None
+    if not isinstance(config, dict) or "model_type" not in config and "architectures" not in config:
+        raise UsageError(f"--model-config {path}: not an HF model config (no model_type or architectures)")
+    config["_memdiag_source_dir"] = str(path.parent.resolve())
+    return config
+
+
+def _import(path: str):
+    import importlib
+
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def facts(config: dict, *, dtype: str = "bf16", attention: str = "plain", model_class: str | None = None, trust_remote_code: bool | None = None) -> ModelFacts:
+    """Counted facts for ``config`` (an HF config dict), from the cache when it has them.
+    ``model_class``: ``"module:Class"`` of a ``PreTrainedModel`` to build instead of the Auto
+    class (the case's own model; its config class is its ``config_class``), imported only
+    when counting."""
+    clean = {k: v for k, v in config.items() if k != "_memdiag_source_dir"}
+    key = _key(clean, model_class, dtype, attention)
+    path = cache_dir() / f"{key}.json"
+    try:
+        return ModelFacts.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    counted = count(
+        config, dtype=dtype, attention=attention, model_class=_import(model_class) if model_class else None,
+        trust_remote_code=trust_remote_code,
+    )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(counted.to_dict()))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: count again next time
+    return counted
+
+
+def _hf_config(config: dict, model_class, trust_remote_code: bool | None, **changes):
+    from transformers import AutoConfig
+
+    data = {k: v for k, v in config.items() if k != "_memdiag_source_dir"} | changes
+    if model_class is not None:
+        return model_class.config_class(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
+    source = config.get("_memdiag_source_dir")
+    remote = bool(config.get("auto_map")) if trust_remote_code is None else trust_remote_code
+    try:
+        if remote and source:
+            base = AutoConfig.from_pretrained(source, trust_remote_code=True)
+            for key, value in changes.items():
+                setattr(base, key, value)
+            return base
+        model_type = data.pop("model_type", None)
+        if model_type is None:
+            raise UsageError("the config has no model_type: transformers cannot tell which model to build")
+        return AutoConfig.for_model(model_type, **data)
+    except (ValueError, KeyError, OSError) as exc:
+        raise UsageError(
+            f"transformers cannot build this config ({exc}); a remote-code model needs its config.json in a "
+            "directory with its modeling files (auto_map), or a newer transformers"
+        ) from None
+
+
+def _build(hf_config, model_class, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    if model_class is not None:
+        return model_class(hf_config)
+    try:
+        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise UsageError(f"transformers cannot build a causal LM from this config: {exc}") from None
+
+
+def _layers(model) -> list:
+    """The repeated decoder layers: the longest ``ModuleList`` in the model."""
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=len) if lists else []
+
+
+def _num_layers_key(hf_config) -> str:
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        if hasattr(hf_config, key):
+            return key
+    text_config = getattr(hf_config, "text_config", None)
+    if text_config is not None:
+        raise UsageError("a multimodal config: give the text model's config (its text_config) to plan the decoder")
+    raise UsageError("the config says nothing of its number of layers (num_hidden_layers)")
+
+
+def count(config: dict, *, dtype: str, attention: str, model_class=None, trust_remote_code: bool | None = None) -> ModelFacts:
+    import torch
+
+    remote = bool(config.get("auto_map")) if trust_remote_code is None else trust_remote_code
+    hf_config = _hf_config(config, model_class, remote)
+    layers_key = _num_layers_key(hf_config)
+    with torch.device("meta"):
+        model = _build(hf_config, model_class, remote)
+    unique = {id(p): p for p in model.parameters()}
+    n = sum(p.numel() for p in unique.values())
+    tied = _tied_elements(model)
+    layers = _layers(model)
+    largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=n)
+    largest_tensor = max((p.numel() for p in unique.values()), default=0)
+    text = getattr(hf_config, "text_config", None) or hf_config
+    heads = int(getattr(text, "num_attention_heads", getattr(text, "n_head", 0)) or 0)
+    facts_ = ModelFacts(
+        name=str((config.get("architectures") or [type(model).__name__])[0]),
+        model_class=type(model).__name__,
+        num_parameters=n,
+        num_layers=len(layers),
+        largest_layer_params=largest_layer,
+        largest_tensor_elements=largest_tensor,
+        tied_parameters=tied,
+        hidden_size=int(getattr(text, "hidden_size", getattr(text, "n_embd", 0)) or 0),
+        num_heads=heads,
+        num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+        intermediate_size=int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 0),
+        vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        saved=saved_bytes(config, hf_config_for=lambda **c: _hf_config(config, model_class, remote, **c),
+                          layers_key=layers_key, model_class=model_class, remote=remote, dtype=dtype, attention=attention),
+    )
+    return facts_
+
+
+def _tied_elements(model) -> int:
+    """Elements of parameters that appear under more than one name (tied embeddings)."""
+    names: dict[int, list[str]] = {}
+    sizes: dict[int, int] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        sizes[id(p)] = p.numel()
+    return sum(sizes[k] * (len(v) - 1) for k, v in names.items() if len(v) > 1)
+
+
+def _saved_in_forward(hf_config, model_class, remote: bool, dtype: str, attention: str, seq: int) -> int:
+    """Bytes of unique non-parameter storages saved for backward by one training forward."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    if model_class is None:
+        hf_config._attn_implementation = ATTN_IMPLEMENTATION[attention]
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        base = tensor._base if tensor._base is not None else tensor
+        if not (base.is_leaf and base.requires_grad):
+            storage = tensor.untyped_storage()
+            storages[storage._cdata] = storage.nbytes()
+        return tensor
+
+    previous = torch.get_default_dtype()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        torch.set_default_dtype(torch_dtype)  # built in the dtype trained in (a .to() cannot swap fakes)
+        try:
+            model = _build(hf_config, model_class, remote).train()
+        finally:
+            torch.set_default_dtype(previous)
+        vocab = int(getattr(getattr(hf_config, "text_config", None) or hf_config, "vocab_size"))
+        ids = torch.randint(0, vocab, (1, seq))
+        context = _attention_backend(attention)
+        with context, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids)
+    return sum(storages.values())
+
+
+def _attention_backend(attention: str):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if attention == "sdpa_math":
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
+def saved_bytes(config: dict, *, hf_config_for, layers_key: str, model_class, remote: bool, dtype: str, attention: str) -> SavedBytes:
+    """Per layer ``x s + y s^2`` and head ``u s + w`` from forwards at 1 and 2 layers and two
+    sequence lengths."""
+    s1, s2 = PROBE_SEQ
+    totals = {}
+    for layers in (1, 2):
+        for seq in PROBE_SEQ:
+            totals[layers, seq] = _saved_in_forward(hf_config_for(**{layers_key: layers}), model_class, remote, dtype, attention, seq)
+    layer1, layer2 = totals[2, s1] - totals[1, s1], totals[2, s2] - totals[1, s2]
+    head1, head2 = totals[1, s1] - layer1, totals[1, s2] - layer2
+    # layer(s) = x s + y s^2 through (s1, layer1), (s2, layer2)
+    y = (layer2 / s2 - layer1 / s1) / (s2 - s1)
+    x = layer1 / s1 - y * s1
+    u = (head2 - head1) / (s2 - s1)
+    w = head1 - u * s1
+    return SavedBytes(layer_per_token=x, layer_per_token_squared=y, head_per_token=u, head_fixed=w, attention=attention, dtype=dtype)

@@ -1,0 +1,165 @@
+"""Architecture facts counted from the model itself (meta device, FakeTensorMode), checked
+against published parameter counts, against a real forward, and against the case's formula."""
+
+import json
+
+import pytest
+import torch
+
+from memdiag.errors import UsageError
+from memdiag.plan import arch as arch_mod
+from memdiag.plan.model import Architecture
+from memdiag.plan.terms import Coefficients, Settings, activation_terms
+
+B13 = dict(vocab_size=125696, hidden_size=5120, intermediate_size=13696, num_hidden_layers=40, num_attention_heads=40)
+
+# Published totals (what transformers' num_parameters() reports for the released checkpoints,
+# also quoted in their model cards and papers: Llama-2-7B 6.74B, Mixtral-8x7B 46.7B, GPT-2 124M)
+PUBLISHED = [
+    ("llama-2-7b", dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=32), 6_738_415_616, 0),
+    ("mixtral-8x7b", dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2),
+     46_702_792_704, 0),
+    ("gpt2", dict(model_type="gpt2", vocab_size=50257, n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+     124_439_808, 50257 * 768),  # GELU MLP, tied LM head
+]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMDIAG_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("name, config, total, tied", PUBLISHED, ids=[p[0] for p in PUBLISHED])
+def test_parameter_counts_match_the_published_models(name, config, total, tied):
+    facts = arch_mod.facts(config)
+    assert facts.num_parameters == total
+    assert facts.tied_parameters == tied
+
+
+def test_moe_is_counted_from_the_model_not_the_dense_formula():
+    mixtral = PUBLISHED[1][1]
+    counted = arch_mod.facts(mixtral)
+    formula = Architecture(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336, vocab_size=32000)
+    assert counted.num_parameters > 5 * formula.num_parameters  # 8 experts, not one MLP
+    assert counted.largest_layer_params > 8 * 3 * 4096 * 14336  # a layer holds all its experts
+
+
+def test_fake_forward_counts_what_a_real_forward_saves():
+    """The FakeTensorMode count (nothing allocated) against saved_tensors_hooks on a real bf16
+    forward of the same small Llama, at a length the fit did not use."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from memdiag.categories import SavedTensorCounter
+
+    config = dict(model_type="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=4)
+    facts = arch_mod.facts(config, attention="plain")
+    torch.manual_seed(0)
+    real_config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    real_config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(real_config, dtype=torch.bfloat16).train()
+    seq = 384
+    ids = torch.randint(0, 2048, (1, seq))
+    counter = SavedTensorCounter()
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+        model(input_ids=ids, labels=ids)
+    predicted = 3 * facts.saved.layer(seq) + facts.saved.head(seq)
+    assert abs(predicted - counter.total_bytes) / counter.total_bytes < 0.01
+
+
+@pytest.mark.parametrize("attention", ["plain", "sdpa_math", "fused"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_case_counted_gives_todays_figures_within_1_percent(attention, checkpointing):
+    formula = Architecture.from_case_model(B13)
+    counted = Architecture.for_case("baichuan2_13b", dict(B13, scale="13b"))
+    assert counted.num_parameters == formula.num_parameters and counted.name == "baichuan2 13b"
+    for seq in (2048, 4096):
+        s = Settings(seq_len=seq, attention=attention, activation_checkpointing=checkpointing)
+        a, b = activation_terms(formula, s, Coefficients()), activation_terms(counted, s, Coefficients())
+        for term, value in a.items():
+            assert b[term] == pytest.approx(value, rel=0.01, abs=1.0), term
+
+
+def test_counted_facts_are_cached_per_config(tmp_path):
+    config = PUBLISHED[2][1]
+    first = arch_mod.facts(config)
+    files = list((tmp_path / "cache" / "arch").glob("*.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    data["num_parameters"] = 7  # the cache is what a second call reads
+    files[0].write_text(json.dumps(data))
+    assert arch_mod.facts(config).num_parameters == 7
+    assert arch_mod.facts(config, dtype="fp32").num_parameters == first.num_parameters  # another key
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}, "no model_type"),
+        ({"model_type": "no-such-model", "hidden_size": 64}, "no-such-model"),
+    ],
+)
+def test_a_config_transformers_cannot_build_is_one_clear_error(tmp_path, config, needle):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UsageError, match=needle):
+        Architecture.from_hf_config(path)
+
+
+def test_the_estimator_copy_is_deepspeeds():
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as upstream
+
+    from memdiag.plan.estimator import estimate_zero3_model_states_mem_needs as ours
+
+    for total, largest in ((6_738_415_616, 202_383_360), (13_896_668_160, 643_563_520), (124_439_808, 38_597_376)):
+        for gpus in (1, 4, 8):
+            for nodes in (1, 2):
+                for offload, params in ((False, False), (True, False), (True, True)):
+                    for zero_init in (True, False):
+                        for factor in (1.0, 1.5):
+                            args = (total, largest, gpus, nodes, offload, params, zero_init, factor)
+                            assert ours(*args) == upstream(*args), args
+
+
+def _layout(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-m", "memdiag", "plan", "--json", *args], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_offload_host_terms_follow_deepspeeds_layout_and_phases_are_named():
+    """offload=optimizer: 20 B a parameter over the nodes (fp32 master 4, moments 8, fp32
+    gradient partitions 4, the masters' .grad buffers 4), beside DeepSpeed's 16 x 1.5; pinned
+    buffers round up to powers of two; resuming reads each rank's 12 B/param optimizer shard."""
+    data = _layout("--host-ram", "2T", "--profile", "h100", "--layout", "2x8", "offload=optimizer", "load=zero_init")
+    layout = data["layouts"][0]
+    n = data["model"]["num_parameters"]
+    terms = layout["terms"]
+    offload = sum(v for k, v in terms.items() if k.startswith("host_steady.offloaded_"))
+    assert offload == pytest.approx(20 * n / 2, rel=1e-6)
+    assert "host_steady.pinned_power_of_two_rounding" not in terms  # pin_memory defaults to false
+    assert terms["host_resume.optimizer_shard_read"] == pytest.approx(8 * 12 * n / 16, rel=1e-6)
+    assert set(layout["host_peak_bytes_by_phase"]) == {"load", "initialize", "training", "save", "resume"}
+    assert layout["binding_host_phase"] == max(layout["host_peak_bytes_by_phase"], key=layout["host_peak_bytes_by_phase"].get)
+    pinned = _layout("--host-ram", "2T", "--profile", "h100", "--layout", "2x8", "offload=optimizer", "load=zero_init", "pin_memory=true")
+    rounding = pinned["layouts"][0]["terms"]["host_steady.pinned_power_of_two_rounding"]
+    assert 0 < rounding < 8 * 2 * 4 * n / 16  # each pinned buffer at most doubles
+    saved = _layout("--host-ram", "2T", "--profile", "h100", "--layout", "2x8", "save_16bit_weights=true")
+    assert saved["layouts"][0]["terms"]["host_save.gathered_16bit_model_rank0"] == 2 * n
+
+
+def test_the_device_verdict_uses_the_used_figure_and_json_gives_both():
+    data = _layout("--host-ram", "500G", "--layout", "2x8")
+    layout = data["layouts"][0]
+    terms = layout["terms"]
+    not_tensors = terms["device.allocator_reserve"] + terms["device.runtime_context"] + terms["device.nccl_buffers"]
+    assert layout["device_used_peak_bytes"] - layout["device_allocated_peak_bytes"] == pytest.approx(not_tensors, abs=4)
+    assert layout["device_verdict_uses"] == "used"
+    assert layout["device_used_peak_bytes"] == layout["device_peak_bytes"]
