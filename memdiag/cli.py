@@ -27,9 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command: list[str] = []
-    if "--" in argv:  # `memdiag run [key=value ...] -- CMD ARGS...`: CMD is not ours to parse
+    dashes = "--" in argv
+    if dashes:  # `memdiag run [key=value ...] -- CMD ARGS...`: CMD is not ours to parse
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1 :]
+        if not command:
+            print("memdiag: error: nothing to run after `--`: memdiag run -- torchrun --nproc_per_node 2 train.py", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     if command:
         if args.command_name != "run":

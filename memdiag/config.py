@@ -262,11 +262,6 @@ def _cuda_available() -> tuple[bool, str]:
 
 def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConfig:
     """Overrides (``case=... model.scale=tiny steps=20``) -> a validated ``RunConfig``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
     pairs = [_split(token) for token in overrides]
     case = next((v for k, v in pairs if k == "case"), "baichuan2_13b")
     conf_dir = case_dir(case) / "conf"
@@ -283,6 +278,8 @@ def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConf
 
     note = ""
     if detect_accelerator and "hardware" not in chosen_groups:
+        # every key and value is checked first, in well under a second: probing CUDA imports torch
+        _hydra(conf_dir, ["hardware=cpu", *hydra_overrides])
         has_cuda, why = _cuda_available()
         if not has_cuda:
             hydra_overrides.insert(0, "hardware=cpu")
@@ -294,6 +291,19 @@ def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConf
         else:
             note = f"accelerator found ({why}): hardware profile from the case"
 
+    raw = _hydra(conf_dir, hydra_overrides)
+    if note.startswith("no accelerator"):  # say what will run, overrides included
+        nproc = raw.get("nproc_per_node") or 2
+        note = note.replace("model.scale=tiny, 2 ranks per node", f"model.scale={raw['model'].get('scale')}, {nproc} ranks per node")
+    return _to_run_config(raw, overrides, conf_dir.parent, note)
+
+
+def _hydra(conf_dir: Path, hydra_overrides: list[str]) -> dict:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             cfg = hydra_compose("config", overrides=hydra_overrides)
@@ -301,7 +311,7 @@ def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConf
         raise _explain(exc, hydra_overrides, conf_dir) from None
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
-    return _to_run_config(raw, overrides, conf_dir.parent, note)
+    return raw
 
 
 def _explain(exc: Exception, overrides: list[str], conf_dir: Path) -> UsageError:

@@ -3,7 +3,7 @@
 Item ``i`` is the window ``tokens[i * seq_len : (i + 1) * seq_len]``; labels are the inputs
 (the model shifts them). Without a file, a seeded generator yields random ids of the vocabulary.
 
-Make a synthetic token file:  python -m cases.baichuan2_13b.data OUT.npy --tokens 1000000
+Make a synthetic token file:  python -m cases.baichuan2_13b.data OUT.npy --tokens 1000000 [--scale 13b]
 """
 
 from __future__ import annotations
@@ -87,14 +87,28 @@ def write_synthetic(path: Path, num_tokens: int, vocab_size: int, seed: int = 0)
     np.save(path, rng.integers(0, vocab_size, size=num_tokens, dtype=np.int64))
 
 
+def scale_vocab_size(scale: str) -> int:
+    """The vocabulary of a model scale of this case (its conf/model/<scale>.yaml)."""
+    import yaml
+
+    path = Path(__file__).resolve().parent / "conf" / "model" / f"{scale}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise SystemExit(f"--scale {scale!r}: use one of {', '.join(options)}")
+    return int(yaml.safe_load(path.read_text())["vocab_size"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="write a synthetic token file (benchmark format)")
     parser.add_argument("out", type=Path)
     parser.add_argument("--tokens", type=int, default=1_000_000)
-    parser.add_argument("--vocab-size", type=int, default=125696)
+    parser.add_argument("--scale", default="tiny", help="the model.scale the file is for (default tiny, the CPU case); "
+                        "its vocabulary bounds the ids")
+    parser.add_argument("--vocab-size", type=int, help="ids in 0..N-1 (default: the --scale's vocabulary)")
     args = parser.parse_args(argv)
-    write_synthetic(args.out, args.tokens, args.vocab_size)
-    print(f"wrote {args.tokens} tokens to {args.out}")
+    vocab = args.vocab_size or scale_vocab_size(args.scale)
+    write_synthetic(args.out, args.tokens, vocab)
+    print(f"wrote {args.tokens} tokens (ids 0..{vocab - 1}) to {args.out}")
     return 0
 
 

@@ -193,7 +193,10 @@ def main(args: argparse.Namespace) -> int:
     if args.emit or args.run:
         run_overrides = run_overrides_for(args, passthrough, hardware, chosen)
     if args.emit:
+        from memdiag import preflight
         from memdiag.plan.emit import emit
+
+        preflight.writable_dir(args.emit, "--emit")
 
         written = emit(args.emit, chosen, ds, args.overrides, run_overrides=run_overrides)
         print("memdiag: wrote " + ", ".join(str(p) for p in written))

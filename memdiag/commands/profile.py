@@ -63,6 +63,9 @@ def main(overrides: list[str], command: list[str]) -> int:
     if shutil.which(command[0]) is None and not Path(command[0]).exists():
         raise UsageError(f"command {command[0]!r} not found on PATH")
     values = parse_overrides(overrides)
+    from memdiag import preflight
+
+    preflight.writable_dir(values["reports_dir"], "reports_dir")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     run_dir = Path(values["reports_dir"]) / values["name"] / f"{stamp}-cmd"
     (run_dir / "timeline").mkdir(parents=True)

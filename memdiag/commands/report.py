@@ -20,11 +20,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "report", help="rebuild a run's report.html and summary.json; several runs: also a comparison page"
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, help="comparison page path (default: reports/compare-<time>.html)")
+    parser.add_argument("--out", type=Path, help="one run: where its report goes (default RUN_DIR/report.html); "
+                        "several: the comparison page (default: reports/compare-<time>.html)")
 
 
-def build(run_dir: Path, *, with_checks: bool = False):
-    """summary.json and report.html (and, with checks, findings.json first) for one run."""
+def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = None):
+    """summary.json and report.html (and, with checks, findings.json first) for one run;
+    ``html_out``: write the page there instead of into the run directory."""
     run = read_run(run_dir)
     settle(run)
     summary = summarize(run)
@@ -34,15 +36,22 @@ def build(run_dir: Path, *, with_checks: bool = False):
         findings = run_checks(run)
         write_findings(run_dir, findings)
     stored = read_findings(run_dir)
-    path = write_report(run, summary, build_figures(run, summary, stored), run_dir / fmt.REPORT_HTML, stored)
+    path = write_report(run, summary, build_figures(run, summary, stored), html_out or run_dir / fmt.REPORT_HTML, stored)
     if with_checks:
         return summary, path, findings
     return summary, path
 
 
 def main(args: argparse.Namespace) -> int:
+    from memdiag import preflight
+
+    if args.out:
+        preflight.writable_file(args.out, "--out")
+    single = len(args.run_dirs) == 1
     for run_dir in args.run_dirs:
-        _, path = build(run_dir)
+        if single and args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+        _, path = build(run_dir, html_out=args.out if single else None)
         print(f"memdiag: wrote {path}")
     if len(args.run_dirs) > 1:
         import datetime as dt

@@ -56,7 +56,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run_case(args: argparse.Namespace) -> int:
+    from memdiag import preflight
+
     config = compose(args.overrides)
+    preflight.check_run(config)
     if config.node_rank is not None:  # one node's part of a multi-node run
         from memdiag import multinode
 
@@ -67,7 +70,9 @@ def _run_case(args: argparse.Namespace) -> int:
     if config.nnodes > 1:
         from memdiag import multinode
 
-        multinode.node_hosts(config)  # a bad hostfile stops here, before any directory exists
+        hosts = multinode.node_hosts(config)  # a bad hostfile stops here, before any directory exists
+        if not config.nodes_here:
+            preflight.remote_nodes([h.name for h in hosts])
     consult_plan(config)
     run_dir = launch.make_run_dir(config)
     spec = launch.initial_spec(config, run_dir)
