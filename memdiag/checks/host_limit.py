@@ -7,7 +7,7 @@ node with k ranks peaks at about k x the per-rank load-phase peak (runtime inclu
 from __future__ import annotations
 
 from memdiag.checks.finding import Finding
-from memdiag.checks.loadphase import run_loads
+from memdiag.checks.loadphase import node_forecast, run_loads
 from memdiag.summary import node_totals, node_watcher_figures, ranks_by_host
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
@@ -35,6 +35,7 @@ def check(run: Run) -> list[Finding]:
         if node is not None:
             peak = max(peak, node_watcher_figures(node)["rss_sum_peak_bytes"] or 0)
         if peak > WARN_FRACTION * limit:
+            phase = phase_at_peak(ranks, totals[host])
             findings.append(
                 Finding(
                     id="host_limit",
@@ -42,9 +43,7 @@ def check(run: Run) -> list[Finding]:
                     message=f"node {host} peaked at {format_bytes(peak)} of host RAM, "
                     f"{peak / limit:.0%} of the {format_bytes(limit)} limit ({source})",
                     evidence={"node": host, "node_peak_bytes": peak, "limit_bytes": limit, "limit_source": source},
-                    fix="use fewer ranks per node (more nodes), or cut the load-phase peak: build the model "
-                    "under deepspeed.zero.Init and load one checkpoint shard at a time (memdiag load=zero_init); "
-                    "see the scaling_5290 finding for the per-rank cost",
+                    fix=fix_for(run, phase),
                     ranks=[t.rank for t in ranks],
                 )
             )
@@ -52,19 +51,55 @@ def check(run: Run) -> list[Finding]:
     return findings
 
 
+LOAD_PHASE_NAMES = ("load", "init", "model_build", "zero_init", "checkpoint_load")
+
+
+def phase_at_peak(ranks, series) -> str | None:
+    """The innermost phase of the node's first rank when the node's total peaked."""
+    import numpy as np
+
+    grid, values = series
+    if not len(values) or not ranks:
+        return None
+    when = grid[int(np.argmax(values))]
+    first = min(ranks, key=lambda t: t.rank)
+    if not len(first.t_ns):
+        return None
+    index = min(int(np.searchsorted(first.t_ns, when)), len(first.t_ns) - 1)
+    return str(first.sample_phase[index]) or None
+
+
+def fix_for(run: Run, phase: str | None) -> str:
+    """The fix for what the run shows: only causes it recorded."""
+    from memdiag.checks.scaling_5290 import check_model_input
+
+    if phase in LOAD_PHASE_NAMES:
+        if check_model_input(run):
+            return ("the peak is in loading, where every rank holds the whole model: build it partitioned "
+                    "(see the scaling_5290 finding for the code), or use fewer ranks per node")
+        return ("the peak is in loading, already partitioned: read the checkpoint with fewer ranks at a time "
+                "(load.concurrency=N), or use fewer ranks per node")
+    where = f"in {phase}" if phase else "while training"
+    return (f"the peak is {where}: spread the ranks over more nodes (fewer per node), or cut what each holds "
+            "(activation checkpointing, a smaller micro_batch; on the CPU accelerator the training states are in host RAM)")
+
+
 def forecast(run: Run, limit: int, source: str) -> list[Finding]:
     loads = run_loads(run)
-    if not loads:
+    node = node_forecast(run)
+    if not loads or node is None:
         return []
-    per_rank = max(max(l.load_peak_bytes, l.init_peak_bytes or 0) for l in loads)
     devices_per_node = ((run.spec.get("config") or {}).get("hardware") or {}).get("cards_per_node")
     counts = sorted(set(FORECAST_RANKS) | ({devices_per_node} if devices_per_node else set()))
-    table = {k: k * per_rank for k in counts}
+    table = {k: node.node_bytes(k) for k in counts}
     over = {k: v - limit for k, v in table.items() if v > limit}
     first_over = min(over) if over else None
     message = (
-        f"forecast: each rank peaks at {format_bytes(per_rank)} while loading, so a node of k ranks "
-        f"needs about k x that; "
+        f"forecast: loading peaks at {format_bytes(node.load_per_rank_bytes)} a rank (a node of k ranks: k x that); "
+        f"training holds {format_bytes(node.train_fixed_per_rank_bytes)} a rank"
+        + (f" beside the model's {format_bytes(node.states_per_node_bytes)} of states, shared by the node's ranks"
+           if node.states_per_node_bytes else "")
+        + "; "
         + (
             f"{first_over}+ ranks per node exceed the {format_bytes(limit)} limit "
             f"({first_over} ranks: over by {format_bytes(over[first_over])})"
@@ -78,14 +113,18 @@ def forecast(run: Run, limit: int, source: str) -> list[Finding]:
             severity="warning" if over and first_over <= max(l.local_world_size for l in loads) * 2 else "info",
             message=message,
             evidence={
-                "per_rank_load_peak_bytes": per_rank,
+                "per_rank_load_peak_bytes": node.load_per_rank_bytes,
+                "per_rank_training_fixed_bytes": node.train_fixed_per_rank_bytes,
+                "states_per_node_bytes": node.states_per_node_bytes,
                 "limit_bytes": limit,
                 "limit_source": source,
                 "node_peak_bytes_by_local_ranks": {str(k): v for k, v in table.items()},
                 "over_limit_bytes_by_local_ranks": {str(k): v for k, v in over.items()},
             },
-            fix="" if not over else "keep ranks per node below the first count that exceeds the limit, or apply the "
-            "scaling_5290 fix so the per-rank load peak stops holding a whole model",
+            fix="" if not over else "keep ranks per node below the first count that exceeds the limit"
+            + ("; the load phase binds: see the scaling_5290 finding for the per-rank copy" if
+               table[first_over] == first_over * node.load_per_rank_bytes else
+               "; training binds: spread the ranks over more nodes"),
             ranks=[l.rank for l in loads],
             moments=[{"t": max(l.load_end_ns for l in loads), "label": "end of model load"}],
         )

@@ -72,3 +72,48 @@ def model_event(run: Run, kind: str = "model") -> dict | None:
 def num_parameters(run: Run) -> int | None:
     event = model_event(run)
     return run.spec.get("num_parameters") or (event or {}).get("num_parameters")
+
+
+TRAINING_PHASES = ("ds_initialize", "forward", "backward", "step", "optimizer_step")
+STATE_BYTES_PER_PARAM = 16
+"""bf16 parameters and gradients, fp32 master and Adam's two moments: ZeRO-3 divides them by
+the ranks; on the CPU accelerator they sit in host RAM."""
+
+
+@dataclass(frozen=True)
+class NodeForecast:
+    """Host RAM of one node of k ranks, from one run of any rank count: loading scales with
+    the ranks (k x a rank's load peak); training holds a fixed part per rank plus the model's
+    states once per node (k shares of 1/k)."""
+
+    load_per_rank_bytes: int
+    train_fixed_per_rank_bytes: int
+    states_per_node_bytes: int
+
+    def node_bytes(self, k: int) -> int:
+        return max(k * self.load_per_rank_bytes, k * self.train_fixed_per_rank_bytes + self.states_per_node_bytes)
+
+
+def _states_in_host_ram(run: Run) -> bool:
+    hardware = (run.spec.get("config") or {}).get("hardware") or {}
+    if hardware.get("accelerator"):
+        return hardware["accelerator"] == "cpu"
+    return any("cpu accelerator" in str(t.header.get("device_source") or "") for t in run.ranks.values())
+
+
+def node_forecast(run: Run) -> NodeForecast | None:
+    loads = run_loads(run)
+    if not loads:
+        return None
+    world = max(len(run.ranks), 1)
+    n = num_parameters(run) or 0
+    states = STATE_BYTES_PER_PARAM * n if _states_in_host_ram(run) else 0
+    train_peaks = [
+        p.host_peak_bytes for t in run.ranks.values() for p in t.phases if p.name in TRAINING_PHASES and p.host_peak_bytes
+    ]
+    train_per_rank = max(train_peaks, default=0)
+    return NodeForecast(
+        load_per_rank_bytes=max(l.load_peak_bytes for l in loads),
+        train_fixed_per_rank_bytes=max(0, int(train_per_rank - states / world)),
+        states_per_node_bytes=int(states),
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from memdiag.checks.finding import Finding
-from memdiag.checks.loadphase import model_event, num_parameters, run_loads
+from memdiag.checks.loadphase import model_event, node_forecast, num_parameters, run_loads
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
@@ -120,15 +120,15 @@ def check_model_input(run: Run) -> list[Finding]:
     n, dtype = int(event["num_parameters"]), str(event.get("dtype", "?")).removeprefix("torch.")
     copy = int(max(e["materialised_bytes"] for _, e, _, _ in inputs))
     local = max(lw for _, _, lw, _ in inputs)
-    loads = {l.rank: l for l in run_loads(run)}
-    # the same per-rank figure as host_limit's forecast, so the two never disagree
-    per_rank_peak = max((max(l.load_peak_bytes, l.init_peak_bytes or 0) for l in loads.values()), default=copy)
+    # host_limit's forecast, so the two never disagree
+    node = node_forecast(run)
+    per_rank_peak = node.load_per_rank_bytes if node else copy
     limit, _ = _limit(run)
     full = _full_node_ranks(run)
     counts = sorted(set(FORECAST_LOCAL_RANKS) | ({full} if full else set()) | {local})
-    forecast = {k: k * per_rank_peak for k in counts}
+    forecast = {k: (node.node_bytes(k) if node else k * copy) for k in counts}
     judged = full or max(FORECAST_LOCAL_RANKS[0], local)
-    over = bool(limit and forecast.get(judged, judged * per_rank_peak) > limit)
+    over = bool(limit and (node.node_bytes(judged) if node else judged * copy) > limit)
     severity = "error" if local >= 2 and over else "warning"
     via = event.get("built_by", "constructor")
     cls = event.get("model_class", "Model")
@@ -221,9 +221,25 @@ def check(run: Run) -> list[Finding]:
     ]
 
 
+MIN_NOISE_BYTES = 8 * 2**20
+"""Below this the fit cannot tell a slope from page-granular noise."""
+
+
+def fit_noise_floor(x, y, slope: float, intercept: float) -> float:
+    """Twice the slope's standard error from the fit's residuals (with two rank counts there is
+    none to measure: the fixed minimum)."""
+    if len(x) <= 2:
+        return float(MIN_NOISE_BYTES)
+    residual = y - (slope * x + intercept)
+    spread = float(np.sum((x - x.mean()) ** 2))
+    stderr = float(np.sqrt(np.sum(residual**2) / (len(x) - 2) / spread)) if spread else 0.0
+    return max(2 * stderr, float(MIN_NOISE_BYTES))
+
+
 def check_many(runs: list[Run]) -> list[Finding]:
     """Across runs of one model at different local rank counts: fit node load bytes vs ranks."""
     points: dict[tuple, list[tuple[int, int]]] = {}
+    partitioned: dict[tuple, list[bool]] = {}
     for run in runs:
         loads = run_loads(run)
         n = num_parameters(run)
@@ -236,6 +252,8 @@ def check_many(runs: list[Run]) -> list[Finding]:
         for host, total in by_host.items():
             local = sum(1 for l in loads if l.host == host)
             points.setdefault((n, load_mode), []).append((local, total))
+        inputs = model_inputs(run)
+        partitioned.setdefault((n, load_mode), []).append(bool(inputs) and all(e.get("partitioned") for _, e, _, _ in inputs))
     findings = []
     for (n, load_mode), pts in points.items():
         ranks = sorted({p[0] for p in pts})
@@ -244,22 +262,37 @@ def check_many(runs: list[Run]) -> list[Finding]:
         x = np.array([p[0] for p in pts], dtype=float)
         y = np.array([p[1] for p in pts], dtype=float)
         slope, intercept = np.polyfit(x, y, 1)
-        grows = slope >= max(FULL_COPY_FRACTION * 2 * n, NOISE_FLOOR_BYTES)
+        noise = fit_noise_floor(x, y, slope, intercept)
+        fp32_copy, bf16_copy = 4 * n, 2 * n
+        # the judge is the model's own copy: half a bf16 copy per rank is already a whole model
+        # on every rank, at any scale; the noise floor only keeps run-to-run jitter out
+        grows = slope >= max(FULL_COPY_FRACTION * bf16_copy, noise)
+        # the runs' own evidence decides the cause: a model handed over whole on every rank is
+        # 5290; one handed over partitioned grew by what zero.Init keeps in flight per rank
+        whole = grows and not all(partitioned[(n, load_mode)])
+        verdict = (
+            "; that is the 5290 pattern: a whole copy per rank" if whole
+            else "; the model reached deepspeed.initialize partitioned, so this is what zero.Init holds in flight "
+            "per rank (each whole tensor of a random init is written in fp32, then broadcast)" if grows
+            else "; below half a bf16 copy per rank: loading does not scale with ranks"
+        )
         findings.append(
             Finding(
                 id="scaling_5290_fit",
-                severity="error" if grows else "info",
+                severity="error" if whole else "warning" if grows else "info",
                 message=f"load={load_mode}: node load-phase host RAM grows {format_bytes(slope)} per local rank "
-                f"({slope / (4 * n):.2f}x an fp32 copy of the model) over {len(pts)} runs at {ranks} ranks"
-                + ("; that is the 5290 pattern" if grows else "; flat enough: loading does not scale with ranks"),
+                f"({slope / fp32_copy:.2f}x an fp32 copy of the model, {format_bytes(fp32_copy)}; {slope / bf16_copy:.2f}x a "
+                f"bf16 copy) over {len(pts)} runs at {ranks} ranks; noise floor {format_bytes(noise)}" + verdict,
                 evidence={
                     "load": load_mode,
                     "slope_bytes_per_rank": int(slope),
                     "intercept_bytes": int(intercept),
+                    "noise_floor_bytes": int(noise),
                     "points": [{"local_ranks": a, "node_load_bytes": b} for a, b in pts],
-                    "fp32_full_model_bytes": 4 * n,
+                    "fp32_full_model_bytes": fp32_copy,
+                    "bf16_full_model_bytes": bf16_copy,
                 },
-                fix=FIX_CODE if grows else "",
+                fix=FIX_CODE if whole else "",
             )
         )
     return findings

@@ -40,13 +40,16 @@ class Coefficients:
     """NCCL's communication buffers per device (channels x peers x NCCL_BUFFSIZE; an assumption)."""
     host_runtime_bytes: float = 0.35 * 2**30
     """One rank's host RAM before the model: Python, torch, DeepSpeed, transformers."""
-    host_state_factor: float = 1.0
+    # The three CPU-accelerator coefficients below default to what bench/plan_accuracy.py
+    # fitted on six recorded runs (tiny and base, 1, 2 and 4 ranks; docs/DESIGN.md,
+    # "Calibration"): without them the planned host peak of a CPU run was 41-52% low.
+    host_state_factor: float = 1.72
     """CPU accelerator: host RAM per byte of training state (parameters, gradients, optimizer
     states) while training; above 1 by the optimizer step's fp32 temporaries."""
-    host_bytes_per_model_param: float = 0.0
+    host_bytes_per_model_param: float = 6.1
     """CPU accelerator: host RAM per parameter of the whole model on every rank (ZeRO-3's
     buckets and gathered layers are sized by the model, not the partition)."""
-    host_rank_fixed_bytes: float = 0.0
+    host_rank_fixed_bytes: float = 160 * 2**20
     """CPU accelerator: host RAM a training rank adds whatever the model (communication
     buffers, allocator arenas, threads)."""
     source: str = "derived"

@@ -87,6 +87,21 @@ def run_start_ns(run: Run) -> int:
     return min(starts) if starts else 0
 
 
+def top_phases(phases: list) -> list:
+    """Depth-0 phases, except that memdiag's own ``load`` phase (process start to
+    deepspeed.initialize) gives way to the phases a case marks inside it (init, model_build)."""
+    top = []
+    for phase in phases:
+        if phase.depth == 0 and phase.name == "load" and phase.end_ns is not None:
+            inside = [p for p in phases if p.depth == 1 and phase.begin_ns <= p.begin_ns and (p.end_ns or 0) <= phase.end_ns]
+            if any(p.name == "model_build" for p in inside):
+                top += inside
+                continue
+        if phase.depth == 0:
+            top.append(phase)
+    return sorted(top, key=lambda p: p.begin_ns)
+
+
 def phase_bands(run: Run, t0_ns: int) -> list[tuple[str, float, float]]:
     """Top-level phases of the lowest rank in seconds; micro-step phases merge into ``train``."""
     if not run.ranks:
@@ -94,9 +109,7 @@ def phase_bands(run: Run, t0_ns: int) -> list[tuple[str, float, float]]:
     timeline = run.ranks[run.rank_ids[0]]
     last_t = max([timeline.t_ns[-1]] if len(timeline.t_ns) else [t0_ns])
     bands: list[tuple[str, float, float]] = []
-    for phase in timeline.phases:
-        if phase.depth != 0:
-            continue
+    for phase in top_phases(timeline.phases):
         name = "train" if phase.name in TRAIN_PHASES else phase.name
         begin = (phase.begin_ns - t0_ns) / 1e9
         end = ((phase.end_ns if phase.end_ns is not None else last_t) - t0_ns) / 1e9

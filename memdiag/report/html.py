@@ -126,6 +126,10 @@ th{background:#f4f4f4}.note{color:#555;font-size:.9em;margin:.2em 0}.problems{co
 """
 
 
+PLAN_GAP = 0.10
+"""A planned term further than this from the measurement is marked as a gap in the report."""
+
+
 def _plan_html(run: Run) -> str:
     """The planner's terms for this run's own settings beside what the run measured."""
     if not (run.spec.get("config") or {}).get("model"):
@@ -138,17 +142,25 @@ def _plan_html(run: Run) -> str:
         predicted = predict(observation, Coefficients())
     except Exception as exc:  # a partial run: say why the panel is missing, render the rest
         return f"<h2>Plan versus measured</h2><p class='note'>not available for this run: {html.escape(str(exc))}</p>"
-    rows = [
-        {
+    rows, gaps = [], []
+    for term, measured in observation.measured.items():
+        difference = (predicted[term] - measured) / measured if measured else None
+        if difference is not None and abs(difference) > PLAN_GAP:
+            gaps.append(f"{term} is {difference:+.0%} off")
+        rows.append({
             "term": term,
             "planned": format_bytes(predicted[term]),
             "measured": format_bytes(measured),
-            "difference": f"{(predicted[term] - measured) / measured:+.1%}" if measured else "n/a",
-        }
-        for term, measured in observation.measured.items()
-    ]
+            "difference": "n/a" if difference is None else f"{difference:+.1%}" + (" (gap)" if abs(difference) > PLAN_GAP else ""),
+        })
+    gap_note = (
+        f"<p class='status'>The plan misses this run by more than {PLAN_GAP:.0%}: {html.escape('; '.join(gaps))}. "
+        "<code>memdiag plan --calibrate RUN ...</code> fits the host coefficients to recorded runs like this one.</p>"
+        if gaps else ""
+    )
     return (
         "<h2>Plan versus measured</h2>"
+        + gap_note
         + _table(rows)
         + "<p class='note'>planned: <code>memdiag plan</code>'s terms for this run's model, ranks and settings "
         "(default coefficients; <code>memdiag plan --calibrate</code> fits the empirical ones); measured: categorised "
