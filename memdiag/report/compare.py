@@ -78,25 +78,36 @@ def comparison_table(runs: list[Run], labels: list[str], order: list[str]) -> st
     return f"<table class='compare'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def phase_order(runs: list[Run]) -> list[str]:
+def merge_orders(sequences: list[list[str]]) -> list[str]:
+    """One order of phase names that keeps every run's own order: a name new to the merged
+    order goes right after the name that precedes it in its run (or first)."""
     order: list[str] = []
-    for run in runs:
-        for name, _, _ in phase_bands(run, run_start_ns(run)):
+    for sequence in sequences:
+        previous = None
+        for name in sequence:
             if name not in order:
-                order.append(name)
+                order.insert(order.index(previous) + 1 if previous in order else 0, name)
+            previous = name
     return order
+
+
+def phase_order(runs: list[Run]) -> list[str]:
+    return merge_orders([[name for name, _, _ in phase_bands(run, run_start_ns(run))] for run in runs])
 
 
 def run_label(run: Run) -> str:
     config = run.spec.get("config") or {}
-    parts = [run.spec.get("layout") or "?", f"load={config.get('load', '?')}"]
+    if run.spec.get("command"):  # memdiag run -- CMD
+        parts = [f"{len(run.ranks)} rank(s)", " ".join(run.spec["command"][:3])]
+    else:
+        parts = [run.spec.get("layout") or "?", f"load={config.get('load', '?')}"]
     return f"{run.path.name} ({', '.join(parts)})"
 
 
 def write_comparison(runs: list[Run], path: Path) -> Path:
     import plotly.io as pio
 
-    from memdiag.report.html import STYLE
+    from memdiag.report.html import RENDER_CHECK, STYLE
 
     labels = [run_label(run) for run in runs]
     order = phase_order(runs)
@@ -109,6 +120,7 @@ def write_comparison(runs: list[Run], path: Path) -> Path:
         + "<section class='figure' data-figure='compare'>"
         + pio.to_html(figure, full_html=False, include_plotlyjs=True, div_id="fig-compare", config={"displaylogo": False})
         + "</section>"
+        + RENDER_CHECK
     )
     write_atomic(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>memdiag comparison</title><style>{STYLE}</style></head><body>{body}</body></html>")
     return path

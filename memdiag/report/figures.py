@@ -439,7 +439,9 @@ def build_figures(run: Run, summary: Summary, findings: list[dict] | None = None
     if findings:
         add_finding_marks(figures["host"], run, findings)
     figures.update(node_figures(run, summary))
-    figures["device"] = device_figure(run, summary)
+    device = device_figure(run, summary)
+    if device.data:  # a run with no device figures (no CUDA, no CPU accelerator) gets a note instead
+        figures["device"] = device
     for name, builder in (("categories", categories_figure), ("layers", layers_figure)):
         figure = builder(run)
         if figure is not None:

@@ -21,8 +21,12 @@ NOT_HP = {"case", "reports_dir", "sample_hz"}
 def benchmark_row(run: Run, summary: Summary) -> dict[str, str]:
     """The benchmark's table (配置 | fix_hp | token/p/s | loss | mem | MFU), headed in English."""
     config = run.spec.get("config", {})
-    hardware = config.get("hardware", {}).get("name", "?")
-    layout = f"{config.get('nnodes', '?')}x{config.get('nproc_per_node', '?')}"
+    if run.spec.get("command"):  # memdiag run -- CMD: the command and the ranks it ran
+        ranks = run.spec.get("world_size") or len(run.ranks)
+        hardware, layout = " ".join(run.spec["command"]), f"({ranks} rank{'s' if ranks != 1 else ''} recorded)"
+    else:
+        hardware = config.get("hardware", {}).get("name", "?")
+        layout = f"{config.get('nnodes', '?')}x{config.get('nproc_per_node', '?')}"
     mem = "/"
     if summary.device_peak_bytes is not None and summary.device_total_bytes:
         mem = f"{summary.device_peak_bytes / GIB:.2f}/{summary.device_total_bytes / GIB:.0f}"
@@ -49,7 +53,12 @@ def _table(rows: list[dict[str, str]]) -> str:
 
 
 def _summary_html(run: Run, summary: Summary) -> str:
-    notes = []
+    notes = [
+        "config: the hardware profile and nodes x ranks per node (or the command profiled); fix_hp: the settings "
+        "fixed for this run on top of the case's defaults (the benchmark table's column for its fixed "
+        "hyper-parameters); token/p/s: tokens per second per device, first step left out; loss: the last step's, "
+        "over ranks; mem: device peak/total GiB; MFU: model FLOPs utilisation (formula below)"
+    ]
     if summary.device_source:
         notes.append(f"mem: peak/total GiB from {summary.device_source}")
     notes.append(
@@ -102,17 +111,55 @@ window.addEventListener('error', function (e) {
 </script>"""
 
 RENDER_CHECK = """<script>
-// after the plots have drawn, record how many traces each one shows (read by the browser test)
+// Phase and finding labels sit at the top of the timelines; short phases put them on top of
+// each other. Once a plot has drawn, measure every label's box and move a label that overlaps
+// an earlier one down a line, until none overlap. Then record, for the browser test, how many
+// traces each plot shows and how many label pairs still overlap.
+function memdiagOverlap(a, b) {
+  return a.left < b.right - 0.5 && b.left < a.right - 0.5 && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5;
+}
+function memdiagLabels(plot) {
+  return Array.from(plot.querySelectorAll('g.annotation')).filter(function (g) {
+    var r = g.getBoundingClientRect(); return r.width > 0 && r.height > 0;
+  });
+}
+function memdiagOverlaps(plot) {
+  var boxes = memdiagLabels(plot).map(function (g) { return g.getBoundingClientRect(); });
+  var count = 0;
+  for (var i = 0; i < boxes.length; i++) for (var j = 0; j < i; j++) if (memdiagOverlap(boxes[i], boxes[j])) count++;
+  return count;
+}
+async function memdiagUnclutter(plot) {
+  for (var pass = 0; pass < 40 && memdiagOverlaps(plot) > 0; pass++) {
+    var groups = memdiagLabels(plot), boxes = groups.map(function (g) { return g.getBoundingClientRect(); });
+    var update = {};
+    for (var i = 0; i < groups.length; i++) {
+      for (var j = 0; j < i; j++) {
+        if (memdiagOverlap(boxes[i], boxes[j])) {
+          var index = +groups[i].getAttribute('data-index');
+          var shift = (plot.layout.annotations[index].yshift || 0) - (boxes[i].height + 2);
+          update['annotations[' + index + '].yshift'] = shift;
+          break;
+        }
+      }
+      if (Object.keys(update).length) break;  // one move a pass: the boxes change with it
+    }
+    await Plotly.relayout(plot, update);
+  }
+}
 window.addEventListener('load', function () {
-  setTimeout(function () {
-    document.querySelectorAll('section.figure').forEach(function (section) {
+  setTimeout(async function () {
+    for (var section of document.querySelectorAll('section.figure')) {
       var plot = section.querySelector('.js-plotly-plot');
+      if (plot && plot.layout) { try { await memdiagUnclutter(plot); } catch (e) {} }
       var mark = document.createElement('div');
       mark.className = 'rendered';
       mark.setAttribute('data-rendered-figure', section.dataset.figure);
       mark.setAttribute('data-rendered-traces', plot && plot._fullData ? plot._fullData.length : -1);
+      mark.setAttribute('data-label-count', plot ? memdiagLabels(plot).length : 0);
+      mark.setAttribute('data-label-overlaps', plot ? memdiagOverlaps(plot) : 0);
       section.appendChild(mark);
-    });
+    }
   }, 300);
 });
 </script>"""
@@ -216,6 +263,11 @@ def write_report(
                 config={"displaylogo": False},
             )
             + "</section>"
+        )
+    if "device" not in figures:
+        parts.append(
+            "<p class='note' id='no-device-figure'>No device memory chart: this run recorded no device figure "
+            "(no CUDA device in its ranks, and not DeepSpeed's CPU accelerator, whose RSS stands in for one).</p>"
         )
     parts.append(f"<p class='note'>Timelines: {html.escape(downsampling_note(run))}.</p>")
     parts.append(RENDER_CHECK)

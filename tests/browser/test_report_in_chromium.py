@@ -60,6 +60,20 @@ def test_every_figure_renders_with_its_traces_and_no_errors(report, tmp_path):
     rendered = dict(re.findall(r'data-rendered-figure="([^"]+)" data-rendered-traces="(\d+)"', dom))
     for name, expected in figures:
         assert rendered.get(name) == expected, (name, expected, rendered)
+    # every phase and finding label readable: the boxes Chromium laid out do not overlap
+    labels = re.findall(r'data-rendered-figure="([^"]+)"[^>]*data-label-count="(\d+)" data-label-overlaps="(\d+)"', dom)
+    assert dict((n, int(c)) for n, c, _ in labels)["host"] >= 4  # phases and finding marks
+    assert [(n, int(o)) for n, _, o in labels if int(o)] == []
+
+
+def test_labels_of_short_phases_overlap_before_they_are_moved(report, tmp_path):
+    """The check is not vacuous: with the mover switched off the same report has overlapping labels."""
+    html = report.read_text().replace("await memdiagUnclutter(plot);", "")
+    raw = tmp_path / "raw.html"
+    raw.write_text(html)
+    dom = chromium(["--dump-dom", raw.as_uri()], tmp_path).stdout
+    overlaps = [int(o) for o in re.findall(r'data-label-overlaps="(\d+)"', dom)]
+    assert overlaps and max(overlaps) > 0
 
 
 def test_screenshot(report, tmp_path):
