@@ -343,8 +343,13 @@ def install(tracker: PhaseTracker, warn_once: Callable[[str, str], None]) -> Non
     for method, phase in (("save_checkpoint", "checkpoint_save"), ("load_checkpoint", "checkpoint_load")):
         _patch(DeepSpeedEngine, method, hooks.phase_wrapper(phase, getattr(DeepSpeedEngine, method)))
 
-    _install_zero3(hooks, tracker)
-    _install_transformers(hooks)
+    # internals that move between DeepSpeed versions: a missing one costs its feature, said once
+    for feature, installer in (("layer attribution and the ZeRO-3 optimizer step", _install_zero3),
+                               ("from_pretrained/from_config phases", _install_transformers_hooks)):
+        try:
+            installer(hooks, tracker)
+        except (ImportError, AttributeError) as exc:
+            warn_once(f"hook-missing:{feature}", f"{feature} unavailable with DeepSpeed {deepspeed.__version__}: {exc}")
 
 
 def _install_zero3(hooks: _Hooks, tracker: PhaseTracker) -> None:
@@ -366,6 +371,10 @@ def _install_zero3(hooks: _Hooks, tracker: PhaseTracker) -> None:
         "step",
         hooks.phase_wrapper("optimizer_step", DeepSpeedZeroOptimizer_Stage3.step),
     )
+
+
+def _install_transformers_hooks(hooks: _Hooks, _tracker: PhaseTracker) -> None:
+    _install_transformers(hooks)
 
 
 def _install_transformers(hooks: _Hooks) -> None:

@@ -93,20 +93,43 @@ def _redirect_output(log_path: Path) -> int:
 class Progress:
     """One plain line per step on rank 0: safe to interleave with other logs and to pipe."""
 
-    def __init__(self, fd: int, total_steps: int) -> None:
+    def __init__(self, fd: int, total_steps: int, memory=None) -> None:
         self._out = os.fdopen(fd, "w", buffering=1)
         self.total = total_steps
+        self.memory = memory
+        """Returns rank 0's memory now, as text (host RSS; the device's allocated bytes too)."""
+        self._times: list[float] = []
 
     def __call__(self, record: StepRecord) -> None:
         loss = "n/a" if record.loss is None else f"{record.loss:.4f}"
         rate = record.tokens / record.step_time_s if record.step_time_s > 0 else 0.0
+        self._times.append(record.step_time_s)
+        steady = self._times[1:] or self._times  # the first step warms up
+        eta_s = sum(steady) / len(steady) * (self.total - record.step)
+        memory = f"  {self.memory()}" if self.memory else ""
         self._out.write(
             f"[memdiag] step {record.step}/{self.total}  loss {loss}  "
-            f"{record.step_time_s:.2f} s/step  {rate:,.0f} token/s on rank 0\n"
+            f"{record.step_time_s:.2f} s/step  {rate:,.0f} token/s on rank 0{memory}  ETA {eta_s:,.0f} s\n"
         )
 
     def line(self, text: str) -> None:
         self._out.write(f"[memdiag] {text}\n")
+
+
+def _memory_text(tracker: PhaseTracker):
+    from memdiag.units import format_bytes
+
+    def text() -> str:
+        try:
+            host = f"host {format_bytes(tracker.read_rss())}"
+            device = tracker.device
+            if device is not None and not device.is_host_memory:
+                return f"{host}, device {format_bytes(device.read(with_nvml=False).allocated_bytes)}"
+            return host
+        except Exception:  # a progress line never stops training
+            return ""
+
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = identity.rank
     progress_fd = _redirect_output(run_dir / "logs" / f"rank-{rank}.log")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    progress = Progress(progress_fd, config.steps) if rank == 0 else None
+    progress = Progress(progress_fd, config.steps, memory=_memory_text(tracker)) if rank == 0 else None
 
     with tracker.phase_scope("init"):
         import torch

@@ -176,3 +176,24 @@ def test_comparison_page_of_reference_and_zero_init(tmp_path, reference_runs, ze
     assert {"model_build", "ds_initialize", "train"} <= set(rows)
     assert rows["model_build"].startswith("-")  # zero_init loads with less node host RAM than reference
     assert 'data-figure="compare"' in html.replace("'", '"')
+
+
+def test_the_planned_host_peak_is_within_10_percent_or_the_report_says_it_is_not(reports, healthy, reference_runs, zero_init_base):
+    """Default coefficients against real CPU runs (tiny and base, 1, 2 and 4 ranks): within 10%,
+    or the report's plan panel marks the gap and names the term."""
+    from memdiag.plan.calibrate import observe, predict
+    from memdiag.plan.terms import Coefficients
+    from memdiag.timeline import read_run
+
+    within = 0
+    for run_dir in (healthy, *reference_runs.values(), zero_init_base):
+        observation = observe(read_run(run_dir))
+        planned = predict(observation, Coefficients())["host_peak_per_node"]
+        error = (planned - observation.measured["host_peak_per_node"]) / observation.measured["host_peak_per_node"]
+        html = (run_dir / "report.html").read_text()
+        if abs(error) <= 0.10:
+            within += 1
+            assert "host_peak_per_node is" not in html
+        else:
+            assert "The plan misses this run" in html and "host_peak_per_node is" in html, (run_dir.name, error)
+    assert within >= 3  # the fitted defaults hold for most of them

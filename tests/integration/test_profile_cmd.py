@@ -47,7 +47,9 @@ def test_torchrun_job_is_profiled_and_the_users_pythonpath_kept(tmp_path):
         model = next(r for r in records if r["kind"] == "model")
         assert model["zero_stage"] == 3 and model["model_class"] == "LlamaForCausalLM"
     assert list((run_dir / "timeline").glob("node-*.jsonl"))
-    assert (run_dir / "report.html").exists()
+    html = (run_dir / "report.html").read_text()
+    assert "standalone_zero3.py" in html and "(2 ranks recorded)" in html and "? ?x?" not in html
+    assert ("data-figure='device'" in html) != ("id='no-device-figure'" in html)  # a chart, or why not
     spec = json.loads((run_dir / "run.json").read_text())
     assert spec["status"] == "completed" and spec["world_size"] == 2
 

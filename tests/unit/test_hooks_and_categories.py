@@ -86,3 +86,23 @@ def test_measure_is_exact_for_a_plain_model_and_adamw():
     assert after["gradients"] == params_bytes
     assert after["optimizer_exp_avg"] == after["optimizer_exp_avg_sq"] == params_bytes
     assert after["activations"] == 123
+
+
+def test_a_deepspeed_internal_missing_in_this_version_is_said_once_and_the_rest_still_works(monkeypatch):
+    """A user's DeepSpeed without the ZeRO-3 coordinator memdiag patches for layer attribution:
+    installing the hooks warns once, naming the feature and the version, and patches the rest."""
+    import deepspeed
+    import deepspeed.runtime.zero.partitioned_param_coordinator as coordinator
+
+    from memdiag import hooks
+    from memdiag.phases import PhaseTracker
+
+    monkeypatch.delattr(coordinator, "PartitionedParameterCoordinator")
+    hooks.uninstall()
+    warnings = []
+    try:
+        hooks.install(PhaseTracker(lambda record: None), lambda key, message: warnings.append(message))
+        assert len(warnings) == 1 and "layer attribution" in warnings[0] and deepspeed.__version__ in warnings[0]
+        assert getattr(deepspeed.initialize, "__wrapped__", None) is not None  # the phase hooks are in
+    finally:
+        hooks.uninstall()

@@ -229,3 +229,27 @@ def test_samples_dropped_on_a_full_disk_mark_the_run_incomplete(tmp_path):
     settle(run)
     incomplete = json.loads((tmp_path / "run.json").read_text())["incomplete"]
     assert incomplete.startswith("incomplete: 120 samples dropped between 01:00:00 and 01:01:00 UTC")
+
+
+def test_the_comparison_merges_phase_orders_without_running_backwards():
+    from memdiag.report.compare import merge_orders
+
+    case = ["init", "model_build", "ds_initialize", "train", "teardown"]
+    script = ["load", "ds_initialize", "train"]  # a run -- CMD profile: memdiag's own load phase
+    order = merge_orders([case, script])
+    assert order == ["load", "init", "model_build", "ds_initialize", "train", "teardown"]
+    for sequence in (case, script):
+        positions = [order.index(name) for name in sequence]
+        assert positions == sorted(positions)
+
+
+def test_the_token_recipe_makes_ids_the_default_model_accepts(tmp_path):
+    import numpy as np
+
+    from cases.baichuan2_13b.data import main, scale_vocab_size
+
+    main([str(tmp_path / "t.npy"), "--tokens", "50000"])
+    tokens = np.load(tmp_path / "t.npy")
+    assert tokens.max() < scale_vocab_size("tiny") == 16384
+    main([str(tmp_path / "b.npy"), "--tokens", "1000", "--scale", "13b"])
+    assert scale_vocab_size("13b") == 125696
