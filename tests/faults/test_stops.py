@@ -106,7 +106,7 @@ def test_a_killed_rank_fails_the_run_and_stops_the_rest(tmp_path):
         assert run_processes(run_dir) == []
         spec = json.loads((run_dir / fmt.RUN_JSON).read_text())
         assert spec["status"] == "failed" and spec["exit_code"] == code
-        assert_recorded(run_dir)
+        assert_recorded(run_dir, min_steps=2)  # the killed rank loses at most its last flush
         assert (run_dir / fmt.REPORT_HTML).exists()
     finally:
         kill_leftovers(run_dir)

@@ -121,8 +121,17 @@ def test_broken_checkpoint_is_named_before_training(tmp_path, checkpoints, how):
         with torch.device("meta"):
             validate(ckpt, BaichuanForCausalLM(config))
     assert needle in str(err.value)
-    result, run_dir = run_case(tmp_path, "load=zero_init", f"checkpoint={broken}")
+    reports = tmp_path / "reports"
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", f"reports_dir={reports}", *TINY, "load=zero_init", f"checkpoint={broken}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
     assert result.returncode != 0
     assert needle in result.stdout + result.stderr
-    steps = [l for l in (run_dir / "timeline" / "rank-0.jsonl").read_text().splitlines() if '"kind":"step"' in l]
-    assert steps == []  # stopped before training
+    if how == "wrong_shape":  # only the ranks can see a shape: they stop before training
+        (run_dir,) = (reports / "baichuan2_13b").iterdir()
+        steps = [l for l in (run_dir / "timeline" / "rank-0.jsonl").read_text().splitlines() if '"kind":"step"' in l]
+        assert steps == []
+    else:  # a missing shard or a broken index is refused before launch: one line, nothing written
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert not reports.exists() or not any(reports.iterdir())
