@@ -7,12 +7,10 @@ the dense-SwiGLU formula below stands in.
 
 from __future__ import annotations
 
-import json
 import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from memdiag.errors import UsageError
 from memdiag.plan.arch import ModelFacts
 
 
@@ -110,27 +108,3 @@ class Architecture:
         from memdiag.plan import arch
 
         return cls.counted(arch.read_config(path), dtype=dtype, attention=attention)
-
-    @classmethod
-    def from_hf_config_formula(cls, path: str | Path) -> Architecture:
-        path = Path(path)
-        try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise UsageError(f"--model-config {path}: no such file") from None
-        except ValueError as exc:
-            raise UsageError(f"--model-config {path} is not JSON: {exc}") from None
-        needed = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-        missing = [k for k in needed if k not in cfg]
-        if missing:
-            raise UsageError(f"--model-config {path} lacks {', '.join(missing)} (a decoder-only HF config is expected)")
-        return cls(
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            intermediate_size=cfg["intermediate_size"],
-            vocab_size=cfg["vocab_size"],
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            name=cfg.get("_name_or_path") or (cfg.get("architectures") or [path.parent.name])[0],
-        )
