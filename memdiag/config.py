@@ -294,7 +294,7 @@ def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConf
     raw = _hydra(conf_dir, hydra_overrides)
     if note.startswith("no accelerator"):  # say what will run, overrides included
         nproc = raw.get("nproc_per_node") or 2
-        note = note.replace("model.scale=tiny, 2 ranks per node", f"model.scale={raw['model'].get('scale')}, {nproc} ranks per node")
+        note = note.replace("model.scale=tiny, 2 ranks per node", f"model.scale={raw['model'].get('scale')}, {nproc} rank{'s' if nproc != 1 else ''} per node")
     return _to_run_config(raw, overrides, conf_dir.parent, note)
 
 

@@ -118,3 +118,33 @@ def test_report_out_for_one_run_writes_there_and_a_bad_out_is_one_line(tmp_path)
     assert result.returncode == 0 and out.stat().st_size > 0, result.stderr
     result = _memdiag("report", run_dir, "--out", "/proc/memdiag/x.html")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "not writable" in result.stderr
+
+
+def test_unwritable_places_are_one_line_before_anything_runs(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (["run", "reports_dir=/proc/memdiag-reports"], "not writable"),
+        (["plan", "--host-ram", "500G", "--layout", "2x8", "--emit", a_file], "is a file, not a directory"),
+        (["plan", "--host-ram", "500G", "--layout", "2x8", "--emit", "/proc/memdiag-emit"], "not writable"),
+    ]
+    for args, needle in cases:
+        result = _memdiag(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
+
+
+def test_keys_are_refused_before_torch_is_imported(tmp_path):
+    """A bad key must not wait for torch and DeepSpeed to import (20 s on a loaded machine)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "memdiag", "run", "stepz=3", f"reports_dir={tmp_path}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "closest valid keys: steps" in result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "deepspeed" not in imported
+
+
+def test_the_first_line_says_what_will_run(tmp_path):
+    result = _memdiag("run", "model.scale=base", "nproc_per_node=1", "host_ram=300M", f"reports_dir={tmp_path}")
+    assert result.returncode == 2  # the plan refuses 300M: nothing launched
+    first = result.stdout.splitlines()[0]
+    assert "model.scale=base, 1 rank per node" in first and "tiny" not in first

@@ -139,6 +139,7 @@ def test_report_renders_a_damaged_run_and_says_what_is_missing(tmp_path):
     html = path.read_text()
     assert "skipped 1 torn last line" in html and "rank 1 has no data" in html and "[2]" in html
     assert "still says running" in html  # no owner to ask, written moments ago: maybe live
+    assert "fix_hp: the settings fixed for this run" in html  # every summary column explained
     assert summary.host_peak_bytes_per_rank == {"0": 149}
 
 
