@@ -22,6 +22,8 @@ setup(
         "plotly>=5.20",
         # reading hour-long 16-rank timelines inside the report's 10 s budget
         "orjson>=3.9",
+        # plotly's own static export (the system Chromium draws the PNGs of report --markdown)
+        "kaleido>=1.0",
     ],
     extras_require={"test": ["pytest>=8", "accelerate>=1.0"]},
     entry_points={"console_scripts": ["memdiag=memdiag.cli:main"]},

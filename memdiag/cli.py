@@ -7,10 +7,10 @@ import logging
 import sys
 
 from memdiag import __version__
-from memdiag.commands import check, plan, report, run
+from memdiag.commands import check, demo, plan, report, run
 from memdiag.errors import MemdiagError
 
-COMMANDS = {"run": run, "plan": plan, "report": report, "check": check}
+COMMANDS = {"run": run, "plan": plan, "report": report, "check": check, "demo": demo}
 
 
 def build_parser() -> argparse.ArgumentParser:

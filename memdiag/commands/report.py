@@ -20,13 +20,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "report", help="rebuild a run's report.html and summary.json; several runs: also a comparison page"
     )
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--markdown", action="store_true", help="also write report.md and PNGs of the key figures, "
+                        "to paste into a GitHub issue")
     parser.add_argument("--out", type=Path, help="one run: where its report goes (default RUN_DIR/report.html); "
                         "several: the comparison page (default: reports/compare-<time>.html)")
 
 
-def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = None):
+def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = None, markdown: bool = False):
     """summary.json and report.html (and, with checks, findings.json first) for one run;
-    ``html_out``: write the page there instead of into the run directory."""
+    ``html_out``: write the page there instead of into the run directory; ``markdown``: also
+    report.md and PNGs of the key figures (``figures/``), which the page links."""
     run = read_run(run_dir)
     settle(run)
     summary = summarize(run)
@@ -36,7 +39,16 @@ def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = N
         findings = run_checks(run)
         write_findings(run_dir, findings)
     stored = read_findings(run_dir)
-    path = write_report(run, summary, build_figures(run, summary, stored), html_out or run_dir / fmt.REPORT_HTML, stored)
+    figures = build_figures(run, summary, stored)
+    html_path = html_out or run_dir / fmt.REPORT_HTML
+    pngs: list[Path] = []
+    if markdown:
+        from memdiag.report.markdown import FIGURES_DIR, export_pngs, write_markdown
+
+        pngs, note = export_pngs(figures, html_path.parent / FIGURES_DIR)
+        md = write_markdown(run, summary, stored, pngs, note, html_path.parent / "report.md")
+        print(f"memdiag: wrote {md}" + (f" and {len(pngs)} PNG(s)" if pngs else f" ({note})"))
+    path = write_report(run, summary, figures, html_path, stored, pictures=pngs)
     if with_checks:
         return summary, path, findings
     return summary, path
@@ -51,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     for run_dir in args.run_dirs:
         if single and args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
-        _, path = build(run_dir, html_out=args.out if single else None)
+        _, path = build(run_dir, html_out=args.out if single else None, markdown=args.markdown)
         print(f"memdiag: wrote {path}")
     if len(args.run_dirs) > 1:
         import datetime as dt

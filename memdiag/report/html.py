@@ -237,6 +237,7 @@ def write_report(
     figures: dict[str, go.Figure],
     path: Path,
     findings: list[dict] | None = None,
+    pictures: list[Path] | None = None,
 ) -> Path:
     import plotly.io as pio
 
@@ -270,6 +271,13 @@ def write_report(
             "(no CUDA device in its ranks, and not DeepSpeed's CPU accelerator, whose RSS stands in for one).</p>"
         )
     parts.append(f"<p class='note'>Timelines: {html.escape(downsampling_note(run))}.</p>")
+    if pictures:
+        import os
+
+        links = ", ".join(
+            f"<a href='{html.escape(os.path.relpath(p, path.parent))}'>{html.escape(p.name)}</a>" for p in pictures
+        )
+        parts.append(f"<p class='note' id='pictures'>For an issue: report.md and the pictures {links}.</p>")
     parts.append(RENDER_CHECK)
     parts.append(
         "<script type='application/json' id='memdiag-summary'>"
