@@ -24,6 +24,8 @@ setup(
         "orjson>=3.9",
         # plotly's own static export (the system Chromium draws the PNGs of report --markdown)
         "kaleido>=1.0",
+        # memdiag top's terminal view
+        "rich>=13",
     ],
     extras_require={"test": ["pytest>=8", "accelerate>=1.0"]},
     entry_points={"console_scripts": ["memdiag=memdiag.cli:main"]},

@@ -7,10 +7,10 @@ import logging
 import sys
 
 from memdiag import __version__
-from memdiag.commands import check, demo, plan, report, run
+from memdiag.commands import check, demo, plan, report, run, top
 from memdiag.errors import MemdiagError
 
-COMMANDS = {"run": run, "plan": plan, "report": report, "check": check, "demo": demo}
+COMMANDS = {"run": run, "plan": plan, "report": report, "check": check, "demo": demo, "top": top}
 
 
 def build_parser() -> argparse.ArgumentParser:
