@@ -47,6 +47,9 @@ def consult_plan(config) -> None:
 
 def main(args: argparse.Namespace) -> int:
     # from here to the report, a stop signal stops the job and is recorded; it never kills memdiag
+    from memdiag.versions import check_supported
+
+    check_supported()
     with lifetime.handling_stops():
         if args.command:
             from memdiag.commands import profile

@@ -83,3 +83,16 @@ def test_ds_config_takes_the_run_settings():
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"]["enabled"] is True
     assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]  # the reference settings
+
+
+def test_an_unsupported_version_is_named_with_the_range(monkeypatch):
+    import importlib.metadata
+
+    from memdiag import versions
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.12.6" if name == "deepspeed" else real(name))
+    with pytest.raises(UsageError, match=r"deepspeed 0.12.6 is older than memdiag supports \(deepspeed >= 0.14\)"):
+        versions.check_supported()
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.13.0+cpu" if name == "torch" else real(name))
+    versions.check_supported()  # a local build label is not a version
