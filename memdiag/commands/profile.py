@@ -24,7 +24,7 @@ from memdiag.units import parse_size
 
 INJECT_DIR = Path(__file__).resolve().parent.parent / "inject"
 KEYS = {"reports_dir": "reports", "sample_hz": "100", "host_ram": None, "name": "custom", "stop_grace_s": "30"}
-LAUNCHERS = ("torchrun", "deepspeed", "torch.distributed.run", "deepspeed.launcher.runner")
+LAUNCHERS = ("torchrun", "deepspeed", "torch.distributed.run", "deepspeed.launcher.runner", "accelerate", "accelerate.commands.launch")
 
 
 def parse_overrides(tokens: list[str]) -> dict:

@@ -82,3 +82,27 @@ def test_5290_from_what_each_rank_handed_deepspeed(tmp_path, checkpoint, mode, r
     finding = next(f for f in findings if f["id"] == "scaling_5290")
     assert finding["severity"] == ("error" if ranks >= 2 else "warning")
     assert code == (1 if ranks >= 2 else code)
+
+
+def test_accelerate_launch_with_the_deepspeed_plugin_is_recorded_and_diagnosed(tmp_path):
+    """`accelerate launch --use_deepspeed` under `memdiag run -- CMD`, unchanged: per-rank
+    timelines with phases and steps with loss, and the 5290 finding for its from_config model
+    built outside zero.Init."""
+    script = Path(__file__).resolve().parent / "scripts" / "accelerate_zero3.py"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    launch = ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", str(script)]
+    result = subprocess.run([sys.executable, "-m", "memdiag", "run", f"reports_dir={tmp_path / 'reports'}", "--", *launch],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("accelerate script done") == 2
+    (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()]
+        phases = {r["phase"] for r in records if r["kind"] == "phase_begin"}
+        assert {"load", "ds_initialize", "forward", "backward", "step"} <= phases
+        steps = [r for r in records if r["kind"] == "step"]
+        assert len(steps) == 3 and all(s["loss"] > 0 for s in steps)
+    _, findings = check(run_dir)
+    finding = next(f for f in findings if f["id"] == "scaling_5290")
+    assert finding["evidence"]["built_by"] == "from_config" and finding["evidence"]["local_ranks"] == 2
