@@ -30,8 +30,11 @@ def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = N
     """summary.json and report.html (and, with checks, findings.json first) for one run;
     ``html_out``: write the page there instead of into the run directory; ``markdown``: also
     report.md and PNGs of the key figures (``figures/``), which the page links."""
+    say = _progress(run_dir)
+    say("reading the timelines")
     run = read_run(run_dir)
     settle(run)
+    say("summarising and checking")
     summary = summarize(run)
     write_atomic(run_dir / fmt.SUMMARY_JSON, json.dumps(summary.to_dict(), indent=2))
     findings = None
@@ -39,6 +42,7 @@ def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = N
         findings = run_checks(run)
         write_findings(run_dir, findings)
     stored = read_findings(run_dir)
+    say("drawing the figures")
     figures = build_figures(run, summary, stored)
     html_path = html_out or run_dir / fmt.REPORT_HTML
     pngs: list[Path] = []
@@ -52,6 +56,29 @@ def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = N
     if with_checks:
         return summary, path, findings
     return summary, path
+
+
+PROGRESS_BYTES = 64 * 2**20
+"""Runs with more timeline data than this say what the report is doing (seconds, not instant)."""
+
+
+def _progress(run_dir: Path):
+    """A step printer for long reports; silent for small runs."""
+    import sys
+    import time
+
+    try:
+        size = sum(p.stat().st_size for p in (run_dir / fmt.TIMELINE_DIR).glob("*.jsonl"))
+    except OSError:
+        size = 0
+    started = time.monotonic()
+
+    def say(step: str) -> None:
+        if size > PROGRESS_BYTES:
+            print(f"memdiag: report {run_dir.name}: {step} ({size / 2**20:,.0f} MiB of timelines, {time.monotonic() - started:.1f} s)",
+                  file=sys.stderr, flush=True)
+
+    return say
 
 
 def main(args: argparse.Namespace) -> int:

@@ -151,7 +151,12 @@ def table(observations: list[Observation], c: Coefficients) -> list[dict]:
 
 
 def calibrate_main(run_dirs: list[Path], coefficients: Coefficients, out: Path | None = None) -> int:
-    observations = [observe(read_run(path)) for path in run_dirs]
+    import sys
+
+    observations = []
+    for index, path in enumerate(run_dirs, 1):
+        print(f"memdiag: reading run {index}/{len(run_dirs)}: {path}", file=sys.stderr, flush=True)
+        observations.append(observe(read_run(path)))
     fitted = fit(observations, coefficients)
     rows = table(observations, fitted)
     print(f"{'run':34} {'term':24} {'predicted':>12} {'measured':>12} {'error':>7}")

@@ -254,3 +254,16 @@ def test_the_token_recipe_makes_ids_the_default_model_accepts(tmp_path):
     assert tokens.max() < scale_vocab_size("tiny") == 16384
     main([str(tmp_path / "b.npy"), "--tokens", "1000", "--scale", "13b"])
     assert scale_vocab_size("13b") == 125696
+
+
+def test_a_long_report_says_what_it_is_doing(tmp_path, monkeypatch, capsys):
+    from memdiag.commands import report
+
+    (tmp_path / "run.json").write_text(json.dumps({"status": "completed", "world_size": 1}))
+    write_rank(tmp_path, 0, [(1_000_000_000 + i * 10_000_000, 100 + i) for i in range(20)])
+    report.build(tmp_path)
+    assert "memdiag: report" not in capsys.readouterr().err  # a small run: quiet
+    monkeypatch.setattr(report, "PROGRESS_BYTES", 0)  # as if the timelines were large
+    report.build(tmp_path)
+    err = capsys.readouterr().err
+    assert "reading the timelines" in err and "drawing the figures" in err
