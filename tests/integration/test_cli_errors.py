@@ -148,3 +148,10 @@ def test_the_first_line_says_what_will_run(tmp_path):
     assert result.returncode == 2  # the plan refuses 300M: nothing launched
     first = result.stdout.splitlines()[0]
     assert "model.scale=base, 1 rank per node" in first and "tiny" not in first
+
+
+def test_top_on_a_directory_that_is_not_a_run_says_so(tmp_path):
+    result = _memdiag("top", "--once", tmp_path)
+    assert result.returncode == 2 and "not a run directory" in result.stderr
+    result = _memdiag("top", "--once", "--reports-dir", tmp_path)
+    assert result.returncode == 2 and "no runs under" in result.stderr

@@ -65,6 +65,10 @@ def test_5290_from_what_each_rank_handed_deepspeed(tmp_path, checkpoint, mode, r
         records = [json.loads(line) for line in (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()]
         load_end = next(r for r in records if r["kind"] == "phase_end" and r["phase"] == "load")
         assert load_end["host_peak_bytes"] > 0
+        # every way of training is recorded the same: DeepSpeed's phases and each step's loss
+        assert {"ds_initialize", "forward", "backward", "step"} <= {r["phase"] for r in records if r["kind"] == "phase_begin"}
+        steps = [r for r in records if r["kind"] == "step"]
+        assert len(steps) == 3 and all(s["loss"] and s["loss"] > 0 for s in steps), (mode, steps)
     assert "host_limit_forecast" in by_id
     if mode in QUIET:
         assert "scaling_5290" not in by_id, by_id.get("scaling_5290")
