@@ -65,11 +65,6 @@ def handling_stops():
             _received.clear()
 
 
-def received_signal() -> str | None:
-    """The first stop signal received while handling them."""
-    return signal.Signals(_received[0]).name if _received else None
-
-
 def _prctl(option: int, value: int) -> bool:
     global _libc
     try:
