@@ -4,7 +4,6 @@ others fit."""
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import json
 from dataclasses import replace
@@ -14,38 +13,10 @@ from memdiag.config import compose, load_ds_config, split_layout
 from memdiag.errors import UsageError
 from memdiag.plan.calibrate import load_coefficients
 from memdiag.plan.model import Architecture
+from memdiag.plan.overrides import CHOICES, PLAN_KEYS, RUN_KEYS, settings_from  # noqa: F401 (re-exported)
 from memdiag.plan.search import deepspeed_estimate, device_counts, evaluate, fixes_for, recommend, search
 from memdiag.plan.terms import Coefficients, Settings, consolidation_bytes
 from memdiag.units import ACCEPTED_FORMS, format_bytes, parse_size
-
-BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-PLAN_KEYS = {
-    "zero.stage": ("zero_stage", int),
-    "micro_batch": ("micro_batch", int),
-    "seq_len": ("seq_len", int),
-    "grad_accum": ("grad_accum", int),
-    "dtype": ("dtype", str),
-    "flash_attn": ("attention", "bool"),
-    "attention": ("attention", str),
-    "activation_checkpointing": ("activation_checkpointing", "bool"),
-    "offload": ("offload", str),
-    "load": ("load", str),
-    "load.dtype": ("load_dtype", str),
-    "checkpoint_format": ("checkpoint_format", str),
-    "checkpoint_shards": ("checkpoint_shards", int),
-    "pin_memory": ("pin_memory", "bool"),
-    "save_16bit_weights": ("save_16bit_weights", "bool"),
-}
-RUN_KEYS = ("zero.stage", "micro_batch", "seq_len", "grad_accum", "dtype", "load", "load.dtype")
-"""Plan settings that ``memdiag run`` takes too (the rest describe other code: flash_attn, offload)."""
-CHOICES = {
-    "dtype": ("bf16", "fp16", "fp32"),
-    "offload": ("none", "optimizer", "params"),
-    "load": ("reference", "zero_init", "rank0_broadcast"),
-    "attention": ("plain", "sdpa_math", "fused"),
-    "load_dtype": ("bf16", "fp16", "fp32"),
-    "checkpoint_format": ("bin", "safetensors"),
-}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -94,37 +65,6 @@ def parse_layout(text: str, max_per_node: int) -> tuple[int, int]:
             "(set --devices-per-node to change it)"
         )
     return nodes, per_node
-
-
-def settings_from(overrides: list[str], base: Settings) -> tuple[Settings, list[str]]:
-    changes: dict = {}
-    passthrough = []
-    for token in overrides:
-        key, sep, value = token.partition("=")
-        if not sep or not key:
-            raise UsageError(f"malformed override {token!r}: write key=value, e.g. seq_len=4096")
-        if key in ("model.scale", "case", "hardware"):
-            passthrough.append(token)
-            continue
-        if key not in PLAN_KEYS:
-            close = difflib.get_close_matches(key, [*PLAN_KEYS, "model.scale", "case"], n=3, cutoff=0.5)
-            raise UsageError(f"unknown key {key!r}" + (f"; closest valid keys: {', '.join(close)}" if close else ""))
-        field, kind = PLAN_KEYS[key]
-        try:
-            if kind == "bool":
-                parsed = BOOL[value.lower()]
-            elif kind == "size":
-                parsed = parse_size(value, name=key)
-            else:
-                parsed = kind(value)
-        except (KeyError, ValueError):
-            raise UsageError(f"{key}={value!r}: expected {'true or false' if kind == 'bool' else kind.__name__}") from None
-        if key == "flash_attn":
-            parsed = "fused" if parsed else "plain"
-        if field in CHOICES and parsed not in CHOICES[field]:
-            raise UsageError(f"{key}={value!r}: use one of {', '.join(CHOICES[field])}")
-        changes[field] = parsed
-    return replace(base, **changes), passthrough
 
 
 def main(args: argparse.Namespace) -> int:
@@ -380,8 +320,10 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
         peaks = r.host_phase_peaks
         print(f"{r.name:28} {format_bytes(r.device_peak_bytes):>11}  "
               + " ".join(f"{format_bytes(peaks[p]):>11}" for p in phases) + f"  {r.verdict}")
-    print(f"(device peak: the \"used\" figure nvidia-smi shows: tensors plus the allocator's reserve "
-          f"({Coefficients().allocator_reserve_fraction:.0%} assumed), the runtime context and NCCL's buffers "
+    reserve = (f"{Coefficients().allocator_reserve_layers:g} gathered layers' worth under ZeRO-3, fitted on published runs"
+               if settings.zero_stage >= 3 else f"{Coefficients().allocator_reserve_fraction:.0%} assumed")
+    print(f"(device peak: the \"used\" figure nvidia-smi shows, which the verdict uses: tensors plus the allocator's reserve "
+          f"({reserve}), the runtime context and NCCL's buffers "
           f"({format_bytes(Coefficients().nccl_buffer_bytes)} assumed); --json gives the allocated peak too)")
     print(f"(host: the busiest node, the one of global rank 0; offline zero_to_fp32.py needs "
           f"{format_bytes(consolidation_bytes(arch))} on the machine that runs it)")

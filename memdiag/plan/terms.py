@@ -34,8 +34,14 @@ class Coefficients:
     backward_transient_sbv: float = 6.0
     """Gradient of the logits (fp32) and its bf16 cast."""
     allocator_reserve_fraction: float = 0.05
-    """The caching allocator's reserve and fragmentation over the allocated peak (an
-    assumption until fitted: ``plan --calibrate`` on recorded CUDA runs)."""
+    """ZeRO-1/2: the caching allocator's reserve and fragmentation over the allocated peak
+    (an assumption)."""
+    allocator_reserve_layers: float = 11.9
+    """ZeRO-3: what the caching allocator holds reserved above the allocated peak, in decoder
+    layers' worth of gathered 16-bit parameters (each layer's all-gather buffers are freed on
+    a side stream, and their blocks stay cached). Fitted on the published device figures
+    (bench/plan_published.py, leave-one-out there); a fraction of the allocated peak does not
+    fit them (0.10 to 2.9). ``plan --calibrate`` refits it from recorded CUDA runs."""
     nccl_buffer_bytes: float = 0.5 * 2**30
     """NCCL's communication buffers per device (channels x peers x NCCL_BUFFSIZE; an assumption)."""
     host_runtime_bytes: float = 0.35 * 2**30
@@ -156,9 +162,11 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
     params = d * n / (world if stage >= 3 else 1)
     grads = d * n / (world if stage >= 2 else 1)
     optimizer = (master + 8) * n / (world if stage >= 1 else 1)
-    if s.offload in ("optimizer", "params"):
-        optimizer = 0.0
-    if s.offload == "params":
+    if s.offload != "none":
+        # the optimizer steps on the host, and each gradient partition is copied out of the
+        # reduce bucket into the host's fp32 flat buffer: only the buckets stay on the device
+        optimizer = grads = 0.0
+    if s.offload in ("params", "nvme"):
         params = 0.0
     buffers = s.ds_buffers
     terms = {"parameters": params, "gradients": grads, "optimizer_states": optimizer}
@@ -180,7 +188,10 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
         step_only = 4 * min(float(buffers.get("sub_group_size", 1e9)), n / world)
         terms["step_fp32_grads_above_backward"] = max(0.0, step_only - sum(act.values()))
     subtotal = sum(terms.values())
-    terms["allocator_reserve"] = c.allocator_reserve_fraction * subtotal
+    if stage >= 3:
+        terms["allocator_reserve"] = c.allocator_reserve_layers * d * arch.largest_layer_params
+    else:
+        terms["allocator_reserve"] = c.allocator_reserve_fraction * subtotal
     return terms
 
 
@@ -241,35 +252,59 @@ def _pow2_ceil(size: float) -> float:
     return float(1 << max(0, math.ceil(math.log2(size)))) if size > 1 else size
 
 
+def sub_groups(arch: Architecture, s: Settings, world: int) -> tuple[float, int]:
+    """(partition elements, count) of the largest optimizer sub-group of a rank.
+
+    ``_create_fp16_sub_groups`` closes a group once its partitions reach ``sub_group_size``
+    (0: every parameter a group of its own, the largest tensor's partition the largest)."""
+    x = arch.num_parameters / world
+    largest_partition = arch.largest_tensor_elements / world
+    size = float(s.ds_buffers.get("sub_group_size", 1e9) or 0)
+    partition = min(x, max(size, largest_partition))
+    return partition, max(1, math.ceil(x / partition))
+
+
 def offload_terms(arch: Architecture, s: Settings, *, local_ranks: int, world: int) -> dict[str, float]:
     """Host RAM per node that ZeRO-3 offload holds, as DeepSpeed 0.19 lays it out
     (deepspeed/runtime/zero/stage3.py) for a partition of x = N / world elements per rank:
 
-    - ``offload_optimizer``: the fp32 master partition (4x), Adam's exp_avg and exp_avg_sq
-      (8x, DeepSpeedCPUAdam's ``zeros_like`` of the master), the flat fp32 gradient partitions
-      ``grad_partitions_flat_buffer`` (4x, on the CPU when the optimizer is), and each sub-group
-      master's ``.grad`` buffer (4x, kept when offloading: ``initialize_optimizer_states``);
-    - ``offload_param``: the bf16 parameter partitions ``param_groups_fp16_flat_cpu_memory``
-      (2x, always pinned);
+    - ``offload_optimizer`` to the CPU: the fp32 master partition (4x), Adam's exp_avg and
+      exp_avg_sq (8x, DeepSpeedCPUAdam's ``zeros_like`` of the master), the flat fp32 gradient
+      partitions ``grad_partitions_flat_buffer`` (4x), and each sub-group master's ``.grad``
+      buffer (4x, kept when offloading: ``initialize_optimizer_states``);
+    - ``offload_param`` to the CPU: the bf16 parameter partitions (2x, always pinned);
     - ``pin_memory``: the gradient buffers pinned; torch's CachingHostAllocator rounds each
-      pinned block up to a power of two (``pinned_max_round_threshold`` defaults to no limit).
+      pinned block up to a power of two (``pinned_max_round_threshold`` defaults to no limit);
+    - ``nvme`` (ZeRO-Infinity, both to NVMe): master, moments and parameters live on the
+      drive; the host keeps the fp32 gradient partitions, the optimizer swapper's pinned
+      buffers (``buffer_count`` 4 x the largest sub-group, fp32) and the parameter swapper's
+      (``buffer_count`` 5 x ``buffer_size`` 1e8 elements, 16-bit), all pinned.
     """
-    if s.offload not in ("optimizer", "params"):
+    if s.offload == "none":
         return {}
-    n = arch.num_parameters
-    x = n / world
-    sub_group = min(float(s.ds_buffers.get("sub_group_size", 1e9)), x)
-    groups = max(1, math.ceil(x / sub_group))
+    x = arch.num_parameters / world
+    partition, groups = sub_groups(arch, s, world)
+    d = DTYPE_BYTES[s.dtype]
+    if s.offload == "nvme":
+        swap_optimizer = 4 * partition * int(s.ds_buffers.get("offload_optimizer_buffer_count", 4))
+        swap_params = d * float(s.ds_buffers.get("offload_param_buffer_size", 1e8)) * int(s.ds_buffers.get("offload_param_buffer_count", 5))
+        return {
+            "offloaded_fp32_gradients": local_ranks * 4 * x,
+            "nvme_optimizer_swap_buffers": local_ranks * _pow2_ceil(swap_optimizer),
+            "nvme_parameter_swap_buffers": local_ranks * _pow2_ceil(swap_params),
+        }
     terms = {
         "offloaded_fp32_master": local_ranks * 4 * x,
         "offloaded_adam_moments": local_ranks * 8 * x,
         "offloaded_fp32_gradients": local_ranks * 4 * x,
-        "offloaded_master_grad_buffers": local_ranks * 4 * x,
     }
-    pinned = [4 * x] + [4 * sub_group] * groups if s.pin_memory else []
+    # each sub-group master's own .grad (initialize_optimizer_states, since ZeRO-3 offload's
+    # first release), next to the flat gradient partitions the backward writes into
+    terms["offloaded_master_grad_buffers"] = local_ranks * 4 * x
+    pinned = [4 * x] + [4 * partition] * groups if s.pin_memory else []
     if s.offload == "params":
-        terms["offloaded_parameters"] = local_ranks * DTYPE_BYTES[s.dtype] * x
-        pinned.append(DTYPE_BYTES[s.dtype] * x)
+        terms["offloaded_parameters"] = local_ranks * d * x
+        pinned.append(d * x)
     if pinned:
         terms["pinned_power_of_two_rounding"] = local_ranks * sum(_pow2_ceil(b) - b for b in pinned)
     return terms
@@ -298,13 +333,13 @@ def host_phase_terms(
     )
     n = arch.num_parameters
     x = n / world
-    sub_group = min(float(s.ds_buffers.get("sub_group_size", 1e9)), x)
+    sub_group, _ = sub_groups(arch, s, world)
     phases = {"load": load, "training": steady}
     initialize = dict(steady)
     if s.offload in ("optimizer", "params"):
-        # initialize_optimizer_states' fp32 gradient_buffer of the largest sub-group (and the
-        # bf16 -> fp32 copies that make each master partition) exist only while it runs
-        initialize["initialize_transient"] = local_ranks * 4 * sub_group
+        # initialize_optimizer_states' fp32 gradient_buffer of the largest sub-group (its
+        # partitions' ds_numel) on the host, for as long as it runs
+        initialize["initialize_gradient_buffer"] = local_ranks * 4 * sub_group
     phases["initialize"] = initialize
     if s.zero_stage >= 3:
         save = dict(steady)

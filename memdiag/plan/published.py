@@ -1,0 +1,307 @@
+"""Published runs as a validation set: each case's memdiag prediction beside DeepSpeed's estimator.
+
+A case file is JSON Lines, one published run per line (``bench/published/cases.jsonl``): where it
+was published (``source``: ``owner/repo#issue`` or a URL) and the sentence with the figure
+(``quote``), the model (``case:<name>`` for a memdiag case, else a config name in the models
+folder), the layout, the device's memory, the node's host RAM, the training settings in
+``memdiag plan``'s ``key=value`` names, the ZeRO buffers of its ds_config, and either a figure
+(``measured``: ``device_used_peak``, ``host_node_peak`` or ``host_node_phase:<phase>``, with an
+optional ``low``/``high`` range) or an outcome (``outcome``: the ``device`` or ``host`` limit,
+``oom`` or ``fits``), and what is ambiguous in it. A malformed line is refused with its number.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from memdiag.config import HardwareProfile
+from memdiag.errors import UsageError
+from memdiag.units import parse_size
+
+CATEGORIES = ("device", "host", "host_offload")
+"""``host``: host RAM without offload; ``host_offload``: with optimizer/parameter offload."""
+MEASURES = ("device_used_peak", "host_node_peak")
+PHASE_PREFIX = "host_node_phase:"
+DEFAULT_PHASES = ("load", "initialize", "training")
+"""A run that neither saved nor resumed a checkpoint (a case names ``save``/``resume`` when it did)."""
+REQUIRED = ("id", "category", "source", "quote", "model", "nodes", "devices_per_node", "device_memory", "settings", "ambiguity")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishedCase:
+    id: str
+    category: str
+    source: str
+    quote: str
+    model: str
+    nodes: int
+    devices_per_node: int
+    device_memory_bytes: int
+    host_ram_bytes: int | None
+    settings: dict
+    ds_config: dict
+    ambiguity: str
+    profile: str | None = None
+    phases: tuple[str, ...] = DEFAULT_PHASES
+    """The phases the published run went through: its peak is the highest of these."""
+    measured_what: str | None = None
+    measured_bytes: int | None = None
+    measured_low_bytes: int | None = None
+    measured_high_bytes: int | None = None
+    outcome_limit: str | None = None
+    outcome_result: str | None = None
+    line: int = 0
+
+    @property
+    def is_figure(self) -> bool:
+        return self.measured_bytes is not None
+
+
+def _refuse(path: Path, line: int, what: str) -> UsageError:
+    return UsageError(f"{path}:{line}: {what}")
+
+
+def parse_case(text: str, *, path: Path, line: int) -> PublishedCase:
+    """One line of a case file, validated; every problem names the file and line."""
+    try:
+        row = json.loads(text)
+    except ValueError as exc:
+        raise _refuse(path, line, f"not JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise _refuse(path, line, "a case is a JSON object")
+    missing = [k for k in REQUIRED if k not in row]
+    if missing:
+        raise _refuse(path, line, f"missing {', '.join(missing)}")
+    if row["category"] not in CATEGORIES:
+        raise _refuse(path, line, f"category {row['category']!r}: use one of {', '.join(CATEGORIES)}")
+    measured, outcome = row.get("measured"), row.get("outcome")
+    if (measured is None) == (outcome is None):
+        raise _refuse(path, line, "give exactly one of measured (a figure) or outcome (oom or fits)")
+    try:
+        nodes, per_node = int(row["nodes"]), int(row["devices_per_node"])
+        device_memory = parse_size(row["device_memory"], name="device_memory")
+        host_ram = None if row.get("host_ram") is None else parse_size(row["host_ram"], name="host_ram")
+        fields: dict = {}
+        if measured is not None:
+            what = measured.get("what", "")
+            if what not in MEASURES and not what.startswith(PHASE_PREFIX):
+                raise UsageError(f"measured.what {what!r}: use {', '.join(MEASURES)} or {PHASE_PREFIX}<phase>")
+            fields = {"measured_what": what, "measured_bytes": parse_size(measured["value"], name="measured.value")}
+            for bound in ("low", "high"):
+                if bound in measured:
+                    fields[f"measured_{bound}_bytes"] = parse_size(measured[bound], name=f"measured.{bound}")
+        else:
+            if outcome.get("limit") not in ("device", "host") or outcome.get("result") not in ("oom", "fits"):
+                raise UsageError("outcome needs limit (device or host) and result (oom or fits)")
+            if outcome["limit"] == "host" and host_ram is None:
+                raise UsageError("a host outcome needs host_ram")
+            fields = {"outcome_limit": outcome["limit"], "outcome_result": outcome["result"]}
+    except UsageError as exc:
+        raise _refuse(path, line, str(exc)) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _refuse(path, line, f"bad field ({exc})") from None
+    if nodes < 1 or per_node < 1:
+        raise _refuse(path, line, "nodes and devices_per_node must be positive")
+    phases = tuple(row.get("phases") or DEFAULT_PHASES)
+    if not set(phases) <= {"load", "initialize", "training", "save", "resume"}:
+        raise _refuse(path, line, f"phases {list(phases)}: use load, initialize, training, save, resume")
+    if not isinstance(row["settings"], dict):
+        raise _refuse(path, line, "settings is an object of memdiag plan key=value settings")
+    return PublishedCase(
+        id=str(row["id"]), category=row["category"], source=str(row["source"]), quote=str(row["quote"]),
+        model=str(row["model"]), nodes=nodes, devices_per_node=per_node, device_memory_bytes=device_memory,
+        host_ram_bytes=host_ram, settings={str(k): str(v) for k, v in row["settings"].items()},
+        ds_config=dict(row.get("ds_config") or {}), ambiguity=str(row["ambiguity"]), profile=row.get("profile"),
+        phases=phases, line=line, **fields,
+    )
+
+
+def load_cases(path: Path) -> list[PublishedCase]:
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"{path}: {exc.strerror or exc}") from None
+    cases = [parse_case(text, path=Path(path), line=n) for n, text in enumerate(lines, 1) if text.strip()]
+    seen: dict[str, int] = {}
+    for case in cases:
+        if case.id in seen:
+            raise _refuse(Path(path), case.line, f"id {case.id!r} repeats line {seen[case.id]}")
+        seen[case.id] = case.line
+    return cases
+
+
+@dataclass(frozen=True)
+class Prediction:
+    memdiag_bytes: float
+    deepspeed_bytes: float
+    memdiag_fits: bool | None = None
+    deepspeed_fits: bool | None = None
+    detail: dict = field(default_factory=dict)
+
+
+def generic_gpu(device_memory_bytes: int) -> HardwareProfile:
+    """A CUDA device of the case's memory with the same context assumptions as memdiag's
+    NVIDIA profiles (1 GiB device context, 3 GiB host mappings a rank)."""
+    return HardwareProfile(
+        name="cuda", accelerator="cuda", device_memory_bytes=device_memory_bytes,
+        device_runtime_context_bytes=2**30, host_runtime_context_bytes=3 * 2**30,
+    )
+
+
+def _architecture(case: PublishedCase, settings, models_dir: Path, case_config):
+    from memdiag.plan.model import Architecture
+
+    if case_config is not None:
+        name = case.model.split(":", 1)[1]
+        return Architecture.for_case(name, case_config.model, dtype=settings.dtype, attention=settings.attention)
+    path = models_dir / f"{case.model}.json"
+    if not path.is_file():
+        raise UsageError(f"line {case.line}: model {case.model!r}: no {path}")
+    return Architecture.from_hf_config(path, dtype=settings.dtype, attention=settings.attention)
+
+
+def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Prediction:
+    """memdiag's figure (or verdict) for the case and DeepSpeed's estimator's, on the same counts."""
+    from memdiag.plan.overrides import settings_from
+    from memdiag.config import load_ds_config
+    from memdiag.plan.search import deepspeed_estimate, evaluate
+    from memdiag.plan.terms import DTYPE_BYTES, Coefficients, Settings
+
+    coefficients = coefficients or Coefficients()
+    overrides = [f"{k}={v}" for k, v in case.settings.items()]
+    settings, _ = settings_from(overrides, Settings())
+    case_config = None
+    if case.model.startswith("case:"):
+        import importlib
+
+        from memdiag.config import compose
+
+        name = case.model.split(":", 1)[1]
+        case_config = compose([f"case={name}", "model.scale=13b", "nproc_per_node=1"]
+                              + ([f"hardware={case.profile}"] if case.profile else []), detect_accelerator=False)
+        zero = load_ds_config(case_config).get("zero_optimization", {})
+        module = importlib.import_module(f"cases.{name}")
+        if "attention" not in case.settings and hasattr(module, "BENCHMARK_ATTENTION"):
+            settings = replace(settings, attention=module.BENCHMARK_ATTENTION)
+        settings = replace(settings, ds_buffers=zero | case.ds_config)
+    else:
+        settings = replace(settings, ds_buffers=dict(case.ds_config))
+    arch = _architecture(case, settings, models_dir, case_config)
+    hardware = case_config.hardware if case_config is not None else generic_gpu(case.device_memory_bytes)
+    host_limit = case.host_ram_bytes or float("inf")
+    layout = evaluate(arch, settings, hardware, case.nodes, case.devices_per_node, coefficients,
+                      device_capacity_bytes=case.device_memory_bytes, host_limit_bytes=host_limit)
+    ds = deepspeed_estimate(arch, case.devices_per_node, case.nodes, zero_init=settings.load != "reference",
+                            offload=settings.offload, buffer_factor=1.5)
+    if case.measured_what == "device_used_peak" or case.outcome_limit == "device":
+        ours, theirs, capacity = layout.device_peak_bytes, ds["device_bytes"], case.device_memory_bytes
+    elif case.measured_what and case.measured_what.startswith(PHASE_PREFIX):
+        phase = case.measured_what[len(PHASE_PREFIX):]
+        peaks = layout.host_phase_peaks
+        if phase not in peaks:
+            raise UsageError(f"line {case.line}: phase {phase!r}: memdiag models {', '.join(peaks)}")
+        ours, theirs, capacity = peaks[phase], ds["host_bytes_per_node"], case.host_ram_bytes
+    else:
+        peaks = layout.host_phase_peaks
+        ours = max(peaks[p] for p in case.phases if p in peaks)
+        theirs, capacity = ds["host_bytes_per_node"], case.host_ram_bytes
+    fits = None if capacity is None else (ours <= capacity, theirs <= capacity)
+    return Prediction(
+        memdiag_bytes=ours, deepspeed_bytes=theirs, memdiag_fits=fits and fits[0], deepspeed_fits=fits and fits[1],
+        detail={"binding_phase": layout.binding_phase, "device_allocated_bytes": layout.device_allocated_peak_bytes,
+                "num_parameters": arch.num_parameters,
+                "allocator_reserve_bytes": layout.device_terms.get("allocator_reserve", 0.0),
+                "gathered_layer_bytes": DTYPE_BYTES[settings.dtype] * arch.largest_layer_params},
+    )
+
+
+@dataclass(frozen=True)
+class Scored:
+    case: PublishedCase
+    prediction: Prediction
+
+    @property
+    def error(self) -> float | None:
+        """Relative error of a figure; inside a published range it is zero."""
+        c, p = self.case, self.prediction
+        if c.measured_bytes is None:
+            return None
+        return _relative(p.memdiag_bytes, c)
+
+    @property
+    def deepspeed_error(self) -> float | None:
+        if self.case.measured_bytes is None:
+            return None
+        return _relative(self.prediction.deepspeed_bytes, self.case)
+
+    @property
+    def verdict_right(self) -> bool | None:
+        if self.case.outcome_result is None:
+            return None
+        return self.prediction.memdiag_fits == (self.case.outcome_result == "fits")
+
+    @property
+    def deepspeed_verdict_right(self) -> bool | None:
+        if self.case.outcome_result is None:
+            return None
+        return self.prediction.deepspeed_fits == (self.case.outcome_result == "fits")
+
+
+def _relative(predicted: float, case: PublishedCase) -> float:
+    low = case.measured_low_bytes or case.measured_bytes
+    high = case.measured_high_bytes or case.measured_bytes
+    if low <= predicted <= high:
+        return 0.0
+    reference = low if predicted < low else high
+    return (predicted - reference) / reference
+
+
+def summary(scored: list[Scored]) -> dict[str, dict]:
+    """Per category: median |error| of memdiag and of DeepSpeed's estimator, verdicts right."""
+    out = {}
+    for category in CATEGORIES:
+        rows = [s for s in scored if s.case.category == category]
+        figures = [s for s in rows if s.error is not None]
+        verdicts = [s for s in rows if s.verdict_right is not None]
+        out[category] = {
+            "figures": len(figures),
+            "memdiag_median_abs_error": statistics.median(abs(s.error) for s in figures) if figures else None,
+            "deepspeed_median_abs_error": statistics.median(abs(s.deepspeed_error) for s in figures) if figures else None,
+            "verdicts": len(verdicts),
+            "memdiag_verdicts_right": sum(bool(s.verdict_right) for s in verdicts),
+            "deepspeed_verdicts_right": sum(bool(s.deepspeed_verdict_right) for s in verdicts),
+        }
+    return out
+
+
+def reserve_layers(case: PublishedCase, prediction: Prediction) -> float | None:
+    """The allocator reserve a device figure implies, in gathered layers (None for others)."""
+    if case.measured_what != "device_used_peak":
+        return None
+    d = prediction.detail
+    without = prediction.memdiag_bytes - d["allocator_reserve_bytes"]
+    return (case.measured_bytes - without) / d["gathered_layer_bytes"]
+
+
+def fit_reserve_layers(scored: list[Scored]) -> float | None:
+    """``allocator_reserve_layers`` fitted on the device figures: the median of what each implies."""
+    implied = [k for s in scored if (k := reserve_layers(s.case, s.prediction)) is not None]
+    return statistics.median(implied) if implied else None
+
+
+def leave_one_out(scored: list[Scored], models_dir: Path) -> dict[str, float]:
+    """Each device figure predicted with the reserve fitted on the other device figures."""
+    from memdiag.plan.terms import Coefficients
+
+    errors = {}
+    figures = [s for s in scored if s.case.measured_what == "device_used_peak"]
+    for s in figures:
+        k = fit_reserve_layers([o for o in figures if o is not s])
+        if k is None:
+            continue
+        refit = predict(s.case, models_dir, Coefficients(allocator_reserve_layers=k))
+        errors[s.case.id] = _relative(refit.memdiag_bytes, s.case)
+    return errors
