@@ -285,8 +285,12 @@ def cross_check(arch, settings, layout) -> dict:
                                  offload=settings.offload, buffer_factor=1.5)
     ds["host_bytes_per_node_with_offload_x1_5"] = ds_host["host_bytes_per_node"]
     ds["memdiag_host_peak_bytes_per_node"] = int(layout.host_peak_bytes)
-    states = sum(layout.device_terms[k] for k in ("parameters", "gradients", "optimizer_states"))
     world = layout.world
+    # DeepSpeed's device figure is the no-offload one: compare it with memdiag's states without offload
+    from memdiag.plan.terms import device_terms
+
+    resident = device_terms(arch, replace(settings, offload="none"), world, Coefficients())
+    states = sum(resident[k] for k in ("parameters", "gradients", "optimizer_states"))
     return ds | {
         "memdiag_model_states_bytes": int(states),
         "difference_explained": "DeepSpeed counts gradients in fp32 (18 B/param: +2 B over memdiag's measured "

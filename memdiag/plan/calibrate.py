@@ -80,8 +80,29 @@ def observe(run: Run) -> Observation:
         "host_load_per_node": float(max(load_per_node.values())),
         "host_peak_per_node": float(max(summary.host_peak_bytes_per_node.values())),
     }
+    reserve = cuda_reserve_layers(run, arch, settings)
+    if reserve is not None:
+        measured["device_reserve_layers"] = reserve
     local = max(t.header.get("local_world_size", 1) for t in run.ranks.values())
     return Observation(run.path.name, arch, settings, len(run.ranks), local, measured)
+
+
+def cuda_reserve_layers(run: Run, arch: Architecture, settings: Settings) -> float | None:
+    """What the caching allocator held above the allocated peak, in gathered layers (the unit of
+    ``allocator_reserve_layers``), the median over ranks; None unless the run sampled CUDA's
+    allocator (the CPU accelerator has no reserve to measure)."""
+    from memdiag.plan.terms import DTYPE_BYTES
+
+    layer_bytes = DTYPE_BYTES[settings.dtype] * arch.largest_layer_params
+    found = []
+    for track in run.ranks.values():
+        if "torch.cuda allocator" not in str(track.header.get("device_source") or ""):
+            continue
+        reserved, allocated = track.columns.get("device_reserved_bytes"), track.columns.get("device_allocated_bytes")
+        if reserved is None or allocated is None or not len(reserved) or np.isnan(reserved).all():
+            continue
+        found.append((float(np.nanmax(reserved)) - float(np.nanmax(allocated))) / layer_bytes)
+    return float(np.median(found)) if found else None
 
 
 def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
@@ -125,6 +146,9 @@ def fit(observations: list[Observation], c: Coefficients) -> Coefficients:
         features, known = steady_features(obs, c)
         rows.append(features)
         targets.append(obs.measured["host_peak_per_node"] / obs.local_ranks - known)
+    reserves = [o.measured["device_reserve_layers"] for o in observations if "device_reserve_layers" in o.measured]
+    if reserves:
+        c = replace(c, allocator_reserve_layers=float(np.median(reserves)))
     x, y = np.array(rows), np.array(targets)
     active = list(range(len(STEADY_FEATURES)))[: max(1, min(len(STEADY_FEATURES), len(observations)))]
     while active:
@@ -143,6 +167,8 @@ def table(observations: list[Observation], c: Coefficients) -> list[dict]:
     for obs in observations:
         predicted = predict(obs, c)
         for term, measured in obs.measured.items():
+            if term not in predicted:  # device_reserve_layers: a count, fitted and printed on its own
+                continue
             rows.append({
                 "run": obs.name, "term": term, "predicted_bytes": int(predicted[term]), "measured_bytes": int(measured),
                 "error": (predicted[term] - measured) / measured if measured else 0.0,
@@ -165,7 +191,10 @@ def calibrate_main(run_dirs: list[Path], coefficients: Coefficients, out: Path |
     worst = max(abs(r["error"]) for r in rows)
     print(f"\nfitted: host_runtime_bytes={fitted.host_runtime_bytes / 2**20:.1f} MiB, "
           f"host_state_factor={fitted.host_state_factor:.3f}, host_bytes_per_model_param={fitted.host_bytes_per_model_param:.2f}, "
-          f"host_rank_fixed_bytes={fitted.host_rank_fixed_bytes / 2**20:.1f} MiB; worst error {worst:.1%} (in sample)")
+          f"host_rank_fixed_bytes={fitted.host_rank_fixed_bytes / 2**20:.1f} MiB, "
+          f"allocator_reserve_layers={fitted.allocator_reserve_layers:.2f}"
+          + ("" if any("device_reserve_layers" in o.measured for o in observations) else " (no CUDA run: the published fit kept)")
+          + f"; worst error {worst:.1%} (in sample)")
     if out:
         out.write_text(json.dumps(fitted.to_dict(), indent=2))
         print(f"coefficients written to {out} (use with --coefficients)")

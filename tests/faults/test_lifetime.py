@@ -16,8 +16,9 @@ from .conftest import REPO
 LAUNCHER = """
 import subprocess, sys, time
 sleep = [sys.executable, "-c", "import time; time.sleep(600)"]
-stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]
-kids = [subprocess.Popen(sleep, start_new_session=True), subprocess.Popen(stubborn, start_new_session=True)]
+stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print(flush=True); time.sleep(600)"]
+kids = [subprocess.Popen(sleep, start_new_session=True), subprocess.Popen(stubborn, start_new_session=True, stdout=subprocess.PIPE)]
+kids[1].stdout.readline()  # it ignores SIGTERM from here on: on a loaded machine its start can lag the launcher's exit
 print(" ".join(str(k.pid) for k in kids), flush=True)
 if sys.argv[1] == "leave":
     sys.exit(0)  # a launcher that ends and leaves its children behind

@@ -46,7 +46,9 @@ def test_a_stop_signal_stops_everything_and_records_the_end(tmp_path, signum, ti
     memdiag = start(tmp_path)
     run_dir = memdiag.run_dir
     try:
-        memdiag.wait_for(r"step 3/400")
+        # rank 0 prints step 4 only after every rank finished step 3 (ZeRO-3's gathers keep them in
+        # step); at "step 3" the other rank may still be in it, and is stopped before recording it
+        memdiag.wait_for(r"step 4/400")
         signalled_ns = time.time_ns()
         for _ in range(times):  # twice: an impatient Ctrl-C (tests/faults/test_lifetime shows it skips the grace)
             memdiag.signal_group(signum)  # as a terminal's Ctrl-C, or a scheduler's SIGTERM
@@ -74,7 +76,7 @@ def test_sigkill_to_memdiag_leaves_nothing_running_and_the_run_reads_abandoned(t
     memdiag = start(tmp_path)
     run_dir = memdiag.run_dir
     try:
-        memdiag.wait_for(r"step 3/400")
+        memdiag.wait_for(r"step 4/400")  # every rank has recorded step 3 (see above)
         os.kill(memdiag.process.pid, signal.SIGKILL)
         memdiag.wait()
         left = wait_until_gone(run_dir, 60)
