@@ -33,7 +33,7 @@ OPTIONS = {
     "load_dtype": (None, "bf16"),
     "attention": ("plain", "sdpa_math", "fused"),
     "activation_checkpointing": (False, True),
-    "offload": ("none", "optimizer", "params"),
+    "offload": ("none", "optimizer", "params", "nvme"),
     "zero_stage": (1, 2, 3),
 }
 

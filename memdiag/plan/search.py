@@ -143,6 +143,8 @@ def evaluate(
     world = nodes * devices_per_node
     cpu = hardware.accelerator == "cpu"
     dev = device_terms(arch, settings, world, coefficients, act)
+    if cpu:  # the CPU accelerator's "device" is host memory: no caching allocator to hold a reserve
+        dev["allocator_reserve"] = 0.0
     if hardware.device_runtime_context_bytes:
         dev["runtime_context"] = float(hardware.device_runtime_context_bytes)
     if not cpu and world > 1:
