@@ -55,6 +55,12 @@ class Coefficients:
     host_bytes_per_model_param: float = 6.1
     """CPU accelerator: host RAM per parameter of the whole model on every rank (ZeRO-3's
     buckets and gathered layers are sized by the model, not the partition)."""
+    host_offload_retained_bytes_per_param: float = 4.3
+    """CPU offload: host RAM per offloaded parameter (of a rank's partition) that the process
+    keeps after the freed transients of building the offload layout (the partitions copied into
+    the flat parameter buffer, the copies that become the fp32 masters): RSS minus DeepSpeed's
+    named host tensors, measured on DeepSpeed 0.19.8 by bench/offload_layout.py (24.3 B of RSS
+    per parameter against 20.0 B of tensors, median of three runs)."""
     host_rank_fixed_bytes: float = 160 * 2**20
     """CPU accelerator: host RAM a training rank adds whatever the model (communication
     buffers, allocator arenas, threads)."""
@@ -236,7 +242,7 @@ def host_terms(
         else:
             load["checkpoint_mmap_once_per_node"] = shard
     steady: dict[str, float] = {"runtime_base": runtime}
-    steady |= offload_terms(arch, s, local_ranks=local_ranks, world=world)
+    steady |= offload_terms(arch, s, local_ranks=local_ranks, world=world, c=c)
     if cpu_accelerator:  # the CPU accelerator keeps the "device" in host RAM
         dev = device_terms(arch, s, world, c)
         states = dev["parameters"] + dev["gradients"] + dev["optimizer_states"]
@@ -264,24 +270,27 @@ def sub_groups(arch: Architecture, s: Settings, world: int) -> tuple[float, int]
     return partition, max(1, math.ceil(x / partition))
 
 
-def offload_terms(arch: Architecture, s: Settings, *, local_ranks: int, world: int) -> dict[str, float]:
+def offload_terms(arch: Architecture, s: Settings, *, local_ranks: int, world: int, c: Coefficients | None = None) -> dict[str, float]:
     """Host RAM per node that ZeRO-3 offload holds, as DeepSpeed 0.19 lays it out
-    (deepspeed/runtime/zero/stage3.py) for a partition of x = N / world elements per rank:
+    (deepspeed/runtime/zero/stage3.py; bench/offload_layout.py finds each of these tensors in a
+    real run and checks their bytes) for a partition of x = N / world elements per rank:
 
     - ``offload_optimizer`` to the CPU: the fp32 master partition (4x), Adam's exp_avg and
-      exp_avg_sq (8x, DeepSpeedCPUAdam's ``zeros_like`` of the master), the flat fp32 gradient
-      partitions ``grad_partitions_flat_buffer`` (4x), and each sub-group master's ``.grad``
-      buffer (4x, kept when offloading: ``initialize_optimizer_states``);
-    - ``offload_param`` to the CPU: the bf16 parameter partitions (2x, always pinned);
-    - ``pin_memory``: the gradient buffers pinned; torch's CachingHostAllocator rounds each
-      pinned block up to a power of two (``pinned_max_round_threshold`` defaults to no limit);
+      exp_avg_sq (8x), each sub-group master's fp32 ``.grad`` (4x, ``initialize_optimizer_states``),
+      and the flat gradient partitions ``grad_partitions_flat_buffer`` the backward writes into,
+      in the gradient accumulation dtype (the model's: 2x in bf16);
+    - ``offload_param`` to the CPU: the 16-bit parameter partitions (2x, always pinned);
+    - what the process keeps of the transients that built them (measured, see Coefficients);
+    - ``pin_memory``: those buffers pinned; torch's CachingHostAllocator rounds each pinned
+      block up to a power of two (``pinned_max_round_threshold`` defaults to no limit);
     - ``nvme`` (ZeRO-Infinity, both to NVMe): master, moments and parameters live on the
-      drive; the host keeps the fp32 gradient partitions, the optimizer swapper's pinned
-      buffers (``buffer_count`` 4 x the largest sub-group, fp32) and the parameter swapper's
+      drive; the host keeps the gradient partitions, the optimizer swapper's pinned buffers
+      (``buffer_count`` 4 x the largest sub-group, fp32) and the parameter swapper's
       (``buffer_count`` 5 x ``buffer_size`` 1e8 elements, 16-bit), all pinned.
     """
     if s.offload == "none":
         return {}
+    c = c or Coefficients()
     x = arch.num_parameters / world
     partition, groups = sub_groups(arch, s, world)
     d = DTYPE_BYTES[s.dtype]
@@ -289,22 +298,21 @@ def offload_terms(arch: Architecture, s: Settings, *, local_ranks: int, world: i
         swap_optimizer = 4 * partition * int(s.ds_buffers.get("offload_optimizer_buffer_count", 4))
         swap_params = d * float(s.ds_buffers.get("offload_param_buffer_size", 1e8)) * int(s.ds_buffers.get("offload_param_buffer_count", 5))
         return {
-            "offloaded_fp32_gradients": local_ranks * 4 * x,
+            "offloaded_gradient_partitions": local_ranks * d * x,
             "nvme_optimizer_swap_buffers": local_ranks * _pow2_ceil(swap_optimizer),
             "nvme_parameter_swap_buffers": local_ranks * _pow2_ceil(swap_params),
         }
     terms = {
         "offloaded_fp32_master": local_ranks * 4 * x,
         "offloaded_adam_moments": local_ranks * 8 * x,
-        "offloaded_fp32_gradients": local_ranks * 4 * x,
+        "offloaded_master_grad_buffers": local_ranks * 4 * x,
+        "offloaded_gradient_partitions": local_ranks * d * x,
     }
-    # each sub-group master's own .grad (initialize_optimizer_states, since ZeRO-3 offload's
-    # first release), next to the flat gradient partitions the backward writes into
-    terms["offloaded_master_grad_buffers"] = local_ranks * 4 * x
-    pinned = [4 * x] + [4 * partition] * groups if s.pin_memory else []
+    pinned = [d * x] + [4 * partition] * groups if s.pin_memory else []
     if s.offload == "params":
         terms["offloaded_parameters"] = local_ranks * d * x
         pinned.append(d * x)
+    terms["offload_build_transients_retained"] = local_ranks * c.host_offload_retained_bytes_per_param * x
     if pinned:
         terms["pinned_power_of_two_rounding"] = local_ranks * sum(_pow2_ceil(b) - b for b in pinned)
     return terms

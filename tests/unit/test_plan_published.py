@@ -116,8 +116,8 @@ def test_nvme_keeps_gradients_and_swap_buffers_on_the_host_not_the_states(llama3
     buffers = {"sub_group_size": 1e8}
     cpu = offload_terms(llama30b, Settings(offload="params", ds_buffers=buffers), local_ranks=8, world=8)
     nvme = offload_terms(llama30b, Settings(offload="nvme", ds_buffers=buffers), local_ranks=8, world=8)
-    assert set(nvme) == {"offloaded_fp32_gradients", "nvme_optimizer_swap_buffers", "nvme_parameter_swap_buffers"}
-    assert nvme["offloaded_fp32_gradients"] == cpu["offloaded_fp32_gradients"]
+    assert set(nvme) == {"offloaded_gradient_partitions", "nvme_optimizer_swap_buffers", "nvme_parameter_swap_buffers"}
+    assert nvme["offloaded_gradient_partitions"] == cpu["offloaded_gradient_partitions"]
     assert sum(nvme.values()) < 0.3 * sum(cpu.values())
     # a rank: 4 x 1e8 fp32 and 5 x 1e8 bf16 elements, each pool rounded up to a power of two when pinned
     assert nvme["nvme_optimizer_swap_buffers"] == 8 * 2**31
