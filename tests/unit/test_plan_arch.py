@@ -135,15 +135,19 @@ def _layout(*args):
 
 
 def test_offload_host_terms_follow_deepspeeds_layout_and_phases_are_named():
-    """offload=optimizer: 20 B a parameter over the nodes (fp32 master 4, moments 8, fp32
-    gradient partitions 4, the masters' .grad buffers 4), beside DeepSpeed's 16 x 1.5; pinned
-    buffers round up to powers of two; resuming reads each rank's 12 B/param optimizer shard."""
+    """offload=optimizer: 18 B a parameter over the nodes in bf16 (fp32 master 4, moments 8, the
+    masters' fp32 .grad buffers 4, the flat gradient partitions 2 in the model's dtype: the
+    tensors tests/integration/test_offload_layout finds in DeepSpeed), and the retained build
+    transients beside them; pinned buffers round up to powers of two; resuming reads each rank's
+    12 B/param optimizer shard."""
     data = _layout("--host-ram", "2T", "--profile", "h100", "--layout", "2x8", "offload=optimizer", "load=zero_init")
     layout = data["layouts"][0]
     n = data["model"]["num_parameters"]
     terms = layout["terms"]
     offload = sum(v for k, v in terms.items() if k.startswith("host_steady.offloaded_"))
-    assert offload == pytest.approx(20 * n / 2, rel=1e-6)
+    assert offload == pytest.approx(18 * n / 2, rel=1e-6)
+    retained = Coefficients().host_offload_retained_bytes_per_param
+    assert terms["host_steady.offload_build_transients_retained"] == pytest.approx(retained * n / 2, rel=1e-6)
     assert "host_steady.pinned_power_of_two_rounding" not in terms  # pin_memory defaults to false
     assert terms["host_resume.optimizer_shard_read"] == pytest.approx(8 * 12 * n / 16, rel=1e-6)
     assert set(layout["host_peak_bytes_by_phase"]) == {"load", "initialize", "training", "save", "resume"}
