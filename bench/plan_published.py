@@ -86,6 +86,11 @@ def main() -> int:
         for s in scored:
             if s.case.category == category:
                 print(row_text(s))
+    misses = [s for s in scored if (s.error is not None and abs(held_out.get(s.case.id, s.error)) > TARGET) or s.verdict_right is False]
+    if misses:
+        print(f"\nmisses (|error| > {TARGET:.0%} or a wrong verdict), each with its source and what is ambiguous in it:")
+        for s in misses:
+            print(f"  {s.case.id} ({s.case.source}): {s.case.ambiguity}")
     if held_out:
         print(f"\nallocator reserve under ZeRO-3 (the one device coefficient fitted on these figures): "
               f"{fitted:.1f} gathered layers (memdiag ships {Coefficients().allocator_reserve_layers:g}); "
