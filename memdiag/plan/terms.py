@@ -60,7 +60,8 @@ class Coefficients:
     keeps after the freed transients of building the offload layout (the partitions copied into
     the flat parameter buffer, the copies that become the fp32 masters): RSS minus DeepSpeed's
     named host tensors, measured on DeepSpeed 0.19.8 by bench/offload_layout.py (24.3 B of RSS
-    per parameter against 20.0 B of tensors, median of three runs)."""
+    per parameter against 20.0 B of tensors, median of three runs; single runs ranged from 23.5
+    to 25.2 B, glibc's reuse of freed chunks varies)."""
     host_rank_fixed_bytes: float = 160 * 2**20
     """CPU accelerator: host RAM a training rank adds whatever the model (communication
     buffers, allocator arenas, threads)."""
