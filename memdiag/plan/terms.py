@@ -36,12 +36,12 @@ class Coefficients:
     allocator_reserve_fraction: float = 0.05
     """ZeRO-1/2: the caching allocator's reserve and fragmentation over the allocated peak
     (an assumption)."""
-    allocator_reserve_layers: float = 11.9
+    allocator_reserve_layers: float = 12.4
     """ZeRO-3: what the caching allocator holds reserved above the allocated peak, in decoder
     layers' worth of gathered 16-bit parameters (each layer's all-gather buffers are freed on
     a side stream, and their blocks stay cached). Fitted on the published device figures
     (bench/plan_published.py, leave-one-out there); a fraction of the allocated peak does not
-    fit them (0.10 to 2.9). ``plan --calibrate`` refits it from recorded CUDA runs."""
+    fit them (0.10 to 3.4 of it, against 8.8 to 19.3 layers). ``plan --calibrate`` refits it from recorded CUDA runs."""
     nccl_buffer_bytes: float = 0.5 * 2**30
     """NCCL's communication buffers per device (channels x peers x NCCL_BUFFSIZE; an assumption)."""
     host_runtime_bytes: float = 0.35 * 2**30
@@ -171,7 +171,7 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
     optimizer = (master + 8) * n / (world if stage >= 1 else 1)
     if s.offload != "none":
         # the optimizer steps on the host, and each gradient partition is copied out of the
-        # reduce bucket into the host's fp32 flat buffer: only the buckets stay on the device
+        # reduce bucket into the host's flat gradient buffer: only the buckets stay on the device
         optimizer = grads = 0.0
     if s.offload in ("params", "nvme"):
         params = 0.0
@@ -189,9 +189,10 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
         terms["reduce_bucket"] = d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
     act = act if act is not None else activation_terms(arch, s, c)
     terms |= act
-    if stage >= 3:
+    if stage >= 3 and s.offload == "none":
         # the optimizer step runs one sub-group at a time with fp32 gradients, after the
-        # activations are gone: it counts only when it is larger than what it replaces
+        # activations are gone: it counts only when it is larger than what it replaces (with
+        # offload the step runs on the host)
         step_only = 4 * min(float(buffers.get("sub_group_size", 1e9)), n / world)
         terms["step_fp32_grads_above_backward"] = max(0.0, step_only - sum(act.values()))
     subtotal = sum(terms.values())
@@ -296,8 +297,10 @@ def offload_terms(arch: Architecture, s: Settings, *, local_ranks: int, world: i
     partition, groups = sub_groups(arch, s, world)
     d = DTYPE_BYTES[s.dtype]
     if s.offload == "nvme":
-        swap_optimizer = 4 * partition * int(s.ds_buffers.get("offload_optimizer_buffer_count", 4))
-        swap_params = d * float(s.ds_buffers.get("offload_param_buffer_size", 1e8)) * int(s.ds_buffers.get("offload_param_buffer_count", 5))
+        optimizer_swap = s.ds_buffers.get("offload_optimizer") or {}
+        param_swap = s.ds_buffers.get("offload_param") or {}
+        swap_optimizer = 4 * partition * int(optimizer_swap.get("buffer_count", 4))
+        swap_params = d * float(param_swap.get("buffer_size", 1e8)) * int(param_swap.get("buffer_count", 5))
         return {
             "offloaded_gradient_partitions": local_ranks * d * x,
             "nvme_optimizer_swap_buffers": local_ranks * _pow2_ceil(swap_optimizer),
