@@ -15,7 +15,7 @@ from memdiag.plan.calibrate import load_coefficients
 from memdiag.plan.model import Architecture
 from memdiag.plan.overrides import CHOICES, PLAN_KEYS, RUN_KEYS, settings_from  # noqa: F401 (re-exported)
 from memdiag.plan.search import deepspeed_estimate, device_counts, evaluate, fixes_for, recommend, search
-from memdiag.plan.terms import Coefficients, Settings, consolidation_bytes
+from memdiag.plan.terms import Coefficients, Settings, consolidation_bytes, device_terms
 from memdiag.units import ACCEPTED_FORMS, format_bytes, parse_size
 
 
@@ -287,8 +287,6 @@ def cross_check(arch, settings, layout) -> dict:
     ds["memdiag_host_peak_bytes_per_node"] = int(layout.host_peak_bytes)
     world = layout.world
     # DeepSpeed's device figure is the no-offload one: compare it with memdiag's states without offload
-    from memdiag.plan.terms import device_terms
-
     resident = device_terms(arch, replace(settings, offload="none"), world, Coefficients())
     states = sum(resident[k] for k in ("parameters", "gradients", "optimizer_states"))
     return ds | {

@@ -21,7 +21,7 @@ import numpy as np
 from memdiag.checks.loadphase import run_loads
 from memdiag.errors import UsageError
 from memdiag.plan.model import Architecture
-from memdiag.plan.terms import Coefficients, Settings, activation_terms, device_terms, host_terms
+from memdiag.plan.terms import DTYPE_BYTES, Coefficients, Settings, activation_terms, device_terms, host_terms
 from memdiag.summary import summarize
 from memdiag.timeline import read_run
 from memdiag.timeline.reader import Run
@@ -91,8 +91,6 @@ def cuda_reserve_layers(run: Run, arch: Architecture, settings: Settings) -> flo
     """What the caching allocator held above the allocated peak, in gathered layers (the unit of
     ``allocator_reserve_layers``), the median over ranks; None unless the run sampled CUDA's
     allocator (the CPU accelerator has no reserve to measure)."""
-    from memdiag.plan.terms import DTYPE_BYTES
-
     layer_bytes = DTYPE_BYTES[settings.dtype] * arch.largest_layer_params
     found = []
     for track in run.ranks.values():

@@ -165,8 +165,10 @@ def _architecture(case: PublishedCase, settings, models_dir: Path, case_config):
 
 def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Prediction:
     """memdiag's figure (or verdict) for the case and DeepSpeed's estimator's, on the same counts."""
+    import importlib
+
+    from memdiag.config import compose, load_ds_config
     from memdiag.plan.overrides import settings_from
-    from memdiag.config import load_ds_config
     from memdiag.plan.search import deepspeed_estimate, evaluate
     from memdiag.plan.terms import DTYPE_BYTES, Coefficients, Settings
 
@@ -175,10 +177,6 @@ def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Predict
     settings, _ = settings_from(overrides, Settings())
     case_config = None
     if case.model.startswith("case:"):
-        import importlib
-
-        from memdiag.config import compose
-
         name = case.model.split(":", 1)[1]
         case_config = compose([f"case={name}", "model.scale=13b", "nproc_per_node=1"]
                               + ([f"hardware={case.profile}"] if case.profile else []), detect_accelerator=False)
@@ -208,9 +206,10 @@ def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Predict
         peaks = layout.host_phase_peaks
         ours = max(peaks[p] for p in case.phases if p in peaks)
         theirs, capacity = ds["host_bytes_per_node"], case.host_ram_bytes
-    fits = None if capacity is None else (ours <= capacity, theirs <= capacity)
+    known = capacity is not None
     return Prediction(
-        memdiag_bytes=ours, deepspeed_bytes=theirs, memdiag_fits=fits and fits[0], deepspeed_fits=fits and fits[1],
+        memdiag_bytes=ours, deepspeed_bytes=theirs,
+        memdiag_fits=ours <= capacity if known else None, deepspeed_fits=theirs <= capacity if known else None,
         detail={"binding_phase": layout.binding_phase, "device_allocated_bytes": layout.device_allocated_peak_bytes,
                 "num_parameters": arch.num_parameters,
                 "allocator_reserve_bytes": layout.device_terms.get("allocator_reserve", 0.0),
