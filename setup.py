@@ -17,6 +17,8 @@ setup(
         "hydra-core>=1.3",
         "numpy>=1.26",
         "psutil>=5.9",
+        # version ranges checked against memdiag's own metadata (memdiag.versions)
+        "packaging>=23",
         "nvidia-ml-py>=12",
         "py-spy>=0.3.14",
         "plotly>=5.20",

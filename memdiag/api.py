@@ -15,7 +15,6 @@ run.json and, at the end, the summary, findings and report: the same run directo
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import subprocess
 import sys
@@ -23,66 +22,47 @@ from pathlib import Path
 from typing import Iterator
 
 from memdiag.errors import UsageError
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from memdiag.settings import RunSettings
 
 
 class Recording:
     """What ``record`` started in this process; ``stop`` ends it (idempotent)."""
 
-    def __init__(self, run_dir: Path, sample_hz: float, host_ram_bytes: int | None, report: bool) -> None:
+    def __init__(self, run_dir: Path, settings: RunSettings) -> None:
         from memdiag import instrument
+        from memdiag.rundir import RunDir, resolve_host_limit
 
-        self.run_dir = run_dir
+        self.rundir = RunDir.at(run_dir)
+        self.run_dir = self.rundir.path
+        self.settings = settings
         self.identity = instrument.RankIdentity.from_env()
-        self.report = report
         self.watcher: subprocess.Popen | None = None
         self.stopped = False
-        self.spec: dict | None = None
-        (run_dir / "timeline").mkdir(parents=True, exist_ok=True)
-        (run_dir / "logs").mkdir(exist_ok=True)
-        if self.identity.rank == 0:
-            self.spec = self._spec(host_ram_bytes)
-            self._write_spec()
-        self.instrumentation = instrument.start(run_dir, sample_hz)
+        self.writes_spec = self.identity.rank == 0
+        self.limit = resolve_host_limit(settings.host_ram_bytes, override_source="host_ram argument")
+        if self.writes_spec:
+            self.rundir.start(
+                host_limit=self.limit, case=None, command=[os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]],
+                layout="api", world_size=self.identity.world_size, hosts=[self.identity.host], recorded_by="memdiag.record",
+            )
+        self.instrumentation = instrument.start(self.run_dir, settings.sample_hz)
         if self.identity.local_rank == 0:
             self.watcher = self._start_watcher()
 
-    def _spec(self, host_ram_bytes: int | None) -> dict:
-        from memdiag import launch
-        from memdiag.probes.host import read_meminfo
-
-        limit = host_ram_bytes or read_meminfo().total_bytes
-        return {
-            "case": None,
-            "command": [os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]],
-            "layout": "api",
-            "world_size": self.identity.world_size,
-            "hosts": [self.identity.host],
-            "host_limit_bytes": limit,
-            "host_limit_source": "host_ram argument" if host_ram_bytes else "MemTotal of this machine",
-            "versions": launch._versions(),
-            "started_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-            "status": "running",
-            "recorded_by": "memdiag.record",
-            "owner": launch.owner(),
-        }
-
-    def _write_spec(self) -> None:
-        from memdiag import launch
-
-        launch.write_run_json(self.run_dir, self.spec)
+    @property
+    def spec(self) -> dict | None:
+        return self.rundir.spec if self.writes_spec else None
 
     def _start_watcher(self) -> subprocess.Popen | None:
         """Over this node's ranks: the launcher that started them (torchrun's agent, Ray's
         raylet) is their common parent; a process started by hand watches itself."""
+        from memdiag.launch import REPO_ROOT, python_path, watcher_command
+
         parent = os.getppid()
         single = self.identity.world_size == 1 and self.identity.local_world_size == 1
         root = os.getpid() if single or parent == 1 else parent
-        command = [sys.executable, "-m", "memdiag.node", str(self.run_dir), f"--root-pid={root}",
-                   f"--owner-pid={os.getpid()}", f"--host={self.identity.host}"]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        command = watcher_command(self.settings, self.run_dir, root, self.limit[0], self.identity.host)
+        env = dict(os.environ) | {"PYTHONPATH": python_path(REPO_ROOT)}
         try:
             log = open(self.run_dir / "logs" / f"watcher-{self.identity.host}.log", "ab")
             return subprocess.Popen(command, env=env, stdout=log, stderr=log, start_new_session=True)
@@ -104,16 +84,21 @@ class Recording:
                 self.watcher.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.watcher.kill()
-        if self.spec is not None:
-            self.spec.update(status="failed" if failed else "completed", ended_at=dt.datetime.now(dt.timezone.utc).isoformat())
-            self._write_spec()
-            if self.report:
-                from memdiag.commands import report
+        if self.writes_spec:
+            self.rundir.update(status="failed" if failed else "completed", ended_at=_now())
+            if self.settings.report:
+                from memdiag.report.build import build
 
                 try:
-                    report.build(self.run_dir, with_checks=True)
+                    build(self.run_dir, with_checks=True)
                 except Exception as exc:  # the training is over; say why the report is missing
                     print(f"memdiag: report not written: {exc}", file=sys.stderr)
+
+
+def _now() -> str:
+    from memdiag.rundir import utc_now
+
+    return utc_now()
 
 
 def _barrier() -> None:
@@ -126,24 +111,27 @@ def _barrier() -> None:
         pass
 
 
-def _resolve(run_dir: str | Path | None, name: str) -> Path:
-    if run_dir:
-        return Path(run_dir)
+def _resolve(settings: RunSettings) -> Path:
+    if settings.run_dir:
+        return Path(settings.run_dir)
     if os.environ.get("MEMDIAG_RUN_DIR"):
         return Path(os.environ["MEMDIAG_RUN_DIR"])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("memdiag.record: give run_dir= (a directory every rank sees): ranks of one job must share it")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    return Path("reports") / name / f"{stamp}-api"
+    from memdiag.rundir import stamp
+
+    return Path("reports") / (settings.name or "api") / f"{stamp()}-api"
 
 
 @contextlib.contextmanager
-def record(run_dir: str | Path | None = None, *, name: str = "api", sample_hz: float = 100.0,
-           host_ram: str | None = None, report: bool = True) -> Iterator[Recording]:
-    """Record this process as one rank of a run directory for the duration of the block."""
-    from memdiag.units import parse_size
+def record(run_dir: str | Path | None = None, **settings) -> Iterator[Recording]:
+    """Record this process as one rank of a run directory for the duration of the block.
+    Keyword settings are ``memdiag.settings``'s (those ``memdiag.record`` takes: ``name``,
+    ``sample_hz``, ``host_ram``, ``guard_fraction``, ``report`` ...), dots as underscores."""
+    from memdiag.settings import API, resolve
 
-    recording = Recording(_resolve(run_dir, name), sample_hz, parse_size(host_ram, name="host_ram") if host_ram else None, report)
+    resolved = resolve(API, run_dir=str(run_dir) if run_dir else None, **settings)
+    recording = Recording(_resolve(resolved), resolved)
     try:
         yield recording
     except BaseException:

@@ -1,33 +1,31 @@
-"""Resolve ``key=value`` overrides into one typed run configuration.
+"""Compose a case and the user's ``key=value`` settings into one typed run configuration.
 
-Hydra's compose API does the composition (config groups ``model``, ``hardware``, ``data`` under
-``cases/<case>/conf``); this module adds what users of this tool expect on top: ``model.scale=X``
-as a spelling of the group choice ``model=X``, the CPU fallback when no accelerator is present
-(stated in one line), and one-line errors that name the bad token and the closest valid keys.
+The settings themselves are declared once in ``memdiag.settings``; this module adds the case:
+Hydra composes its config groups (``model``, ``hardware``, ``data`` under
+``cases/<case>/conf``), ``model.scale=X`` spells the group choice ``model=X``, and without an
+accelerator the CPU profile is chosen and said in one line.
 """
 
 from __future__ import annotations
 
 import difflib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from memdiag import settings as schema
 from memdiag.errors import UsageError
+from memdiag.registry import get_case
+from memdiag.settings import RunSettings, split_layout  # noqa: F401 (split_layout: re-exported)
 from memdiag.units import parse_size
 
-CASES_DIR = Path(__file__).resolve().parent.parent / "cases"
-GROUPS = ("model", "hardware", "data", "load")
+GROUPS = ("model", "hardware", "data")
 GROUP_ALIASES = {
     "model.scale": "model",
     "hardware.name": "hardware",
     "data.source": "data",
-    "load.mode": "load",
 }
-LOADS = ("zero_init", "reference")
-LAUNCHERS = ("torchrun", "deepspeed")
-DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,57 +78,16 @@ class HardwareProfile:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RunConfig:
-    """One run, fully resolved: what ``run.json`` records and every rank reads back."""
+class RunConfig(RunSettings):
+    """One run, fully resolved: the settings (``RunSettings``) and what composing the case
+    made of them. What ``run.json`` records and every rank reads back."""
 
     case: str
-    steps: int
-    micro_batch: int
-    grad_accum: int
-    seq_len: int
-    nproc_per_node: int
     nnodes: int
-    load: str
-    """``zero_init`` (memdiag's lean loading) or ``reference`` (the benchmark's)."""
-    load_concurrency: int
-    """>0 (reference loading): at most this many local ranks build their model at once."""
-    load_trim: bool
-    """gc + malloc_trim(0) after the load and after deepspeed.initialize."""
-    load_dtype: str | None
-    """dtype the model is built in; None: fp32 for reference, the run's dtype for zero_init."""
-    checkpoint: str | None
+    nproc_per_node: int
+    layout: str
     ds_config: str
-    """Absolute path of the DeepSpeed config the run starts from (overrides applied on top)."""
-    zero_stage: int
-    dtype: str
-    reports_dir: str
-    sample_hz: float
-    instrument: bool
-    """False runs the case without memdiag's sampler and hooks (overhead baseline)."""
-    seed: int
-    overhead_ab: int
-    """>0: alternate memdiag off/on every this many steps inside the run (bench/overhead)."""
-    inject_leak_mb: int
-    """>0: deliberately keep this many MB alive per step (exercises the leak check)."""
-    guard_fraction: float
-    guard_min_available_bytes: int
-    guard_grace_s: float
-    host_ram_bytes: int | None
-    force: bool
-    """Launch even when the plan predicts that the layout does not fit (to reproduce an OOM)."""
-    stop_grace_s: float = 30.0
-    """On SIGTERM/SIGINT/SIGHUP: how long the job gets between SIGTERM and SIGKILL."""
-    hostfile: str | None = None
-    launcher: str = "torchrun"
-    """``torchrun`` or ``deepspeed``: what starts the ranks of one node."""
-    nodes_here: bool = False
-    """Start every node's part on this machine (nodes simulated on one host)."""
-    node_rank: int | None = None
-    """Set: this process runs only that node's part of a multi-node run."""
-    master_addr: str | None = None
-    master_port: int | None = None
-    run_dir: str | None = None
-    """A node part joins this run directory instead of making one."""
+    """Absolute path of the DeepSpeed config the run starts from (the settings applied on top)."""
     model: dict
     hardware: HardwareProfile
     data: dict
@@ -139,60 +96,49 @@ class RunConfig:
     """Why the hardware profile was chosen, when memdiag chose it (first line of the run)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch", "grad_accum", "seq_len", "nproc_per_node", "nnodes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name}={value!r} must be a positive integer")
-        if self.load not in LOADS:
-            raise UsageError(f"load={self.load!r}: use one of {', '.join(LOADS)}")
-        if self.load_dtype is not None and self.load_dtype not in DTYPES:
-            raise UsageError(f"load.dtype={self.load_dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.load_concurrency < 0:
-            raise UsageError(f"load.concurrency={self.load_concurrency} must be >= 0")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"dtype={self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise UsageError(f"zero.stage={self.zero_stage!r}: use 0, 1, 2 or 3")
-        if not 0 < self.guard_fraction <= 1:
-            raise UsageError(f"guard.fraction={self.guard_fraction} must be in (0, 1]")
-        if self.overhead_ab < 0 or self.inject_leak_mb < 0:
-            raise UsageError("overhead_ab and inject_leak_mb must be >= 0")
-        if not self.stop_grace_s >= 0:
-            raise UsageError(f"stop_grace_s={self.stop_grace_s!r} must be >= 0 (seconds)")
-        if not self.sample_hz > 0:
-            raise UsageError(f"sample_hz={self.sample_hz!r} must be positive")
+        super().__post_init__()
+        if self.nnodes < 1 or self.nproc_per_node < 1:
+            raise UsageError(f"layout {self.layout}: nodes and ranks per node must be positive")
         if self.hardware.accelerator == "cuda" and self.nproc_per_node > self.hardware.devices_per_node:
             raise UsageError(
                 f"layout {self.layout}: {self.nproc_per_node} ranks per node, but hardware profile {self.hardware.name} has "
                 f"{self.hardware.devices_per_node} devices per node ({self.hardware.devices_per_card} per card x "
                 f"{self.hardware.cards_per_node} cards); use at most {self.nnodes}x{self.hardware.devices_per_node}"
             )
-        if self.launcher not in LAUNCHERS:
-            raise UsageError(f"launcher={self.launcher!r}: use one of {', '.join(LAUNCHERS)}")
-        if self.node_rank is not None and not (isinstance(self.node_rank, int) and 0 <= self.node_rank < self.nnodes):
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
             raise UsageError(f"node_rank={self.node_rank!r} must be an integer in 0..{self.nnodes - 1} (nnodes={self.nnodes})")
         if self.node_rank is not None and not self.run_dir:
             raise UsageError("node_rank= needs run_dir=DIR: the run directory every node writes into")
-        if self.master_port is not None and not (isinstance(self.master_port, int) and 0 < self.master_port < 65536):
-            raise UsageError(f"master_port={self.master_port!r} must be a port number (1..65535)")
+        if self.seq_len > int(self.model.get("model_max_length", self.seq_len)):
+            raise UsageError(f"seq_len={self.seq_len} exceeds model.model_max_length={self.model['model_max_length']}")
+
+    def check_launchable(self) -> None:
+        """What only a launch needs: the nodes it spans, and values the case's training can run."""
         if self.nnodes > 1 and self.node_rank is None and not self.nodes_here and not self.hostfile:
             raise UsageError(
                 f"layout {self.layout} spans {self.nnodes} nodes: give hostfile=FILE (memdiag starts each node over ssh), "
                 "nodes_here=true (simulate the nodes on this machine), or node_rank=I run_dir=DIR on every node"
             )
-        if self.seq_len > int(self.model.get("model_max_length", self.seq_len)):
-            raise UsageError(
-                f"seq_len={self.seq_len} exceeds model.model_max_length="
-                f"{self.model['model_max_length']}"
-            )
+        runnable = get_case(self.case).runnable
+        for name, values in runnable.items():
+            value = getattr(self, name)
+            if value != "auto" and value not in values:
+                raise UsageError(
+                    f"{schema.key_of(name)}={value}: the {self.case} case's training runs {', '.join(values)} "
+                    f"(`memdiag plan` models {value} too)"
+                )
 
     @property
     def world_size(self) -> int:
         return self.nproc_per_node * self.nnodes
 
     @property
-    def layout(self) -> str:
-        return f"{self.nnodes}x{self.nproc_per_node}"
+    def attention_path(self) -> str:
+        """``attention`` with ``auto`` resolved: the case's benchmark path (one answer for
+        the planner and the ranks)."""
+        if self.attention != "auto":
+            return self.attention
+        return get_case(self.case).benchmark_attention or "plain"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,28 +147,12 @@ class RunConfig:
     def from_dict(cls, data: dict) -> RunConfig:
         data = dict(data)
         data["hardware"] = HardwareProfile(**data["hardware"])
-        return cls(**data)
-
-
-def available_cases() -> list[str]:
-    return sorted(p.parent.parent.name for p in CASES_DIR.glob("*/conf/config.yaml"))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def case_dir(case: str) -> Path:
-    cases = available_cases()
-    if case not in cases:
-        hint = difflib.get_close_matches(case, cases, n=1)
-        near = f" (did you mean {hint[0]}?)" if hint else ""
-        raise UsageError(f"unknown case {case!r}{near}; available: {', '.join(cases)}")
-    return CASES_DIR / case
-
-
-def split_layout(text: str) -> tuple[int, int] | None:
-    """``2x4`` -> (2 nodes, 4 ranks per node); None when it is not that form (callers word the error)."""
-    nodes, sep, per_node = text.lower().partition("x")
-    if not sep or not nodes.isdigit() or not per_node.isdigit() or int(nodes) < 1 or int(per_node) < 1:
-        return None
-    return int(nodes), int(per_node)
+    return get_case(case).conf_dir.parent
 
 
 def parse_layout(text: str) -> tuple[int, int]:
@@ -230,14 +160,6 @@ def parse_layout(text: str) -> tuple[int, int]:
     if layout is None:
         raise UsageError(f"layout={text!r}: write NODESxRANKS_PER_NODE with positive numbers, e.g. layout=2x4")
     return layout
-
-
-def _split(token: str) -> tuple[str, str]:
-    key, sep, value = token.partition("=")
-    key = key.lstrip("+~")
-    if not sep or not key or any(c.isspace() for c in key):
-        raise UsageError(f"malformed override {token!r}: write key=value, e.g. steps=20")
-    return key, value
 
 
 def _flat_keys(node: Any, prefix: str = "") -> list[str]:
@@ -260,20 +182,15 @@ def _cuda_available() -> tuple[bool, str]:
         return False, f"CUDA probe failed: {exc}"
 
 
-def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConfig:
-    """Overrides (``case=... model.scale=tiny steps=20``) -> a validated ``RunConfig``."""
-    pairs = [_split(token) for token in overrides]
+def compose(overrides: list[str], *, command: str = schema.RUN, detect_accelerator: bool = True) -> RunConfig:
+    """Overrides (``case=... model.scale=tiny steps=20``) -> a validated ``RunConfig``; every
+    setting parsed by ``memdiag.settings`` for ``command`` (run or plan), the case's groups by Hydra."""
+    values, group_tokens = schema.parse(overrides, command)
+    pairs = [schema.split_token(token) for token in group_tokens]
     case = next((v for k, v in pairs if k == "case"), "baichuan2_13b")
-    conf_dir = case_dir(case) / "conf"
-    hydra_overrides: list[str] = []
-    for (key, value), token in zip(pairs, overrides):
-        if key == "layout":
-            nodes, per_node = parse_layout(value)
-            hydra_overrides += [f"nnodes={nodes}", f"nproc_per_node={per_node}"]
-        elif key in GROUP_ALIASES:
-            hydra_overrides.append(f"{GROUP_ALIASES[key]}={value}")
-        else:
-            hydra_overrides.append(token)
+    spec = get_case(case)
+    conf_dir = spec.conf_dir
+    hydra_overrides = [f"{GROUP_ALIASES.get(key, key)}={value}" for key, value in pairs if key != "case"]
     chosen_groups = {k.split("=", 1)[0] for k in hydra_overrides} & set(GROUPS)
 
     note = ""
@@ -283,19 +200,42 @@ def compose(overrides: list[str], *, detect_accelerator: bool = True) -> RunConf
         has_cuda, why = _cuda_available()
         if not has_cuda:
             hydra_overrides.insert(0, "hardware=cpu")
-            note = (
-                f"no accelerator ({why}): using hardware profile 'cpu' - DeepSpeed's CPU "
-                "accelerator with gloo, model.scale=tiny, 2 ranks per node (override with hardware=, "
-                "model.scale=, nproc_per_node=, layout=)"
-            )
+            note = f"no accelerator ({why}): using hardware profile 'cpu' - DeepSpeed's CPU accelerator with gloo"
         else:
             note = f"accelerator found ({why}): hardware profile from the case"
 
     raw = _hydra(conf_dir, hydra_overrides)
+    hardware = HardwareProfile.from_cfg(raw["hardware"])
+    # a config group may set a setting's default for itself (the CPU profile: 20 steps of 256
+    # tokens on 2 ranks); what the user gave wins
+    group_defaults = {k: v for k, v in raw.items() if k in schema.SCHEMA}
+    for key, value in group_defaults.items():
+        values.setdefault(schema.SCHEMA[key].field, schema.SCHEMA[key].parse(value))
+    nnodes, nproc = 1, values.get("nproc_per_node")
+    if values.get("layout"):
+        nnodes, nproc = parse_layout(values["layout"])
+    if nproc is None:
+        if hardware.accelerator == "cuda" and detect_accelerator:
+            import torch
+
+            nproc = torch.cuda.device_count() or hardware.devices_per_node
+        elif hardware.accelerator == "cuda":
+            nproc = hardware.devices_per_node
+        else:
+            nproc = 2
     if note.startswith("no accelerator"):  # say what will run, overrides included
-        nproc = raw.get("nproc_per_node") or 2
-        note = note.replace("model.scale=tiny, 2 ranks per node", f"model.scale={raw['model'].get('scale')}, {nproc} rank{'s' if nproc != 1 else ''} per node")
-    return _to_run_config(raw, overrides, conf_dir.parent, note)
+        note += (f", model.scale={raw['model'].get('scale')}, {nproc} rank{'s' if nproc != 1 else ''} per node "
+                 "(override with hardware=, model.scale=, nproc_per_node=, layout=)")
+    ds_config = Path(values.pop("ds_config", None) or raw["ds_config"])
+    if not ds_config.is_absolute():
+        ds_config = conf_dir.parent / ds_config
+    if not ds_config.is_file():
+        raise UsageError(f"ds_config={str(ds_config)!r}: no such file")
+    values.update(nnodes=nnodes, nproc_per_node=nproc, layout=f"{nnodes}x{nproc}")
+    return RunConfig(
+        **values, case=case, ds_config=str(ds_config), model=raw["model"], hardware=hardware, data=raw["data"],
+        overrides=list(overrides), selection_note=note,
+    )
 
 
 def _hydra(conf_dir: Path, hydra_overrides: list[str]) -> dict:
@@ -324,7 +264,7 @@ def _explain(exc: Exception, overrides: list[str], conf_dir: Path) -> UsageError
         key = message.split("'")[1] if "'" in message else message
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             base = OmegaConf.to_container(hydra_compose("config", overrides=[]))
-        valid = _flat_keys(base) + list(GROUP_ALIASES) + ["case"]
+        valid = [k for k in _flat_keys(base) if k.startswith(schema.GROUP_PREFIXES)] + list(GROUP_ALIASES) + ["case"]
         close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
         hint = f"; closest valid keys: {', '.join(close)}" if close else ""
         return UsageError(f"unknown key {key!r}{hint}")
@@ -340,75 +280,28 @@ def _explain(exc: Exception, overrides: list[str], conf_dir: Path) -> UsageError
     return UsageError(f"cannot read override{where}: {message}")
 
 
-def _to_run_config(raw: dict, overrides: list[str], case_path: Path, note: str) -> RunConfig:
-    hardware = HardwareProfile.from_cfg(raw["hardware"])
-    nproc = raw.get("nproc_per_node")
-    if nproc is None:
-        if hardware.accelerator == "cuda":
-            import torch
-
-            nproc = torch.cuda.device_count() or hardware.devices_per_node
-        else:
-            nproc = 2
-    ds_config = Path(raw["ds_config"])
-    if not ds_config.is_absolute():
-        ds_config = case_path / ds_config
-    if not ds_config.is_file():
-        raise UsageError(f"ds_config={raw['ds_config']!r}: no file at {ds_config}")
-    host_ram = raw.get("host_ram")
-    try:
-        return RunConfig(
-            case=raw["case"],
-            steps=raw["steps"],
-            micro_batch=raw["micro_batch"],
-            grad_accum=raw["grad_accum"],
-            seq_len=raw["seq_len"],
-            nproc_per_node=nproc,
-            nnodes=raw["nnodes"],
-            load=raw["load"]["mode"],
-            load_concurrency=int(raw["load"]["concurrency"]),
-            load_trim=bool(raw["load"]["trim"]),
-            load_dtype=raw["load"]["dtype"],
-            checkpoint=raw.get("checkpoint"),
-            ds_config=str(ds_config),
-            zero_stage=raw["zero"]["stage"],
-            dtype=raw["dtype"],
-            reports_dir=str(raw["reports_dir"]),
-            sample_hz=float(raw["sample_hz"]),
-            instrument=bool(raw["instrument"]),
-            seed=raw["seed"],
-            overhead_ab=int(raw["overhead_ab"]),
-            inject_leak_mb=int(raw["inject_leak_mb"]),
-            guard_fraction=float(raw["guard"]["fraction"]),
-            guard_min_available_bytes=parse_size(raw["guard"]["min_available"], name="guard.min_available"),
-            guard_grace_s=float(raw["guard"]["grace_s"]),
-            host_ram_bytes=None if host_ram is None else parse_size(host_ram, name="host_ram"),
-            force=bool(raw["force"]),
-            stop_grace_s=float(raw.get("stop_grace_s", 30.0)),
-            hostfile=raw.get("hostfile"),
-            launcher=str(raw.get("launcher", "torchrun")),
-            nodes_here=bool(raw.get("nodes_here", False)),
-            node_rank=raw.get("node_rank"),
-            master_addr=raw.get("master_addr"),
-            master_port=raw.get("master_port"),
-            run_dir=raw.get("run_dir"),
-            model=raw["model"],
-            hardware=hardware,
-            data=raw["data"],
-            overrides=list(overrides),
-            selection_note=note,
-        )
-    except TypeError as exc:  # a value of the wrong type from the command line
-        raise UsageError(f"bad override value: {exc}") from None
-
-
 def load_ds_config(config: RunConfig) -> dict:
-    """The case's ds_config with the run's settings applied (what the ranks pass DeepSpeed)."""
+    """The case's ds_config with the run's settings applied (what the ranks pass DeepSpeed,
+    and what the planner reads): a setting left unset or ``auto`` keeps the ds_config's value."""
     ds = json.loads(Path(config.ds_config).read_text())
     ds["train_micro_batch_size_per_gpu"] = config.micro_batch
     ds["gradient_accumulation_steps"] = config.grad_accum
     ds.pop("train_batch_size", None)
-    ds.setdefault("zero_optimization", {})["stage"] = config.zero_stage
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = config.zero_stage
+    if config.offload in ("none", "optimizer", "params"):
+        zero.pop("offload_optimizer", None)
+        zero.pop("offload_param", None)
+        if config.offload != "none":
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if config.offload == "params":
+            zero["offload_param"] = {"device": "cpu"}
+    if config.pin_memory is not None:
+        for section in ("offload_optimizer", "offload_param"):
+            if section in zero:
+                zero[section]["pin_memory"] = config.pin_memory
+    if config.save_16bit_weights is not None:
+        zero["stage3_gather_16bit_weights_on_model_save"] = config.save_16bit_weights
     ds["bf16"] = {"enabled": config.dtype == "bf16"}
     ds["fp16"] = {"enabled": config.dtype == "fp16"}
     ds["steps_per_print"] = max(config.steps + 1, int(ds.get("steps_per_print", 10)))

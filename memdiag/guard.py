@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from memdiag.settings import BY_FIELD
 from memdiag.units import format_bytes
 
 
@@ -23,12 +24,10 @@ from memdiag.units import format_bytes
 class GuardConfig:
     limit_bytes: int | None
     """Host RAM the node's ranks may use together; ``None``: only MemAvailable/cgroup apply."""
-    fraction: float = 0.95
-    """Fire at this fraction of the limit (and of a cgroup limit)."""
-    min_available_bytes: int = 0
-    """Fire when MemAvailable drops below this; 0 disables."""
-    grace_s: float = 10.0
-    """Seconds between SIGTERM and SIGKILL."""
+    # defaults and docs: the settings guard.fraction, guard.min_available, guard.grace_s
+    fraction: float = BY_FIELD["guard_fraction"].default
+    min_available_bytes: int = BY_FIELD["guard_min_available_bytes"].default
+    grace_s: float = BY_FIELD["guard_grace_s"].default
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:

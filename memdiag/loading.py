@@ -190,15 +190,16 @@ def partitioned_init(ds_config: dict | str, dtype=None):
 
 def load_zero3(
     model_cls: Any, directory: str | Path, ds_config: dict | str, *, dtype=None, trim: bool = True,
-    concurrency: int = 0, lock_name: str = "load",
+    concurrency: int = 0, lock_name: str = "load", **config_overrides,
 ):
     """Build ``model_cls`` partitioned under ZeRO-3 and load ``directory`` into it.
 
     ``trim``: gc + ``malloc_trim(0)`` afterwards, so freed buffers go back to the OS.
     ``concurrency``: >0, at most that many local ranks read the checkpoint at once (the build
-    under zero.Init is collective and is not limited).
+    under zero.Init is collective and is not limited). ``config_overrides``: config attributes
+    to set over the checkpoint's (as ``from_pretrained`` takes them).
     """
-    config = model_cls.config_class.from_pretrained(directory)
+    config = model_cls.config_class.from_pretrained(directory, **config_overrides)
     find_checkpoint(directory)  # fail on a broken checkpoint before building anything
     with lean_allocator():
         with _no_init_weights(), default_dtype(dtype), partitioned_init(ds_config, dtype):

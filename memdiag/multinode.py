@@ -12,24 +12,24 @@ can also be started by the cluster's own tool (srun, pdsh) on every node with th
 
 from __future__ import annotations
 
-import datetime as dt
-import importlib
-import json
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from memdiag import launch, lifetime
 from memdiag.config import RunConfig
-from memdiag.files import write_atomic
 from memdiag.errors import UsageError
+from memdiag.files import write_atomic
 from memdiag.hostfile import Host, format_hostfile, nodes_for_layout, read_hostfile
+from memdiag.registry import get_case
+from memdiag.rundir import NODES_DIR, RunDir
+from memdiag.timeline.reader import guard_event
 
-NODES_DIR = "nodes"
 HOSTFILE = "hostfile"
 PART_KEYS = ("node_rank", "run_dir", "master_addr", "master_port", "nodes_here")
 """Overrides the coordinator sets itself for each node part."""
@@ -42,8 +42,13 @@ FINISHER = "node_rank 0"
 
 
 def node_hosts(config: RunConfig) -> list[Host]:
+    """The nodes of the run; one node is named after this machine."""
     if config.hostfile:
         return nodes_for_layout(read_hostfile(config.hostfile), config.nnodes, config.nproc_per_node, f"hostfile {config.hostfile}")
+    if config.nnodes == 1:
+        import platform
+
+        return [Host(platform.node(), config.nproc_per_node)]
     return [Host(f"node{i}", config.nproc_per_node) for i in range(config.nnodes)]
 
 
@@ -60,7 +65,7 @@ def rendezvous(config: RunConfig, hosts: list[Host]) -> tuple[str, int]:
 
 def ranks_command(config: RunConfig, run_dir: Path, node_rank: int, addr: str, port: int) -> list[str]:
     """What starts one node's ranks."""
-    entry = importlib.import_module(f"cases.{config.case}").ENTRY_MODULE
+    entry = get_case(config.case).entry_module
     if config.launcher == "deepspeed":
         return [
             sys.executable, "-u", "-m", "deepspeed.launcher.runner", f"--hostfile={run_dir / HOSTFILE}",
@@ -74,69 +79,72 @@ def ranks_command(config: RunConfig, run_dir: Path, node_rank: int, addr: str, p
     ]
 
 
-def _prepare(run_dir: Path, spec: dict, hosts: list[Host]) -> None:
-    (run_dir / NODES_DIR).mkdir(exist_ok=True)
-    write_atomic(run_dir / HOSTFILE, format_hostfile(hosts))
-    launch.write_run_json(run_dir, spec)
+def prepare(rundir: RunDir, hosts: list[Host]) -> None:
+    (rundir.path / NODES_DIR).mkdir(exist_ok=True)
+    write_atomic(rundir.path / HOSTFILE, format_hostfile(hosts))
 
 
-def _join(config: RunConfig, hosts: list[Host]) -> Path:
-    """The run directory a node part writes into; node 0 makes it when nobody has (the nodes
+def _join(config: RunConfig, hosts: list[Host], start) -> RunDir:
+    """The run directory a node part writes into; node 0 starts it when nobody has (the nodes
     were started by a scheduler, not by memdiag), and then also finishes the run."""
-    run_dir = Path(config.run_dir).resolve()
-    if not (run_dir / launch.fmt.RUN_JSON).exists():
+    rundir = RunDir.at(config.run_dir)
+    if not rundir.started:
         if config.node_rank == 0:
-            for sub in (launch.fmt.TIMELINE_DIR, "logs"):
-                (run_dir / sub).mkdir(parents=True, exist_ok=True)
-            spec = launch.initial_spec(config, run_dir)
-            spec.update(hosts=[h.name for h in hosts], launcher=config.launcher, finished_by=FINISHER)
-            _prepare(run_dir, spec, hosts)
+            prepare(rundir, hosts)
+            start(rundir, hosts, finished_by=FINISHER)
         deadline = time.monotonic() + SPEC_WAIT_S
-        while not (run_dir / launch.fmt.RUN_JSON).exists():
+        while not rundir.started:
             if time.monotonic() > deadline:
-                raise UsageError(f"run_dir={run_dir}: no run.json after {SPEC_WAIT_S:.0f} s; start node_rank=0 too, with the same run_dir")
+                raise UsageError(f"run_dir={rundir.path}: no run.json after {SPEC_WAIT_S:.0f} s; start node_rank=0 too, with the same run_dir")
             time.sleep(0.5)
-    return run_dir
+    rundir.read()
+    return rundir
 
 
-def run_node_part(config: RunConfig) -> tuple[int, tuple[Path, dict] | None]:
-    """This node's part: watcher, ranks, and ``nodes/<node>.json``. Returns its exit code and,
-    for the node that finishes a scheduler-started run, the run directory and its record."""
+def part_config(config: RunConfig, spec: dict) -> RunConfig:
+    """A node part runs the spec the run was started with (its node's own keys aside), not a
+    second composition of the overrides."""
+    if not spec.get("config"):
+        return config
+    return replace(RunConfig.from_dict(spec["config"]), node_rank=config.node_rank, run_dir=config.run_dir,
+                   master_addr=config.master_addr, master_port=config.master_port, nodes_here=config.nodes_here)
+
+
+def run_node_part(config: RunConfig, start) -> tuple[int, RunDir | None]:
+    """This node's part: watcher, ranks, and ``nodes/<node>.json``. ``start(rundir, hosts,
+    **fields)`` writes the start record when this node must. Returns its exit code and, for
+    the node that finishes a scheduler-started run, the run directory to finish."""
     hosts = node_hosts(config)
     me = hosts[config.node_rank]
-    run_dir = _join(config, hosts)
-    spec = json.loads((run_dir / launch.fmt.RUN_JSON).read_text())
+    rundir = _join(config, hosts, start)
+    config = part_config(config, rundir.spec)
     addr, port = rendezvous(config, hosts)
     started = time.monotonic()
-    command = ranks_command(config, run_dir, config.node_rank, addr, port)
-    ended = launch.run_node(config, run_dir, command, spec.get("host_limit_bytes"), node=me.name)
-    record = {
+    command = ranks_command(config, rundir.path, config.node_rank, addr, port)
+    ended = launch.run_node(config, rundir.path, command, rundir.spec.get("host_limit_bytes"), node=me.name)
+    rundir.node_ended(me.name, {
         "node": me.name, "node_rank": config.node_rank, "exit_code": ended.code, "status": ended.status,
         "signal": ended.signal, "launcher": config.launcher, "duration_s": round(time.monotonic() - started, 3),
-        "ended_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-    }
-    write_atomic(run_dir / NODES_DIR / f"{me.name}.json", json.dumps(record, indent=2))
-    if spec.get("finished_by") != FINISHER or config.node_rank != 0:
+    })
+    if rundir.spec.get("finished_by") != FINISHER or config.node_rank != 0:
         return ended.code, None
     deadline = time.monotonic() + PEERS_WAIT_S
-    while not all((run_dir / NODES_DIR / f"{h.name}.json").exists() for h in hosts) and time.monotonic() < deadline:
+    while not all(rundir.node_record(h.name) for h in hosts) and time.monotonic() < deadline:
         time.sleep(1.0)
-    spec = json.loads((run_dir / launch.fmt.RUN_JSON).read_text())
-    return record_end(run_dir, spec, hosts, started, ended.signal, {me.name: ended.code}), (run_dir, spec)
+    rundir.read()
+    return record_end(rundir, hosts, started, ended.signal, {me.name: ended.code}), rundir
 
 
 def _part_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in PART_KEYS]
 
 
-def run_nodes(config: RunConfig, run_dir: Path, spec: dict) -> int:
+def run_nodes(config: RunConfig, rundir: RunDir, hosts: list[Host]) -> int:
     """Start every node's part, wait for all, collect their files, record the end in run.json.
     A stop signal goes to the node parts, which stop their own nodes within ``stop_grace_s``;
     whatever is left after that and a margin is killed."""
-    hosts = node_hosts(config)
-    spec["hosts"] = [h.name for h in hosts]
-    spec["launcher"] = config.launcher
-    _prepare(run_dir, spec, hosts)
+    run_dir = rundir.path
+    prepare(rundir, hosts)
     addr, port = rendezvous(config, hosts)
     started = time.monotonic()
     with lifetime.Job(config.stop_grace_s + FAILED_PART_GRACE_S, signal_tree=False) as job:
@@ -151,7 +159,7 @@ def run_nodes(config: RunConfig, run_dir: Path, spec: dict) -> int:
         ended = job.wait(tick=_FailedPartWatch(job))
     if not config.nodes_here:
         _collect(run_dir, hosts)
-    return record_end(run_dir, spec, hosts, started, ended.signal, ended.codes)
+    return record_end(rundir, hosts, started, ended.signal, ended.codes)
 
 
 class _FailedPartWatch:
@@ -172,41 +180,26 @@ class _FailedPartWatch:
             self.job.request_stop(f"node part {failed[0]} failed; stopping the other nodes")
 
 
-def record_end(
-    run_dir: Path, spec: dict, hosts: list[Host], started: float, stop_signal: str | None, fallback_codes: dict[str, int]
-) -> int:
+def record_end(rundir: RunDir, hosts: list[Host], started: float, stop_signal: str | None, fallback_codes: dict[str, int]) -> int:
     """The run's status from every node part's end record, written to run.json."""
-    records = {h.name: _node_record(run_dir, h.name) for h in hosts}
+    records = {h.name: rundir.node_record(h.name) for h in hosts}
     codes = [r.get("exit_code", fallback_codes.get(name, 1)) for name, r in records.items()]
     code = next((c for c in codes if c), 0)
     signal_name = stop_signal or next((r.get("signal") for r in records.values() if r.get("signal")), None)
     if signal_name or any(r.get("status") == "interrupted" for r in records.values()):
         status = "interrupted"
-    elif launch.guard_event(run_dir) is not None:
+    elif guard_event(rundir.path) is not None:
         status = "stopped_by_guard"
     else:
         status = "completed" if code == 0 and all(records.values()) else "failed"
     missing = [name for name, r in records.items() if not r]
     if missing:
-        spec.setdefault("warnings", []).append(f"no end record from node(s) {', '.join(missing)}: their part did not finish")
+        rundir.spec.setdefault("warnings", []).append(f"no end record from node(s) {', '.join(missing)}: their part did not finish")
         code = code or 1
     if stop_signal:
         code = 128 + signal.Signals[stop_signal].value
-    spec.update(
-        status=status, exit_code=code, nodes=records,
-        ended_at=dt.datetime.now(dt.timezone.utc).isoformat(), duration_s=round(time.monotonic() - started, 3),
-    )
-    if signal_name:
-        spec["signal"] = signal_name
-    launch.write_run_json(run_dir, spec)
+    rundir.end(status=status, exit_code=code, duration_s=time.monotonic() - started, nodes=records, signal=signal_name)
     return code
-
-
-def _node_record(run_dir: Path, name: str) -> dict:
-    try:
-        return json.loads((run_dir / NODES_DIR / f"{name}.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def _collect(run_dir: Path, hosts: list[Host]) -> None:

@@ -25,6 +25,7 @@ from memdiag import procs
 from memdiag.guard import GuardConfig, guard_reason, py_spy_dump
 from memdiag.probes import cgroup
 from memdiag.probes.host import read_meminfo, read_proc_status, read_pss_bytes
+from memdiag.settings import BY_FIELD
 from memdiag.timeline import format as fmt
 from memdiag.timeline.writer import TimelineWriter
 
@@ -297,9 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval-s", type=float, default=0.1)
     parser.add_argument("--pss-interval-s", type=float, default=1.0)
     parser.add_argument("--guard-limit-bytes", type=int, default=None)
-    parser.add_argument("--guard-fraction", type=float, default=0.95)
-    parser.add_argument("--guard-min-available-bytes", type=int, default=0)
-    parser.add_argument("--guard-grace-s", type=float, default=10.0)
+    # the guard's defaults are the settings schema's (memdiag.settings), never a second copy
+    parser.add_argument("--guard-fraction", type=float, default=BY_FIELD["guard_fraction"].default)
+    parser.add_argument("--guard-min-available-bytes", type=int, default=BY_FIELD["guard_min_available_bytes"].default)
+    parser.add_argument("--guard-grace-s", type=float, default=BY_FIELD["guard_grace_s"].default)
     parser.add_argument("--host", default=None, help="the node's name (default: the hostname)")
     parser.add_argument("--owner-pid", type=int, default=None, help="stop the job when this process (memdiag) dies")
     args = parser.parse_args(argv)

@@ -1,10 +1,14 @@
 """The Baichuan2-13B DeepSpeed ZeRO-3 case (see ../../docs/DESIGN.md and shared/reference)."""
 
+from pathlib import Path
+
+from memdiag.registry import CaseSpec, register_case
+
 ENTRY_MODULE = "cases.baichuan2_13b.train"
 MODEL_CLASS = "cases.baichuan2_13b.modeling_baichuan:BaichuanForCausalLM"
 """What ``memdiag plan`` builds (on the meta device, and under FakeTensorMode) to count the case's model."""
 MODEL_ATTENTION = "plain"
-"""The one attention path our model implements; the planner scales its s^2 terms to others."""
+"""The attention path the planner counts the model's activations on; it scales the s^2 terms to others."""
 
 
 def model_config(model: dict) -> dict:
@@ -29,3 +33,19 @@ keeps one bf16 score tensor per layer (our model implements the upstream no-xfor
 
 SEED_MEASUREMENT = {"layout": "2x8", "device_bytes": int(56.59 * 2**30), "source": "the seed's benchmark table (mem 56.59/64)"}
 """The one 13B measurement on BI-V150: 2 nodes x 8 processes (4 cards of 2 chips)."""
+
+
+SPEC = register_case(CaseSpec(
+    name="baichuan2_13b",
+    conf_dir=Path(__file__).resolve().parent / "conf",
+    entry_module=ENTRY_MODULE,
+    model_class=MODEL_CLASS,
+    num_parameters=num_parameters,
+    model_config=model_config,
+    model_attention=MODEL_ATTENTION,
+    benchmark_attention=BENCHMARK_ATTENTION,
+    # our model implements upstream's two paths (without and with xformers importable); the
+    # planner also models offload to NVMe and rank-0 broadcast loading, which this case cannot run
+    runnable={"attention": ("plain", "sdpa_math"), "load": ("reference", "zero_init"), "offload": ("none", "optimizer", "params")},
+    seed_measurement=SEED_MEASUREMENT,
+))

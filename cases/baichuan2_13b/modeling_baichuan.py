@@ -40,6 +40,7 @@ class BaichuanConfig(PretrainedConfig):
         eos_token_id: int = 2,
         tie_word_embeddings: bool = False,
         z_loss_weight: float = 0.0,
+        attention: str = "plain",
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -53,6 +54,8 @@ class BaichuanConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.use_cache = use_cache
         self.z_loss_weight = z_loss_weight
+        # upstream's two paths: "plain" (no xformers: matmul, ALiBi, softmax), "sdpa_math" (SDPA)
+        self.attention = attention
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -130,11 +133,17 @@ class BaichuanAttention(nn.Module):
             )
         self.W_pack = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=False)
         self.o_proj = nn.Linear(self.hidden_size, self.hidden_size, bias=False)
+        self.sdpa = config.attention == "sdpa_math"
 
     def forward(self, hidden_states: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
         qkv = self.W_pack(hidden_states).view(bsz, q_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if self.sdpa:
+            # as the upstream 13B code does when xformers imports: SDPA with ALiBi as a float mask,
+            # which no fused kernel takes, so SDPA's math path runs (one s^2 tensor saved, not two)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+            return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.hidden_size))
         # as the upstream 13B code does without xformers: scores, ALiBi bias and softmax in the
         # model's dtype, clamped at the dtype's minimum (-inf + -inf would give NaN rows)
         scores = torch.matmul(query, key.transpose(2, 3)) / math.sqrt(self.head_dim)

@@ -42,7 +42,7 @@ def build_model(config: RunConfig, ds_config: dict, run_name: str):
     from cases.baichuan2_13b.modeling_baichuan import BaichuanConfig, BaichuanForCausalLM
     from memdiag import loading
 
-    model_cfg = BaichuanConfig(**{k: v for k, v in config.model.items() if k != "scale"})
+    model_cfg = BaichuanConfig(**{k: v for k, v in config.model.items() if k != "scale"}, attention=config.attention_path)
     if config.load == "reference":
         dtype = getattr(torch, TORCH_DTYPES[config.load_dtype or "fp32"])
         slots = (
@@ -52,13 +52,14 @@ def build_model(config: RunConfig, ds_config: dict, run_name: str):
         )
         with slots:
             if config.checkpoint:
-                return BaichuanForCausalLM.from_pretrained(config.checkpoint, dtype=dtype)
+                model_cfg = BaichuanConfig.from_pretrained(config.checkpoint, attention=config.attention_path)
+                return BaichuanForCausalLM.from_pretrained(config.checkpoint, config=model_cfg, dtype=dtype)
             return BaichuanForCausalLM(model_cfg).to(dtype)
     dtype = getattr(torch, TORCH_DTYPES[config.load_dtype or config.dtype])
     if config.checkpoint:
         return loading.load_zero3(
             BaichuanForCausalLM, config.checkpoint, ds_config, dtype=dtype, trim=False,
-            concurrency=config.load_concurrency, lock_name=run_name,
+            concurrency=config.load_concurrency, lock_name=run_name, attention=config.attention_path,
         )
     with loading.lean_allocator(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
         return BaichuanForCausalLM(model_cfg)  # random init: every element is written anyway
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tracker.phase_scope("model_build"):
         model = build_model(config, ds_config, run_dir.name)
+        if config.activation_checkpointing:
+            model.gradient_checkpointing_enable()
         if config.load_trim:
             release_freed_memory()
     optimizer = make_optimizer(model, ds_config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import logging
 from pathlib import Path
@@ -28,6 +30,12 @@ MULTI_RUN_CHECKS: dict[str, Callable[[list[Run]], list[Finding]]] = {
     "scaling_5290_fit": scaling_5290.check_many,
 }
 SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
+
+
+def with_host_limit(run: Run, limit_bytes: int, source: str) -> Run:
+    """The same run judged against another host limit (``check --host-ram``): a copy whose
+    start record says so; the run directory is not touched."""
+    return replace(run, spec=run.spec | {"host_limit_bytes": limit_bytes, "host_limit_source": source})
 
 
 def run_checks(run: Run) -> list[Finding]:

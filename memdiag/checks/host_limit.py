@@ -7,20 +7,13 @@ node with k ranks peaks at about k x the per-rank load-phase peak (runtime inclu
 from __future__ import annotations
 
 from memdiag.checks.finding import Finding
-from memdiag.checks.loadphase import node_forecast, run_loads
+from memdiag.checks.loadphase import limit_of, node_forecast, run_loads
 from memdiag.summary import node_totals, node_watcher_figures, ranks_by_host
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
 WARN_FRACTION = 0.9
 FORECAST_RANKS = (1, 2, 4, 8, 16)
-
-
-def limit_of(run: Run) -> tuple[int | None, str]:
-    config = run.spec.get("config") or {}
-    if config.get("host_ram_bytes"):
-        return config["host_ram_bytes"], "host_ram override"
-    return run.spec.get("host_limit_bytes"), run.spec.get("host_limit_source") or "unknown"
 
 
 def check(run: Run) -> list[Finding]:

@@ -117,3 +117,8 @@ def node_forecast(run: Run) -> NodeForecast | None:
         train_fixed_per_rank_bytes=max(0, int(train_per_rank - states / world)),
         states_per_node_bytes=int(states),
     )
+
+
+def limit_of(run: Run) -> tuple[int | None, str]:
+    """The host limit the run's start record resolved once (``memdiag.rundir``), with its source."""
+    return run.spec.get("host_limit_bytes"), run.spec.get("host_limit_source") or "unknown"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from memdiag.checks.finding import Finding
-from memdiag.checks.loadphase import model_event, node_forecast, num_parameters, run_loads
+from memdiag.checks.loadphase import limit_of, model_event, node_forecast, num_parameters, run_loads
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
@@ -123,7 +123,7 @@ def check_model_input(run: Run) -> list[Finding]:
     # host_limit's forecast, so the two never disagree
     node = node_forecast(run)
     per_rank_peak = node.load_per_rank_bytes if node else copy
-    limit, _ = _limit(run)
+    limit, _ = limit_of(run)
     full = _full_node_ranks(run)
     counts = sorted(set(FORECAST_LOCAL_RANKS) | ({full} if full else set()) | {local})
     forecast = {k: (node.node_bytes(k) if node else k * copy) for k in counts}
@@ -168,13 +168,6 @@ def check_model_input(run: Run) -> list[Finding]:
             moments=[{"t": event["t"], "label": "whole model at deepspeed.initialize (5290)"}],
         )
     ]
-
-
-def _limit(run: Run) -> tuple[int | None, str]:
-    config = run.spec.get("config") or {}
-    if config.get("host_ram_bytes"):
-        return config["host_ram_bytes"], "host_ram override"
-    return run.spec.get("host_limit_bytes"), run.spec.get("host_limit_source") or "unknown"
 
 
 def check(run: Run) -> list[Finding]:

@@ -6,14 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from memdiag.checks import MULTI_RUN_CHECKS, run_checks, write_findings
+from memdiag.checks import MULTI_RUN_CHECKS, run_checks, with_host_limit, write_findings
 from memdiag.checks.finding import Finding
+from memdiag.report.build import format_finding
 from memdiag.runstate import settle
 from memdiag.timeline import read_run
 from memdiag.units import parse_size
-
-MARK = {"error": "ERROR", "warning": "WARN ", "info": "info "}
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -24,13 +22,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--host-ram", metavar="SIZE", help="judge against this host RAM per node instead of the run's (e.g. 500G)"
     )
-
-
-def format_finding(finding: Finding) -> str:
-    lines = [f"[{MARK[finding.severity]}] {finding.id}: {finding.message}"]
-    if finding.fix:
-        lines += ["    fix: " + line if i == 0 else "         " + line for i, line in enumerate(finding.fix.splitlines())]
-    return "\n".join(lines)
 
 
 def cannot_judge(run) -> str | None:
@@ -45,17 +36,15 @@ def cannot_judge(run) -> str | None:
 def main(args: argparse.Namespace) -> int:
     """Exit 0: judged, no error; 1: an error finding; 2: a run could not be judged."""
     runs = [read_run(path) for path in args.run_dirs]
+    for run in runs:  # how the run ended, made truthful before any what-if
+        settle(run)
     what_if = bool(args.host_ram)
     if what_if:
         limit = parse_size(args.host_ram, name="--host-ram")
-        for run in runs:
-            run.spec["host_limit_bytes"] = limit
-            run.spec["host_limit_source"] = f"--host-ram {args.host_ram}"
-            (run.spec.get("config") or {}).pop("host_ram_bytes", None)
+        runs = [with_host_limit(run, limit, f"--host-ram {args.host_ram}") for run in runs]
     everything: list[dict] = []
     failed = unjudged = False
     for run in runs:
-        settle(run)
         findings = run_checks(run)
         missing = cannot_judge(run)
         if missing:

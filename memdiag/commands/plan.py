@@ -4,7 +4,6 @@ others fit."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -12,16 +11,22 @@ from pathlib import Path
 from memdiag.config import compose, load_ds_config, split_layout
 from memdiag.errors import UsageError
 from memdiag.plan.calibrate import load_coefficients
-from memdiag.plan.model import Architecture
-from memdiag.plan.overrides import CHOICES, PLAN_KEYS, RUN_KEYS, settings_from  # noqa: F401 (re-exported)
+from memdiag.plan.inputs import for_run
+from memdiag.registry import get_case
+from memdiag.settings import PLAN, help_text
 from memdiag.plan.search import deepspeed_estimate, device_counts, evaluate, fixes_for, recommend, search
-from memdiag.plan.terms import Coefficients, Settings, consolidation_bytes, device_terms
+from memdiag.plan.terms import Coefficients, consolidation_bytes, device_terms
 from memdiag.units import ACCEPTED_FORMS, format_bytes, parse_size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("plan", help="which nodes x devices layouts fit device memory and host RAM")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help=", ".join(["model.scale", "case", *PLAN_KEYS]))
+    parser = subparsers.add_parser(
+        "plan", help="which nodes x devices layouts fit device memory and host RAM",
+        description="Settings (key=value), the same names and defaults as `memdiag run`; also case=, "
+        "model.scale=, hardware=, model.FIELD=:\n" + help_text(PLAN),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="see above")
     parser.add_argument("--host-ram", help="host RAM per node, e.g. 500G (default: the hardware profile's)")
     parser.add_argument("--device-mem", help="memory per device, e.g. 64G (default: the profile's)")
     parser.add_argument("--devices-per-node", type=int, help="devices (ranks) per node (default: the profile's)")
@@ -67,42 +72,32 @@ def parse_layout(text: str, max_per_node: int) -> tuple[int, int]:
     return nodes, per_node
 
 
+def plan_config(args: argparse.Namespace):
+    """The run being planned, composed exactly as ``memdiag run`` composes it (its hardware
+    profile the case's unless --profile or hardware= says otherwise: planning is for the
+    target cluster, not this machine)."""
+    given_case = any(t.startswith("case=") for t in args.overrides)
+    tokens = [*([] if given_case else [f"case={args.case}"]), *([f"hardware={args.profile}"] if args.profile else []), *args.overrides]
+    if args.host_ram:
+        tokens.append(f"host_ram={args.host_ram}")
+    return compose(tokens, command=PLAN, detect_accelerator=False)
+
+
 def main(args: argparse.Namespace) -> int:
-    settings, passthrough = settings_from(args.overrides, Settings())
-    hardware_override = [f"hardware={args.profile}"] if args.profile else []
-    case_cfg = compose(
-        [f"case={args.case}", *hardware_override, *passthrough, "nproc_per_node=1"]
-        + ([] if args.profile or any(t.startswith("hardware=") for t in passthrough) else ["hardware=bi_v150"]),
-        detect_accelerator=False,
-    )
-    hardware = case_cfg.hardware
+    config = plan_config(args)
+    hardware = config.hardware
     if args.devices_per_node:
         if args.devices_per_node < 1:
             raise UsageError("--devices-per-node must be positive")
         hardware = replace(hardware, cards_per_node=args.devices_per_node, devices_per_card=1) if hardware.devices_per_card == 1 else replace(
             hardware, cards_per_node=max(1, args.devices_per_node // hardware.devices_per_card)
         )
-    host_limit = parse_size(args.host_ram, name="--host-ram") if args.host_ram else hardware.host_ram_bytes
+    host_limit = config.host_ram_bytes or hardware.host_ram_bytes
     device_mem = parse_size(args.device_mem, name="--device-mem") if args.device_mem else hardware.device_memory_bytes
     if not host_limit or not device_mem:
         raise UsageError(f"give --host-ram and --device-mem ({ACCEPTED_FORMS}): profile {hardware.name} has none")
-    ds = load_ds_config(case_cfg)
-    zero = ds.get("zero_optimization", {})
-    given = {t.split("=", 1)[0] for t in args.overrides}
-    from_ds = {}
-    if "pin_memory" not in given:
-        from_ds["pin_memory"] = bool((zero.get("offload_optimizer") or {}).get("pin_memory", False))
-    if "save_16bit_weights" not in given:
-        from_ds["save_16bit_weights"] = bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
-    settings = replace(settings, ds_buffers=zero, **from_ds)
-    case_module = importlib.import_module(f"cases.{args.case}")
-    attention_given = any(t.split("=", 1)[0] in ("attention", "flash_attn") for t in args.overrides)
-    if not attention_given and not args.model_config and hasattr(case_module, "BENCHMARK_ATTENTION"):
-        settings = replace(settings, attention=case_module.BENCHMARK_ATTENTION)
-    if args.model_config:
-        arch = Architecture.from_hf_config(args.model_config, dtype=settings.dtype, attention=settings.attention)
-    else:
-        arch = Architecture.for_case(args.case, case_cfg.model, dtype=settings.dtype, attention=settings.attention)
+    arch, settings = for_run(config, args.model_config)
+    case = get_case(config.case)
     coefficients = load_coefficients(args.coefficients) if args.coefficients else Coefficients()
     if args.calibrate:
         from memdiag.plan.calibrate import calibrate_main
@@ -131,18 +126,18 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--hostfile {args.hostfile}: no such file")
     run_overrides = []
     if args.emit or args.run:
-        run_overrides = run_overrides_for(args, passthrough, hardware, chosen)
+        run_overrides = run_overrides_for(args, config, chosen)
     if args.emit:
         from memdiag import preflight
         from memdiag.plan.emit import emit
 
         preflight.writable_dir(args.emit, "--emit")
 
-        written = emit(args.emit, chosen, ds, args.overrides, run_overrides=run_overrides)
+        written = emit(args.emit, chosen, load_ds_config(config), args.overrides, run_overrides=run_overrides)
         print("memdiag: wrote " + ", ".join(str(p) for p in written))
-    measured = seed_comparison(case_module, args, arch, settings, hardware, results)
+    measured = seed_comparison(case, args, arch, settings, hardware, results)
     if measured:
-        measured["hypotheses"] = seed_hypotheses(case_module, arch, settings, hardware, coefficients, node_list, per_node_list, device_mem, host_limit)
+        measured["hypotheses"] = seed_hypotheses(case, arch, settings, hardware, coefficients, node_list, per_node_list, device_mem, host_limit)
     if args.json:
         print(json.dumps(as_json(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem) | {"measured": measured}, indent=2))
     else:
@@ -161,9 +156,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def seed_comparison(case_module, args, arch, settings, hardware, results) -> dict | None:
+def seed_comparison(case, args, arch, settings, hardware, results) -> dict | None:
     """The case's recorded measurement beside the prediction for the same layout and settings."""
-    seed = getattr(case_module, "SEED_MEASUREMENT", None)
+    seed = case.seed_measurement
     same = (
         seed and not args.model_config and hardware.name == "BI-V150" and arch.num_parameters > 1e10
         and (settings.micro_batch, settings.seq_len, settings.zero_stage, settings.dtype) == (1, 2048, 3, "bf16")
@@ -179,13 +174,13 @@ def seed_comparison(case_module, args, arch, settings, hardware, results) -> dic
 HYPOTHESES = [(attention, checkpointing) for checkpointing in (False, True) for attention in ("plain", "sdpa_math", "fused")]
 
 
-def seed_hypotheses(case_module, arch, settings, hardware, coefficients, nodes, per_node, device_mem, host_limit) -> list[dict]:
+def seed_hypotheses(case, arch, settings, hardware, coefficients, nodes, per_node, device_mem, host_limit) -> list[dict]:
     """What the benchmark may have run, each beside the seed's measurement: the attention path
     (plain without xformers, SDPA's math path with xformers importable, a fused kernel) and
     activation checkpointing (the upstream config's ``self.gradient_checkpointing =
     gradient_checkpointing,`` is a truthy tuple, which transformers' compatibility hook reads as
     on), with the layout each would recommend."""
-    seed = case_module.SEED_MEASUREMENT
+    seed = case.seed_measurement
     rows = []
     for attention, checkpointing in HYPOTHESES:
         changed = replace(settings, attention=attention, activation_checkpointing=checkpointing)
@@ -221,20 +216,15 @@ def print_hypotheses(measured: dict) -> None:
         print(f"  the seed's decision ({measured['layout']} over {one}) holds under {sum(holds)} of {len(holds)} hypotheses")
 
 
-def run_overrides_for(args: argparse.Namespace, passthrough: list[str], hardware, chosen) -> list[str]:
-    """The ``memdiag run`` overrides that run the chosen layout with the plan's settings."""
+def run_overrides_for(args: argparse.Namespace, config, chosen) -> list[str]:
+    """The ``memdiag run`` overrides that run the chosen layout with the plan's settings: the
+    same tokens (every plan setting is a run setting), the profile and the layout."""
     import shlex
 
-    shared = []
-    for token in args.overrides:
-        key, _, value = token.partition("=")
-        if key in RUN_KEYS:
-            if key == "load" and value not in ("reference", "zero_init"):
-                raise UsageError(f"--run: load={value} is a planning option only; memdiag run loads with reference or zero_init")
-            shared.append(token)
-    hardware_token = [] if any(t.startswith("hardware=") for t in passthrough) else [f"hardware={args.profile or hardware_profile_name(hardware)}"]
-    tokens = [f"case={args.case}", *hardware_token, *(t for t in passthrough if not t.startswith("case=")), *shared,
-              f"layout={chosen.nodes}x{chosen.devices_per_node}"]
+    tokens = [*([] if any(t.startswith("case=") for t in args.overrides) else [f"case={config.case}"]), *args.overrides]
+    if not any(t.startswith(("hardware=", "hardware.name=")) for t in args.overrides):
+        tokens.insert(1, f"hardware={args.profile or hardware_profile_name(config.hardware)}")
+    tokens.append(f"layout={chosen.nodes}x{chosen.devices_per_node}")
     if args.host_ram:
         tokens.append(f"host_ram={args.host_ram}")
     if args.hostfile:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from memdiag.errors import UsageError
 from memdiag.timeline import format as fmt
+from memdiag.timeline.reader import Follower
 from memdiag.units import format_bytes
 
 FORECAST_RANKS = (8, 16)
@@ -60,35 +61,6 @@ class NodeView:
     peak_sum: int = 0
 
 
-class Follower:
-    """Reads the complete lines a file gained since the last call (a torn last line waits)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-        self.rest = b""
-
-    def new_records(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:
-            return []
-        self.offset += len(data)
-        lines = (self.rest + data).split(b"\n")
-        self.rest = lines.pop()
-        records = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
-
-
 class RunWatch:
     def __init__(self, run_dir: Path) -> None:
         if not (run_dir / fmt.RUN_JSON).exists() and not (run_dir / fmt.TIMELINE_DIR).is_dir():
@@ -107,6 +79,8 @@ class RunWatch:
         for path in sorted((self.run_dir / fmt.TIMELINE_DIR).glob("*.jsonl")):
             follower = self.followers.setdefault(path, Follower(path))
             records = follower.new_records()
+            if follower.refused is not None:  # shown by unreadable(); an empty row would only mislead
+                continue
             if path.name.startswith("rank-"):
                 try:
                     rank = int(path.stem.split("-", 1)[1])
@@ -160,6 +134,11 @@ class RunWatch:
             view.ranks_rss = {k: e.get("rss_bytes", 0) + e.get("children_rss_bytes", 0) for k, e in ranks.items() if isinstance(e, dict)}
             view.peak_sum = max(view.peak_sum, sum(view.ranks_rss.values()))
 
+    def unreadable(self) -> list[str]:
+        """Files the reader refused (an unknown format version): said on screen, not raised,
+        so the view of the other files goes on."""
+        return [f.refused for f in self.followers.values() if f.refused is not None]
+
     def forecast(self) -> str | None:
         peaks = [v.load_peak for v in self.ranks.values() if v.load_peak]
         limit = self.spec.get("host_limit_bytes")
@@ -209,6 +188,8 @@ def render(watch: RunWatch):
     forecast = watch.forecast()
     if forecast:
         parts.append(Text("forecast: " + forecast))
+    for line in watch.unreadable():
+        parts.append(Text(line, style="red"))
     for line in watch.findings():
         parts.append(Text(line, style="red" if line.startswith("[error]") else "yellow"))
     return Group(*parts)

@@ -53,12 +53,13 @@ def observe(run: Run) -> Observation:
     config = run.spec.get("config")
     if not config:
         raise UsageError(f"{run.path}: no run.json config; calibrate from `memdiag run` runs")
-    arch = Architecture.for_case(config.get("case") or "baichuan2_13b", config["model"], dtype=config["dtype"])
-    settings = Settings(
-        zero_stage=config["zero_stage"], micro_batch=config["micro_batch"], seq_len=config["seq_len"],
-        dtype=config["dtype"], load=config["load"], load_dtype=config.get("load_dtype"),
-        checkpoint_format="safetensors" if config.get("checkpoint") else "none",
-    )
+    from memdiag.config import RunConfig
+    from memdiag.plan.inputs import for_run
+
+    try:
+        arch, settings = for_run(RunConfig.from_dict(config))  # as `memdiag run` planned it
+    except (TypeError, KeyError, OSError) as exc:
+        raise UsageError(f"{run.path}: run.json's config cannot be read back ({exc}); calibrate from runs of this memdiag") from None
     rank0 = run.ranks[run.rank_ids[0]]
     memory = [e for e in rank0.events if e["kind"] == "memory"]
     after_step = [m for m in memory if m["phase"] == "step"]

@@ -94,11 +94,11 @@ class Architecture:
     @classmethod
     def for_case(cls, case: str, model: dict, *, dtype: str = "bf16", attention: str = "plain") -> Architecture:
         """The case's own model class, counted (its name from the config group, e.g. 13b)."""
-        import importlib
+        from memdiag.registry import get_case
 
-        module = importlib.import_module(f"cases.{case}")
-        attention = getattr(module, "MODEL_ATTENTION", attention)  # a model with one attention path
-        counted = cls.counted(module.model_config(model), dtype=dtype, attention=attention, model_class=module.MODEL_CLASS)
+        spec = get_case(case)
+        # counted on the path the case's model is measured on; the terms scale s^2 to ``attention``
+        counted = cls.counted(spec.model_config(model), dtype=dtype, attention=spec.model_attention, model_class=spec.model_class)
         scale = model.get("scale")
         return replace(counted, name=f"{case.split('_')[0]} {scale}".strip() if scale else counted.name)
 

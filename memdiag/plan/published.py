@@ -165,28 +165,25 @@ def _architecture(case: PublishedCase, settings, models_dir: Path, case_config):
 
 def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Prediction:
     """memdiag's figure (or verdict) for the case and DeepSpeed's estimator's, on the same counts."""
-    import importlib
-
-    from memdiag.config import compose, load_ds_config
-    from memdiag.plan.overrides import settings_from
+    from memdiag.config import compose
+    from memdiag.plan.inputs import for_run, planner_settings
     from memdiag.plan.search import deepspeed_estimate, evaluate
-    from memdiag.plan.terms import DTYPE_BYTES, Coefficients, Settings
+    from memdiag.plan.terms import DTYPE_BYTES, Coefficients
+    from memdiag.settings import PLAN, RunSettings, parse
 
     coefficients = coefficients or Coefficients()
     overrides = [f"{k}={v}" for k, v in case.settings.items()]
-    settings, _ = settings_from(overrides, Settings())
     case_config = None
-    if case.model.startswith("case:"):
+    if case.model.startswith("case:"):  # planned exactly as `memdiag plan` plans the case
         name = case.model.split(":", 1)[1]
-        case_config = compose([f"case={name}", "model.scale=13b", "nproc_per_node=1"]
-                              + ([f"hardware={case.profile}"] if case.profile else []), detect_accelerator=False)
-        zero = load_ds_config(case_config).get("zero_optimization", {})
-        module = importlib.import_module(f"cases.{name}")
-        if "attention" not in case.settings and hasattr(module, "BENCHMARK_ATTENTION"):
-            settings = replace(settings, attention=module.BENCHMARK_ATTENTION)
-        settings = replace(settings, ds_buffers=zero | case.ds_config)
+        case_config = compose([f"case={name}", "model.scale=13b", *overrides]
+                              + ([f"hardware={case.profile}"] if case.profile else []), command=PLAN, detect_accelerator=False)
+        _, settings = for_run(case_config)
+        settings = replace(settings, ds_buffers=settings.ds_buffers | case.ds_config)
     else:
-        settings = replace(settings, ds_buffers=dict(case.ds_config))
+        run = RunSettings(**parse(overrides, PLAN)[0])
+        attention = "plain" if run.attention == "auto" else run.attention
+        settings = planner_settings(run, {"zero_optimization": dict(case.ds_config)}, attention=attention)
     arch = _architecture(case, settings, models_dir, case_config)
     hardware = case_config.hardware if case_config is not None else generic_gpu(case.device_memory_bytes)
     host_limit = case.host_ram_bytes or float("inf")

@@ -250,21 +250,11 @@ def deepspeed_estimate(
 
 def check_run_layout(config, host_limit_bytes: int, device_capacity_bytes: int):
     """The plan's verdict on the layout ``memdiag run`` is about to launch, and the nearest
-    layout that fits (fewest nodes, then most devices per node), if any."""
-    from pathlib import Path
+    layout that fits (fewest nodes, then most devices per node), if any. The run's settings
+    reach the planner through ``plan.inputs.for_run``, as ``memdiag plan``'s do."""
+    from memdiag.plan.inputs import for_run
 
-    from memdiag.config import load_ds_config
-
-    checkpoint = config.checkpoint
-    fmt = "none"
-    if checkpoint:
-        fmt = "safetensors" if any(Path(checkpoint).glob("*.safetensors")) else "bin"
-    settings = Settings(
-        zero_stage=config.zero_stage, micro_batch=config.micro_batch, seq_len=config.seq_len,
-        grad_accum=config.grad_accum, dtype=config.dtype, load=config.load, load_dtype=config.load_dtype,
-        checkpoint_format=fmt, ds_buffers=load_ds_config(config).get("zero_optimization", {}),
-    )
-    arch = Architecture.for_case(config.case, config.model, dtype=config.dtype, attention=settings.attention)
+    arch, settings = for_run(config)
     coefficients = Coefficients()
     chosen = evaluate(arch, settings, config.hardware, config.nnodes, config.nproc_per_node, coefficients,
                       device_capacity_bytes=device_capacity_bytes, host_limit_bytes=host_limit_bytes)

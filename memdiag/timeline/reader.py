@@ -2,6 +2,9 @@
 
 Tolerant by design: a torn last line (the writer was killed mid-write), a missing or empty
 rank file, or a missing run.json are recorded in ``Run.problems`` and reading goes on.
+
+Two modes share one set of line checks (``_LineParser``): ``read_run`` reads whole files once;
+``Follower`` reads what a live file gained since the last call, for ``memdiag top``.
 """
 
 from __future__ import annotations
@@ -162,14 +165,22 @@ def phases_from_events(events: list[dict]) -> list[Phase]:
     return sorted(done, key=lambda p: (p.begin_ns, p.depth))
 
 
-def _check_version(header: dict, path: Path) -> None:
+def _version_problem(header: dict, path: Path) -> str | None:
+    """Why this memdiag cannot read a file with this header, or None (any minor version reads)."""
     version = str(header.get("format_version", "0"))
     major = version.split(".")[0]
     if major != fmt.FORMAT_VERSION.split(".")[0]:
-        raise UsageError(
+        return (
             f"{path} has timeline format {version}; this memdiag reads "
             f"{fmt.FORMAT_VERSION.split('.')[0]}.x: use the memdiag version that wrote it"
         )
+    return None
+
+
+def _check_version(header: dict, path: Path) -> None:
+    problem = _version_problem(header, path)
+    if problem is not None:
+        raise UsageError(problem)
 
 
 def read_rank_file(path: Path, rank: int) -> tuple[RankTimeline | None, list[str]]:
@@ -277,40 +288,105 @@ def _summarise(path: Path, causes: dict[str, int]) -> list[str]:
     return [f"{path.name}: skipped " + ", ".join(parts)]
 
 
+_TORN_LAST_LINE = "torn last line (the writer was cut off)"
+
+
+class _LineParser:
+    """Lines to usable records, the others counted by cause, never raised. State carries from
+    one batch of lines to the next, so a followed file is judged as if read whole."""
+
+    def __init__(self) -> None:
+        self.causes: dict[str, int] = {}
+        self.started = False
+        """Whether the header has been taken: every record before it is skipped."""
+
+    def _skip(self, cause: str) -> None:
+        self.causes[cause] = self.causes.get(cause, 0) + 1
+
+    def parse(self, lines: list[bytes], torn_tail: bool = False) -> list[dict]:
+        """``torn_tail``: the last item is the piece after the final newline, so bad JSON there
+        is a cut-off write, not garbage."""
+        last = len(lines) - 1 if torn_tail else -1
+        records: list[dict] = []
+        collecting = gc.isenabled()
+        gc.disable()  # millions of small dicts: the cyclic collector would rescan them all
+        try:
+            for number, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    record = _loads(line)
+                except ValueError:
+                    self._skip(_TORN_LAST_LINE if number == last else "not JSON")
+                    continue
+                problem = record_shape_problem(record)
+                if problem is not None:
+                    self._skip(f"of the wrong shape ({problem})")
+                elif not self.started and record.get("kind") != fmt.HEADER:
+                    self._skip("before the header")
+                else:
+                    self.started = True
+                    records.append(record)
+        finally:
+            if collecting:
+                gc.enable()
+        return records
+
+
 def _read_records(path: Path) -> tuple[list[dict], list[str]]:
-    """Every usable record of a file; the others counted by cause, never raised."""
+    """Every usable record of a file (the first, if any, is its header) and one line of
+    problems per file; never raises."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         return [], [f"{path.name}: cannot be read ({exc.strerror or exc})"]
-    lines = data.split(b"\n")
-    last = len(lines) - 1  # the piece after the final newline: a torn write when not empty
-    causes: dict[str, int] = {}
-    records: list[dict] = []
-    collecting = gc.isenabled()
-    gc.disable()  # millions of small dicts: the cyclic collector would rescan them all
-    try:
-        for number, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                record = _loads(line)
-            except ValueError:
-                cause = "torn last line (the writer was cut off)" if number == last else "not JSON"
-                causes[cause] = causes.get(cause, 0) + 1
-                continue
-            problem = record_shape_problem(record)
-            if problem is None and not records and record.get("kind") != fmt.HEADER:
-                problem = "before the header"
-            if problem is not None:
-                cause = f"of the wrong shape ({problem})" if problem != "before the header" else "before the header"
-                causes[cause] = causes.get(cause, 0) + 1
-                continue
-            records.append(record)
-    finally:
-        if collecting:
-            gc.enable()
-    return records, _summarise(path, causes)
+    parser = _LineParser()
+    records = parser.parse(data.split(b"\n"), torn_tail=True)
+    return records, _summarise(path, parser.causes)
+
+
+class Follower:
+    """The reader's incremental mode: each ``new_records()`` returns the whole records the file
+    gained since the last call, with ``read_run``'s checks. A line without its newline yet is
+    held until its end is written.
+
+    A file of an unknown major format version is not raised into a live view's loop: it sets
+    ``refused`` (the message ``read_run`` would raise) and yields nothing from then on.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.offset_bytes = 0
+        self.refused: str | None = None
+        self._pending = b""  # the start of a line whose end is not written yet
+        self._parser = _LineParser()
+
+    def new_records(self) -> list[dict]:
+        if self.refused is not None:
+            return []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset_bytes)
+                data = f.read()
+        except OSError:  # not there yet, or gone: the next call tries again
+            return []
+        self.offset_bytes += len(data)
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()
+        had_header = self._parser.started
+        records = self._parser.parse(lines)
+        if not had_header and records:  # the parser puts the header first
+            self.refused = _version_problem(records[0], self.path)
+            if self.refused is not None:
+                return []
+        return records
+
+    @property
+    def problems(self) -> list[str]:
+        """Like ``Run.problems`` for this file so far: the refusal, or the skipped lines by cause."""
+        if self.refused is not None:
+            return [self.refused]
+        return _summarise(self.path, self._parser.causes)
 
 
 def _as_float(values: list) -> np.ndarray:
@@ -472,3 +548,18 @@ def incomplete_text(dropped: list[dict]) -> str:
     span = f" between {when(min(times))} and {when(max(times))} UTC" if times else ""
     files = sorted({d["file"] for d in dropped})
     return f"incomplete: {samples:,} samples dropped{span} (the disk was full; {', '.join(files)})"
+
+
+def guard_event(run_dir: str | Path) -> dict | None:
+    """The node watcher's guard event (``kind: guard``), if the guard stopped this run; None
+    otherwise. Records come through the reader's own line checks, so garbage that merely
+    contains ``"kind":"guard"`` never counts. A node file of an unknown format version is passed
+    over, not raised: callers ask at the end of a run, and ``read_run`` refuses that file anyway."""
+    for path in sorted((Path(run_dir) / fmt.TIMELINE_DIR).glob("node-*.jsonl")):
+        records, _ = _read_records(path)
+        if not records or _version_problem(records[0], path) is not None:
+            continue
+        event = next((r for r in records if r["kind"] == fmt.GUARD), None)
+        if event is not None:
+            return event
+    return None

@@ -185,3 +185,20 @@ def test_plan_predicts_the_measured_model_states_and_activations(cpu_run):
     for term in ("parameters", "gradients", "optimizer_states"):
         assert abs(predicted[term] - obs.measured[term]) / obs.measured[term] < 0.01, term
     assert abs(predicted["saved_activations"] - obs.measured["saved_activations"]) / obs.measured["saved_activations"] < 0.02
+
+
+def test_the_run_path_visits_each_launch_module_at_most_twice(tmp_path):
+    """`memdiag run` decides once where a run goes: followed from the CLI to the ranks, the
+    path enters memdiag.runs, memdiag.launch and memdiag.multinode at most twice each."""
+    import json
+
+    script = Path(__file__).parent / "scripts" / "trace_launch_path.py"
+    result = subprocess.run(
+        [sys.executable, str(script), f"reports_dir={tmp_path}", "steps=1", "seq_len=64", "nproc_per_node=1"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    visits = json.loads(result.stdout.split("VISITS ", 1)[1])
+    assert "memdiag.launch" in visits and "memdiag.runs" in visits
+    for module in set(visits):
+        assert visits.count(module) <= 2, visits

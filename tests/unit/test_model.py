@@ -188,3 +188,26 @@ def test_sharded_save_and_reload_gives_identical_logits(tmp_path):
     ids = torch.randint(0, 512, (1, 16))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
+def test_the_sdpa_path_computes_what_the_plain_path_does_in_fp32_and_bf16():
+    """``attention=sdpa_math`` (upstream's path when xformers imports) is the same function as
+    the plain path: identical in float32, within bf16's rounding at the benchmark's dtype, and
+    its gradients agree too."""
+    torch.manual_seed(0)
+    plain = BaichuanForCausalLM(BaichuanConfig(**TINY)).train()
+    sdpa = BaichuanForCausalLM(BaichuanConfig(**TINY, attention="sdpa_math")).train()
+    sdpa.load_state_dict(plain.state_dict())
+    assert all(layer.self_attn.sdpa for layer in sdpa.model.layers) and not plain.model.layers[0].self_attn.sdpa
+    ids = torch.randint(0, TINY["vocab_size"], (2, 96))
+    a, b = plain(input_ids=ids).logits, sdpa(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    plain_bf16, sdpa_bf16 = plain.to(torch.bfloat16), sdpa.to(torch.bfloat16)
+    loss_plain = plain_bf16(input_ids=ids, labels=ids).loss
+    loss_sdpa = sdpa_bf16(input_ids=ids, labels=ids).loss
+    assert abs(loss_plain.item() - loss_sdpa.item()) < 0.01 * abs(loss_plain.item())
+    loss_plain.backward()
+    loss_sdpa.backward()
+    grad_plain = plain_bf16.model.layers[0].self_attn.W_pack.weight.grad.float()
+    grad_sdpa = sdpa_bf16.model.layers[0].self_attn.W_pack.weight.grad.float()
+    assert torch.nn.functional.cosine_similarity(grad_plain.flatten(), grad_sdpa.flatten(), dim=0) > 0.99

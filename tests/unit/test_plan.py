@@ -9,7 +9,8 @@ import pytest
 
 from cases.baichuan2_13b.modeling_baichuan import BaichuanConfig, count_parameters
 from memdiag.cli import main as cli_main
-from memdiag.commands.plan import parse_layout, parse_range, settings_from
+from memdiag.commands.plan import parse_layout, parse_range
+from memdiag.settings import PLAN, parse
 from memdiag.errors import UsageError
 from memdiag.plan.model import Architecture
 from memdiag.plan.terms import Coefficients, Settings, activation_terms
@@ -160,8 +161,8 @@ def test_parsers():
     assert parse_layout("2x8", 16) == (2, 8)
     with pytest.raises(UsageError):
         parse_range("4-1", "--nodes")
-    settings, passthrough = settings_from(["flash_attn=true", "seq_len=4096", "model.scale=small"], Settings())
-    assert settings.flash_attn and settings.seq_len == 4096 and passthrough == ["model.scale=small"]
+    values, groups = parse(["flash_attn=true", "seq_len=4096", "model.scale=small"], PLAN)
+    assert values == {"attention": "fused", "seq_len": 4096} and groups == ["model.scale=small"]
 
 
 def test_emit_writes_a_hostfile_config_and_scripts(tmp_path):

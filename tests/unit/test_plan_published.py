@@ -12,7 +12,7 @@ import pytest
 
 from memdiag.errors import UsageError
 from memdiag.plan.model import Architecture
-from memdiag.plan.overrides import settings_from
+from memdiag.settings import PLAN, parse
 from memdiag.plan.published import Scored, fit_reserve_layers, load_cases, parse_case, predict
 from memdiag.plan.terms import Coefficients, Settings, device_terms, host_phase_terms, offload_terms
 
@@ -86,8 +86,8 @@ def test_the_shipped_set_has_the_coverage_the_issue_asks_for():
 
 
 def test_unknown_offload_lists_the_accepted_ones():
-    with pytest.raises(UsageError, match="use one of none, optimizer, params, nvme"):
-        settings_from(["offload=disk"], Settings())
+    with pytest.raises(UsageError, match="use one of auto, none, optimizer, params, nvme"):
+        parse(["offload=disk"], PLAN)
 
 
 @pytest.fixture(scope="module")

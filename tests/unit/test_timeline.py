@@ -128,7 +128,7 @@ def test_sample_batches_and_single_samples_read_alike(tmp_path):
 
 
 def test_report_renders_a_damaged_run_and_says_what_is_missing(tmp_path):
-    from memdiag.commands.report import build
+    from memdiag.report.build import build
 
     (tmp_path / "run.json").write_text(json.dumps({"world_size": 3, "status": "running"}))
     write_rank(tmp_path, 0, [(1_000_000_000 + i * 10_000_000, 100 + i) for i in range(50)])
@@ -257,7 +257,7 @@ def test_the_token_recipe_makes_ids_the_default_model_accepts(tmp_path):
 
 
 def test_a_long_report_says_what_it_is_doing(tmp_path, monkeypatch, capsys):
-    from memdiag.commands import report
+    from memdiag.report import build as report
 
     (tmp_path / "run.json").write_text(json.dumps({"status": "completed", "world_size": 1}))
     write_rank(tmp_path, 0, [(1_000_000_000 + i * 10_000_000, 100 + i) for i in range(20)])

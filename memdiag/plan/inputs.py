@@ -1,0 +1,60 @@
+"""The one mapping from a run to what the planner needs: ``memdiag plan`` and ``memdiag run``'s
+pre-launch consult both call ``for_run``, so they cannot disagree about the same run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memdiag.plan.model import Architecture
+from memdiag.plan.terms import Settings
+from memdiag.settings import RunSettings
+
+
+def offload_in(zero: dict) -> str:
+    """What a ds_config's ``zero_optimization`` offloads: none, optimizer, params or nvme."""
+    devices = {name: (zero.get(f"offload_{name}") or {}).get("device", "none") for name in ("optimizer", "param")}
+    if "nvme" in devices.values():
+        return "nvme"
+    if devices["param"] == "cpu":
+        return "params"
+    return "optimizer" if devices["optimizer"] == "cpu" else "none"
+
+
+def checkpoint_format(run: RunSettings) -> str:
+    if run.checkpoint_format != "auto":
+        return run.checkpoint_format
+    if not run.checkpoint:
+        return "none"  # random initialisation: nothing is read
+    return "safetensors" if any(Path(run.checkpoint).glob("*.safetensors")) else "bin"
+
+
+def planner_settings(run: RunSettings, ds: dict, *, attention: str) -> Settings:
+    """The planner's settings of a run: its own settings, and what it leaves to the ds_config
+    (offload, pinning, the 16-bit save, the buffers). ``attention`` is already resolved."""
+    zero = ds.get("zero_optimization", {})
+    sections = [zero.get("offload_optimizer") or {}, zero.get("offload_param") or {}]
+    pin = run.pin_memory
+    if pin is None:
+        pin = next((bool(s["pin_memory"]) for s in sections if "pin_memory" in s), False)
+    save_16bit = run.save_16bit_weights
+    if save_16bit is None:
+        save_16bit = bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
+    return Settings(
+        zero_stage=run.zero_stage, micro_batch=run.micro_batch, seq_len=run.seq_len, grad_accum=run.grad_accum,
+        dtype=run.dtype, attention=attention, activation_checkpointing=run.activation_checkpointing,
+        offload=offload_in(zero) if run.offload == "auto" else run.offload, load=run.load, load_dtype=run.load_dtype,
+        checkpoint_format=checkpoint_format(run), checkpoint_shards=run.checkpoint_shards, pin_memory=pin,
+        save_16bit_weights=save_16bit, ds_buffers=zero,
+    )
+
+
+def for_run(config, model_config: Path | None = None) -> tuple[Architecture, Settings]:
+    """The architecture and planner settings of a composed run (``memdiag.config.RunConfig``);
+    ``model_config``: plan an HF model instead of the case's (``attention=auto`` is then plain)."""
+    from memdiag.config import load_ds_config
+
+    attention = config.attention_path if model_config is None else ("plain" if config.attention == "auto" else config.attention)
+    settings = planner_settings(config, load_ds_config(config), attention=attention)
+    if model_config is not None:
+        return Architecture.from_hf_config(model_config, dtype=settings.dtype, attention=attention), settings
+    return Architecture.for_case(config.case, config.model, dtype=settings.dtype, attention=attention), settings

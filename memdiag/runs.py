@@ -1,0 +1,188 @@
+"""``memdiag run``: where a run goes is decided once, here. A case runs as one node part (this
+machine), as node parts started over ssh or here (``multinode``), or as one node's part of a
+run a scheduler started (``node_rank=``); a user's command (``-- CMD``) runs on this node. Each
+makes its run directory through ``RunDir``, and each ends with ``finish``: the summary,
+findings and report, and what the user sees last.
+"""
+
+from __future__ import annotations
+
+import time
+
+from memdiag import launch, lifetime, multinode
+from memdiag.config import RunConfig
+from memdiag.errors import UsageError
+from memdiag.files import WriteFailed
+from memdiag.registry import get_case
+from memdiag.rundir import RunDir, resolve_host_limit
+from memdiag.settings import RunSettings
+from memdiag.timeline.reader import guard_event
+from memdiag.units import format_bytes
+
+
+def consult(config: RunConfig, host_limit_bytes: int):
+    """The plan's verdict on the layout about to launch, and the nearest layout that fits."""
+    from memdiag.plan.search import check_run_layout
+    from memdiag.probes.host import read_meminfo
+
+    capacity = config.hardware.device_memory_bytes or read_meminfo().total_bytes
+    return check_run_layout(config, host_limit_bytes, capacity)
+
+
+def consult_plan(config: RunConfig, host_limit_bytes: int) -> None:
+    """Refuse a layout the plan predicts will not fit, naming why and the nearest that fits."""
+    chosen, nearest = consult(config, host_limit_bytes)
+    if chosen.fits:
+        return
+    if config.force:
+        print(f"memdiag: the plan predicts {config.layout} does not fit ({chosen.verdict}); force=true: running it anyway")
+        return
+    hint = f"nearest layout that fits: {nearest.name}" if nearest else "no layout up to 8 nodes fits"
+    raise UsageError(
+        f"layout {config.layout} is predicted not to fit ({chosen.verdict}); {hint}; "
+        "see `memdiag plan` for the terms, or add force=true to run it anyway"
+    )
+
+
+def start_case(rundir: RunDir, config: RunConfig, hosts, **fields) -> dict:
+    return rundir.start(
+        host_limit=resolve_host_limit(config.host_ram_bytes, config.hardware),
+        case=config.case, layout=config.layout, world_size=config.world_size, hosts=[h.name for h in hosts],
+        launcher=config.launcher, config=config.to_dict(),
+        num_parameters=get_case(config.case).num_parameters(config.model), **fields,
+    )
+
+
+def run_case(config: RunConfig) -> int:
+    from memdiag import preflight
+
+    config.check_launchable()
+    preflight.check_run(config)
+    if config.node_rank is not None:  # one node's part of a multi-node run
+        code, rundir = multinode.run_node_part(config, lambda rd, hosts, **f: start_case(rd, config, hosts, **f))
+        return code if rundir is None else finish(rundir, code, config.launcher)
+    if config.selection_note:
+        print(f"memdiag: {config.selection_note}", flush=True)
+    hosts = multinode.node_hosts(config)  # a bad hostfile stops here, before any directory exists
+    if config.nnodes > 1 and not config.nodes_here:
+        preflight.remote_nodes([h.name for h in hosts])
+    limit = resolve_host_limit(config.host_ram_bytes, config.hardware)
+    consult_plan(config, limit[0])
+    rundir = RunDir.at(config.run_dir) if config.run_dir else RunDir.create(config.reports_dir, config.case, config.layout)
+    spec = start_case(rundir, config, hosts)
+    print(
+        f"memdiag: {config.case} model.scale={config.model.get('scale')} "
+        f"({spec['num_parameters'] / 1e6:,.1f}M parameters), layout {config.layout}, "
+        f"load={config.load}, {config.steps} steps of seq_len {config.seq_len}; "
+        f"host limit {format_bytes(spec['host_limit_bytes'])} ({spec['host_limit_source']})",
+        flush=True,
+    )
+    print(f"memdiag: run directory {rundir.path}", flush=True)
+    if config.nnodes > 1:
+        code = multinode.run_nodes(config, rundir, hosts)
+    else:
+        started = time.monotonic()
+        command = launch.standalone_command(get_case(config.case).entry_module, config.nproc_per_node, rundir.path)
+        ended = launch.run_node(config, rundir.path, command, spec["host_limit_bytes"])
+        code = record_end(rundir, ended, started)
+    return finish(rundir, code, config.launcher)
+
+
+def run_command(settings: RunSettings, command: list[str]) -> int:
+    """``memdiag run [key=value ...] -- CMD``: the user's command, profiled on this node."""
+    import shutil
+    from pathlib import Path
+
+    from memdiag import preflight
+
+    if shutil.which(command[0]) is None and not Path(command[0]).exists():
+        raise UsageError(f"command {command[0]!r} not found on PATH")
+    if settings.run_dir is None:
+        preflight.writable_dir(settings.reports_dir, "reports_dir")
+    rundir = RunDir.at(settings.run_dir) if settings.run_dir else RunDir.create(settings.reports_dir, settings.name or "custom", "cmd")
+    limit = resolve_host_limit(settings.host_ram_bytes)
+    import os
+
+    rundir.start(host_limit=limit, case=None, command=command, layout="cmd", hosts=[os.uname().nodename],
+                 sample_hz=settings.sample_hz)
+    print(f"memdiag: profiling {' '.join(command)}; run directory {rundir.path}", flush=True)
+    started = time.monotonic()
+    ended = launch.run_command(settings, rundir.path, command, limit[0])
+    code = record_end(rundir, ended, started)
+    from memdiag.timeline import read_run
+
+    rundir.update(world_size=max((t.header.get("world_size", 1) for t in read_run(rundir.path).ranks.values()), default=None))
+    return finish(rundir, code, "command", stopped=" the command was stopped")
+
+
+def record_end(rundir: RunDir, ended: lifetime.Ended, started: float) -> int:
+    """How a one-node run ended (the guard's stop overrides the exit status)."""
+    status = ended.status
+    if guard_event(rundir.path) is not None and status != "interrupted":
+        status = "stopped_by_guard"
+    rundir.end(
+        status=status, exit_code=ended.code, duration_s=time.monotonic() - started, signal=ended.signal,
+        killed_after_grace=ended.killed, disk_full=[{"from": a, "to": b} for a, b in ended.disk_full or []],
+    )
+    return ended.code
+
+
+def finish(rundir: RunDir, code: int, launcher: str, stopped: str = " the run was stopped") -> int:
+    """Summary, checks and report for a run that has ended; what the user sees last."""
+    from memdiag.report.build import format_finding
+
+    built = build_report(rundir)
+    if built is None:
+        return code or 1
+    summary, html_path, findings = built
+    spec = rundir.spec
+    for finding in findings:
+        if finding.severity != "info":
+            print(format_finding(finding))
+    if spec.get("status") == "interrupted":
+        print(f"memdiag:{stopped} ({spec.get('signal', 'a stop signal')}); report of what was recorded: {html_path}")
+        return code
+    guard = guard_event(rundir.path)
+    if guard is not None:
+        print(f"memdiag: the guard stopped the run: {guard['reason']}; stacks in {rundir.path / 'stacks'}")
+        print(f"memdiag: report {html_path}")
+        return 1
+    if code != 0:
+        what = f"the command failed (exit code {code})" if launcher == "command" else f"the run failed ({launcher} exit code {code})"
+        print(f"memdiag: {what}; partial report: {html_path}")
+        excerpt = launch.failure_excerpt(rundir.path)
+        if excerpt and launcher != "command":  # a command's stderr was already on the console
+            print(excerpt)
+        return code
+    if launcher == "command":  # the command's own exit code, whatever the findings say
+        print(f"memdiag: done; report {html_path}")
+        return code
+    rate = summary.tokens_per_s_per_device
+    loss = "n/a" if summary.loss is None else f"{summary.loss:.4f}"
+    print(
+        f"memdiag: done. loss {loss}, "
+        f"{'n/a' if rate is None else f'{rate:,.1f}'} token/p/s, host peak per node "
+        + ", ".join(f"{h} {format_bytes(b)}" for h, b in summary.host_peak_bytes_per_node.items())
+    )
+    print(f"memdiag: report {html_path}")
+    return 1 if any(f.severity == "error" for f in findings) else 0
+
+
+def build_report(rundir: RunDir):
+    """Summary, findings and report of an ended run; None (said in one line) when the disk
+    cannot take them. run.json gains the readers' warnings."""
+    from memdiag.report.build import build
+
+    try:
+        summary, html_path, findings = build(rundir.path, with_checks=True)
+        settled = rundir.read()
+        if settled.get("incomplete"):  # a full disk cost samples (runstate.settle said so)
+            print(f"memdiag: warning: {settled['incomplete']}")
+        if summary.warnings:
+            rundir.update(warnings=rundir.spec.get("warnings", []) + summary.warnings)
+            for warning in summary.warnings:
+                print(f"memdiag: warning: {warning}")
+    except WriteFailed as exc:
+        print(f"memdiag: error: {exc}", flush=True)
+        return None
+    return summary, html_path, findings

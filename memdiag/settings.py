@@ -1,0 +1,311 @@
+"""Every user-facing setting, declared once: its key, type, choices, default, one-line doc and
+the commands that take it. ``memdiag run``, ``memdiag plan``, ``memdiag run -- CMD`` and
+``memdiag.record`` all parse through ``parse``, so they accept the same names with the same
+defaults and refuse a bad one in the same words. Nothing here imports torch: a bad key is
+refused in well under a second.
+
+Adding a setting: one ``setting(...)`` field on ``RunSettings``; the code that uses it reads
+``config.<field>``. A setting the planner uses is turned into its terms in
+``memdiag.plan.inputs.planner_settings`` (the one mapping from a run to the planner).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from memdiag.errors import UsageError
+from memdiag.units import ACCEPTED_FORMS, parse_size
+
+RUN = "run"
+"""``memdiag run case=NAME key=value ...``"""
+PLAN = "plan"
+"""``memdiag plan key=value ...``"""
+CMD = "run --"
+"""``memdiag run key=value ... -- CMD``: the user's own command."""
+API = "record"
+"""``memdiag.record(...)`` and ``MemdiagCallback(...)``: keyword arguments, dots as underscores."""
+COMMANDS = (RUN, PLAN, CMD, API)
+
+CASE_RUN = frozenset({RUN})
+PLANNED = frozenset({RUN, PLAN})
+RECORDING = frozenset({RUN, CMD, API})
+"""Settings of the recorder and its guard: every command that records."""
+LAUNCHING = frozenset({RUN, CMD})
+
+BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+GROUP_KEYS = ("case", "model.scale", "model", "hardware", "hardware.name", "data", "data.source")
+"""Keys that choose a case's config groups (composed by Hydra in ``memdiag.config``)."""
+GROUP_PREFIXES = ("model.", "data.", "hardware.")
+"""A field of the case's model, data or hardware group (``model.hidden_size=...``), checked by Hydra."""
+
+
+def setting(default: Any, doc: str, *, key: str | None = None, kind: str | None = None,
+            choices: tuple = (), commands: frozenset = CASE_RUN) -> Any:
+    """A dataclass field that is a user-facing setting."""
+    return field(default=default, metadata={"key": key, "doc": doc, "kind": kind, "choices": choices, "commands": commands})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """What a user can set about a run, by any command. ``RunConfig`` (memdiag.config) is this
+    plus what composing the case resolves (hardware, model, data)."""
+
+    # the training
+    steps: int = setting(10, "optimizer steps to run (each grad_accum micro-steps)")
+    micro_batch: int = setting(1, "train_micro_batch_size_per_gpu", commands=PLANNED)
+    grad_accum: int = setting(1, "gradient_accumulation_steps", commands=PLANNED)
+    seq_len: int = setting(2048, "tokens per sample", commands=PLANNED)
+    zero_stage: int = setting(3, "ZeRO stage", key="zero.stage", choices=(0, 1, 2, 3), commands=PLANNED)
+    dtype: str = setting("bf16", "training dtype (fp16 is refused on the CPU accelerator)", choices=("bf16", "fp16", "fp32"), commands=PLANNED)
+    attention: str = setting(
+        "auto", "attention path: auto (the case's benchmark path; plain for another model), plain (matmul + softmax), "
+        "sdpa_math (SDPA with a float mask), fused (flash / memory-efficient kernels)",
+        choices=("auto", "plain", "sdpa_math", "fused"), commands=PLANNED)
+    activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward", commands=PLANNED)
+    offload: str = setting("auto", "ZeRO offload: auto (the ds_config's offload sections), none, optimizer (states to CPU), "
+                           "params (states and parameters), nvme", choices=("auto", "none", "optimizer", "params", "nvme"), commands=PLANNED)
+    pin_memory: bool | None = setting(None, "pin the offloaded states' host memory; unset: the ds_config's offload section, else false",
+                                      kind="bool", commands=PLANNED)
+    save_16bit_weights: bool | None = setting(
+        None, "stage3_gather_16bit_weights_on_model_save; unset: the ds_config's", kind="bool", commands=PLANNED)
+    # loading
+    load: str = setting("reference", "reference: every rank builds the whole model (the benchmark's loading, DeepSpeed issue 5290); "
+                        "zero_init: memdiag's lean loading; rank0_broadcast: planned only",
+                        choices=("reference", "zero_init", "rank0_broadcast"), commands=PLANNED)
+    load_dtype: str | None = setting(None, "dtype the model is built in; unset: fp32 for reference, the run's dtype for zero_init",
+                                     key="load.dtype", kind="str", choices=("bf16", "fp16", "fp32"), commands=PLANNED)
+    load_concurrency: int = setting(0, ">0: at most this many local ranks load at once", key="load.concurrency")
+    load_trim: bool = setting(False, "gc + malloc_trim(0) after the load and after deepspeed.initialize", key="load.trim")
+    checkpoint: str | None = setting(None, "an HF checkpoint directory to load; unset: random initialisation", kind="path")
+    checkpoint_format: str = setting("auto", "how the checkpoint is read: auto (the files in checkpoint=; none without one), "
+                                     "bin, safetensors, none", choices=("auto", "bin", "safetensors", "none"), commands=PLANNED)
+    checkpoint_shards: int = setting(3, "shards of the checkpoint (one is in memory at a time while a rank reads it)", commands=PLANNED)
+    ds_config: str | None = setting(None, "DeepSpeed config to start from; unset: the case's", kind="path", commands=PLANNED)
+    # the layout
+    layout: str | None = setting(None, "NODESxRANKS_PER_NODE, e.g. 2x4", kind="str")
+    nproc_per_node: int | None = setting(None, "ranks per node; unset: one per local device (2 on the CPU accelerator)", kind="int")
+    hostfile: str | None = setting(None, "DeepSpeed hostfile ('NAME slots=N' per line); its first nodes are used", kind="path")
+    launcher: str = setting("torchrun", "what starts a node's ranks", choices=("torchrun", "deepspeed"))
+    nodes_here: bool = setting(False, "start every node's part on this machine (simulated nodes)")
+    node_rank: int | None = setting(None, "run only this node's part (memdiag started on every node, e.g. by srun)", kind="int")
+    master_addr: str | None = setting(None, "rendezvous host; unset: the first host (127.0.0.1 with nodes_here)", kind="str")
+    master_port: int | None = setting(None, "rendezvous port; unset: a free port (nodes_here) or 29500", kind="int")
+    host_ram_bytes: int | None = setting(None, "host RAM limit per node, e.g. 500G; unset: the profile's, the cgroup's or MemTotal",
+                                         key="host_ram", kind="size", commands=frozenset(COMMANDS))
+    force: bool = setting(False, "launch even when the plan predicts the layout does not fit (to reproduce an OOM)")
+    # the recorder and the run directory
+    reports_dir: str = setting("reports", "where run directories are made", kind="path", commands=LAUNCHING)
+    run_dir: str | None = setting(None, "the run directory to write (node parts: the one to join)", kind="path", commands=RECORDING)
+    name: str | None = setting(None, "the folder under reports_dir (a case's runs: the case name)", kind="str", commands=frozenset({CMD, API}))
+    sample_hz: float = setting(100.0, "samples per second per rank", commands=RECORDING)
+    instrument: bool = setting(True, "false: no sampler, hooks or node watcher (the overhead baseline)")
+    stop_grace_s: float = setting(30.0, "on SIGTERM/SIGINT/SIGHUP: seconds between SIGTERM to the job and SIGKILL", commands=LAUNCHING)
+    guard_fraction: float = setting(0.95, "the guard stops the job when its ranks hold this fraction of host_ram",
+                                    key="guard.fraction", commands=RECORDING)
+    guard_min_available_bytes: int = setting(0, "... or when MemAvailable falls below this (e.g. 2G); 0: off",
+                                             key="guard.min_available", kind="size", commands=RECORDING)
+    guard_grace_s: float = setting(10.0, "seconds between the guard's SIGTERM and SIGKILL", key="guard.grace_s", commands=RECORDING)
+    report: bool = setting(True, "write the summary, findings and report when the recording ends", commands=frozenset({API}))
+    # experiments on memdiag itself
+    seed: int = setting(1234, "random seed")
+    overhead_ab: int = setting(0, ">0: memdiag off and on in alternating blocks of this many steps (bench/overhead)")
+    inject_leak_mb: int = setting(0, ">0: keep this many MB per step alive on purpose (tests the leak check)")
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "micro_batch", "grad_accum", "seq_len", "checkpoint_shards")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{key_of(name)}={value!r} must be a positive integer")
+        for name in ("load_concurrency", "overhead_ab", "inject_leak_mb", "guard_min_available_bytes"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{key_of(name)}={getattr(self, name)!r} must be >= 0")
+        if self.nproc_per_node is not None and self.nproc_per_node < 1:
+            raise UsageError(f"nproc_per_node={self.nproc_per_node!r} must be a positive integer")
+        if not 0 < self.guard_fraction <= 1:
+            raise UsageError(f"guard.fraction={self.guard_fraction} must be in (0, 1]")
+        if not self.sample_hz > 0:
+            raise UsageError(f"sample_hz={self.sample_hz!r} must be positive")
+        for name in ("stop_grace_s", "guard_grace_s"):
+            if not getattr(self, name) >= 0:
+                raise UsageError(f"{key_of(name)}={getattr(self, name)!r} must be >= 0 (seconds)")
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise UsageError(f"master_port={self.master_port!r} must be a port number (1..65535)")
+        if self.layout is not None and split_layout(self.layout) is None:
+            raise UsageError(f"layout={self.layout!r}: write NODESxRANKS_PER_NODE with positive numbers, e.g. layout=2x4")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One declared setting, as the parsers and ``--help`` see it."""
+
+    key: str
+    field: str
+    kind: str
+    default: Any
+    doc: str
+    choices: tuple
+    commands: frozenset
+
+    def parse(self, value: Any) -> Any:
+        """A value from the command line (text) or the API (text or Python) -> the typed value."""
+        if self.default is None and (value is None or isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        try:
+            if self.kind == "bool":
+                parsed = value if isinstance(value, bool) else BOOL_WORDS[str(value).lower()]
+            elif self.kind == "int":
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                parsed = int(value)
+            elif self.kind == "float":
+                parsed = float(value)
+            elif self.kind == "size":
+                return parse_size(value, name=self.key)
+            else:
+                parsed = str(value)
+        except (KeyError, ValueError, TypeError):
+            raise UsageError(f"{self.key}={value}: expected {EXPECTED[self.kind]}") from None
+        if self.choices and parsed not in self.choices:
+            raise UsageError(f"{self.key}={value!r}: use one of {', '.join(map(str, self.choices))}")
+        return parsed
+
+    def default_text(self) -> str:
+        if self.default is None:
+            return "unset"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        return str(self.default)
+
+
+EXPECTED = {"bool": "true or false", "int": "an integer", "float": "a number", "size": ACCEPTED_FORMS, "str": "text", "path": "a path"}
+
+
+def _kind(f) -> str:
+    if f.metadata["kind"]:
+        return f.metadata["kind"]
+    return {bool: "bool", int: "int", float: "float", str: "str"}[type(f.default)]
+
+
+SCHEMA: dict[str, Setting] = {
+    (f.metadata["key"] or f.name): Setting(
+        key=f.metadata["key"] or f.name, field=f.name, kind=_kind(f), default=f.default, doc=f.metadata["doc"],
+        choices=f.metadata["choices"], commands=f.metadata["commands"],
+    )
+    for f in fields(RunSettings)
+    if f.metadata and f.default is not MISSING
+}
+BY_FIELD = {s.field: s for s in SCHEMA.values()}
+ALIASES = {"flash_attn": ("attention", {True: "fused", False: "plain"})}
+"""Older spellings that still parse: ``flash_attn=true`` is ``attention=fused``."""
+
+
+def key_of(field_name: str) -> str:
+    return BY_FIELD[field_name].key if field_name in BY_FIELD else field_name
+
+
+def keys_for(command: str) -> list[str]:
+    return [key for key, s in SCHEMA.items() if command in s.commands]
+
+
+def split_layout(text: str) -> tuple[int, int] | None:
+    """``2x4`` -> (2 nodes, 4 ranks per node); None when it is not that form."""
+    nodes, sep, per_node = str(text).lower().partition("x")
+    if not sep or not nodes.isdigit() or not per_node.isdigit() or int(nodes) < 1 or int(per_node) < 1:
+        return None
+    return int(nodes), int(per_node)
+
+
+def split_token(token: str) -> tuple[str, str]:
+    key, sep, value = token.partition("=")
+    key = key.lstrip("+~")
+    if not sep or not key or any(c.isspace() for c in key):
+        raise UsageError(f"malformed override {token!r}: write key=value, e.g. steps=20")
+    return key, value
+
+
+def takes_groups(command: str) -> bool:
+    return command in (RUN, PLAN)
+
+
+def _refuse(key: str, command: str) -> UsageError:
+    if key in SCHEMA or key in ALIASES or key in GROUP_KEYS:
+        takers = SCHEMA[key].commands if key in SCHEMA else PLANNED
+        where = ", ".join(f"`memdiag {c}`" if c != API else "`memdiag.record`" for c in COMMANDS if c in takers)
+        return UsageError(f"{key!r} is not a setting of {_name(command)} (it is taken by {where}); "
+                          f"{_name(command)} takes: {', '.join(keys_for(command))}")
+    valid = keys_for(command) + ([*ALIASES, *GROUP_KEYS] if takes_groups(command) else [])
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; closest valid keys: {', '.join(close)}" if close else f"; valid keys: {', '.join(keys_for(command))}"
+    return UsageError(f"unknown key {key!r} for {_name(command)}{hint}")
+
+
+def _name(command: str) -> str:
+    return "`memdiag.record`" if command == API else f"`memdiag {command}`"
+
+
+def parse(tokens: list[str], command: str) -> tuple[dict[str, Any], list[str]]:
+    """``key=value`` tokens -> ({field: typed value} of the settings given, the tokens that
+    choose or change the case's config groups, for Hydra). Refuses, in one line, a malformed
+    token, an unknown key (with the closest ones), a key this command does not take (with the
+    commands that do) and a bad value (with what it accepts)."""
+    values: dict[str, Any] = {}
+    groups: list[str] = []
+    for token in tokens:
+        key, text = split_token(token)
+        if takes_groups(command) and (key in GROUP_KEYS or key.startswith(GROUP_PREFIXES)):
+            groups.append(f"{key}={text}")
+            continue
+        values.update(parse_one(key, text, command))
+    return values, groups
+
+
+def parse_one(key: str, value: Any, command: str) -> dict[str, Any]:
+    if key in ALIASES and command in PLANNED:
+        target, mapping = ALIASES[key]
+        flag = SCHEMA[target].parse
+        try:
+            word = value if isinstance(value, bool) else BOOL_WORDS[str(value).lower()]
+        except KeyError:
+            raise UsageError(f"{key}={value!r}: expected true or false") from None
+        return {SCHEMA[target].field: flag(mapping[word])}
+    if key not in SCHEMA or command not in SCHEMA[key].commands:
+        raise _refuse(key, command)
+    return {SCHEMA[key].field: SCHEMA[key].parse(value)}
+
+
+def parse_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``memdiag.record(sample_hz=200, host_ram="500G", guard_fraction=0.9)``: keyword names
+    are the keys with dots as underscores; values as on the command line or already typed."""
+    by_kwarg = {s.key.replace(".", "_"): s.key for s in SCHEMA.values()}
+    values: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        values.update(parse_one(by_kwarg.get(name, name), value, API))
+    return values
+
+
+def defaults(command: str) -> dict[str, Any]:
+    """{field: default} of every setting ``command`` takes."""
+    return {s.field: s.default for s in SCHEMA.values() if command in s.commands}
+
+
+def resolve(command: str, tokens: list[str] = (), **kwargs: Any) -> RunSettings:
+    """The settings of one command's run: its defaults, then the tokens (groups are not
+    allowed here: use ``memdiag.config.compose`` for a case)."""
+    values, groups = parse(list(tokens), command)
+    if groups:
+        raise UsageError(f"{groups[0]!r}: {_name(command)} runs no case; drop it")
+    values |= parse_kwargs(kwargs) if kwargs else {}
+    return RunSettings(**values)
+
+
+def help_text(command: str) -> str:
+    """The keys ``command`` takes, for its ``--help``."""
+    lines = []
+    for key in keys_for(command):
+        s = SCHEMA[key]
+        choices = f" ({' | '.join(map(str, s.choices))})" if s.choices else ""
+        lines.append(f"  {key}={s.default_text()}{choices}: {s.doc}")
+    return "\n".join(lines)
