@@ -151,10 +151,6 @@ class RunConfig(RunSettings):
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def case_dir(case: str) -> Path:
-    return get_case(case).conf_dir.parent
-
-
 def parse_layout(text: str) -> tuple[int, int]:
     layout = split_layout(text)
     if layout is None:
