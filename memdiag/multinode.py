@@ -12,6 +12,7 @@ can also be started by the cluster's own tool (srun, pdsh) on every node with th
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import socket
@@ -101,13 +102,27 @@ def _join(config: RunConfig, hosts: list[Host], start) -> RunDir:
     return rundir
 
 
-def part_config(config: RunConfig, spec: dict) -> RunConfig:
-    """A node part runs the spec the run was started with (its node's own keys aside), not a
-    second composition of the overrides."""
+def part_config(node: RunConfig | dict, spec: dict) -> RunConfig | None:
+    """A node part runs the spec the run was started with, with its node's own keys (``node``:
+    a composed config, or the parsed settings), not a second composition of the overrides."""
     if not spec.get("config"):
-        return config
-    return replace(RunConfig.from_dict(spec["config"]), node_rank=config.node_rank, run_dir=config.run_dir,
-                   master_addr=config.master_addr, master_port=config.master_port, nodes_here=config.nodes_here)
+        return node if isinstance(node, RunConfig) else None
+    get = (lambda key: getattr(node, key)) if isinstance(node, RunConfig) else (lambda key: node.get(key))
+    return replace(RunConfig.from_dict(spec["config"]), **{key: get(key) for key in PART_KEYS if key != "nodes_here"},
+                   nodes_here=bool(get("nodes_here")))
+
+
+def started_part(tokens_values: dict) -> RunConfig | None:
+    """The config of a node part the coordinator started (``node_rank=`` and ``run_dir=``
+    given, run.json already there): read, not composed again. None: compose it."""
+    run_json = Path(tokens_values["run_dir"]) / "run.json" if tokens_values.get("run_dir") else None
+    if tokens_values.get("node_rank") is None or run_json is None or not run_json.is_file():
+        return None
+    try:
+        spec = json.loads(run_json.read_text())
+    except (OSError, ValueError):
+        return None
+    return part_config(tokens_values, spec)
 
 
 def run_node_part(config: RunConfig, start) -> tuple[int, RunDir | None]:

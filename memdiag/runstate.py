@@ -8,12 +8,12 @@ with the time of its last sample, so it never reads as a live run.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import platform
 import time
 
 from memdiag import procs
-from memdiag.files import WriteFailed, write_atomic
+from memdiag.files import WriteFailed
+from memdiag.rundir import RunDir
 from memdiag.timeline import format as fmt
 from memdiag.timeline.reader import Run, incomplete_text
 
@@ -51,7 +51,7 @@ def _newest_write_s(run: Run) -> float:
 
 def _write(run: Run) -> None:
     try:
-        write_atomic(run.path / fmt.RUN_JSON, json.dumps(run.spec, indent=2, default=str))
+        RunDir(run.path, run.spec).write()
     except WriteFailed:
         pass  # a read-only copy of a run: what it says still reads right here
 

@@ -35,8 +35,11 @@ def main(args: argparse.Namespace) -> int:
 
             return runs.run_command(settings, args.command)
     from memdiag.config import compose
+    from memdiag.multinode import started_part
+    from memdiag.settings import parse
 
-    config = compose(args.overrides)
+    # a node part the coordinator started runs the run's recorded config, not a second composition
+    config = started_part(parse(args.overrides, RUN)[0]) or compose(args.overrides)
     check_supported()
     with lifetime.handling_stops():
         from memdiag import runs
