@@ -134,11 +134,21 @@ def test_unwritable_places_are_one_line_before_anything_runs(tmp_path):
         assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, result.stderr)
 
 
-def test_keys_are_refused_before_torch_is_imported(tmp_path):
-    """A bad key must not wait for torch and DeepSpeed to import (20 s on a loaded machine)."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "memdiag", "run", "stepz=3", f"reports_dir={tmp_path}"],
+@pytest.mark.parametrize("args, needle", [
+    (["run", "stepz=3"], "closest valid keys: steps"),
+    (["run", "load=lazy"], "load='lazy': use one of reference, zero_init"),
+    (["plan", "seq_lenn=3"], "closest valid keys: seq_len"),
+    (["plan", "steps=3"], "'steps' is not a setting of `memdiag plan`"),
+    (["run", "zero.stage=2", "--", "true"], "'zero.stage' is not a setting of `memdiag run --`"),
+    (["run", "sample_hz=fast", "--", "true"], "sample_hz=fast: expected a number"),
+])
+def test_keys_are_refused_before_torch_is_imported(tmp_path, args, needle):
+    """A bad key or value must not wait for torch and DeepSpeed to import (20 s on a loaded
+    machine), in any command: one line, exit 2."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "memdiag", *args[:1], f"reports_dir={tmp_path}" if args[0] == "run" else "--json", *args[1:]],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "closest valid keys: steps" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 2 and len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported and "deepspeed" not in imported
 
