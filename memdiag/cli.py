@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except MemdiagError as exc:
         print(f"memdiag: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader went away (`memdiag plan | head`): end quietly, as a shell tool does; stdout
+        # is pointed at /dev/null so that flushing it at exit raises nothing more
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class RunDir:
     @classmethod
     def create(cls, reports_dir: str | Path, name: str, label: str) -> RunDir:
         """A new run directory ``REPORTS_DIR/NAME/<UTC time>-LABEL`` (never an existing one)."""
-        path = Path(reports_dir) / name / f"{stamp()}-{label}"
+        path = Path(reports_dir).resolve() / name / f"{stamp()}-{label}"
         (path / fmt.TIMELINE_DIR).mkdir(parents=True, exist_ok=False)
         (path / LOGS_DIR).mkdir()
         return cls(path, {})

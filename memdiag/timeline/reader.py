@@ -500,6 +500,9 @@ def read_run(path: str | Path) -> Run:
         problems.append("run.json is missing: the run's settings are unknown")
     except ValueError:
         problems.append("run.json is not valid JSON: the run's settings are unknown")
+    if not isinstance(spec, dict):  # valid JSON of the wrong shape reads as a broken run.json
+        problems.append(f"run.json holds a JSON {type(spec).__name__}, not an object: the run's settings are unknown")
+        spec = {}
     ranks: dict[int, RankTimeline] = {}
     timeline_dir = run_dir / fmt.TIMELINE_DIR
     files: list[tuple[Path, int]] = []

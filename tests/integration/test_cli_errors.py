@@ -165,3 +165,18 @@ def test_top_on_a_directory_that_is_not_a_run_says_so(tmp_path):
     assert result.returncode == 2 and "not a run directory" in result.stderr
     result = _memdiag("top", "--once", "--reports-dir", tmp_path)
     assert result.returncode == 2 and "no runs under" in result.stderr
+
+
+def test_output_to_a_closed_pipe_ends_quietly():
+    result = subprocess.run(f"{sys.executable} -m memdiag plan --host-ram 500G | head -1", shell=True, cwd=REPO,
+                            capture_output=True, text=True, timeout=300, executable="/bin/bash")
+    assert result.stdout.startswith("baichuan2 13b") and result.stdout.count("\n") == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_a_run_json_of_the_wrong_shape_is_a_broken_run_not_a_traceback(tmp_path):
+    (tmp_path / "timeline").mkdir()
+    (tmp_path / "run.json").write_text("[1, 2]")
+    result = _memdiag("check", tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "run.json holds a JSON list, not an object" in result.stdout

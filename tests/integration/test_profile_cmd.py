@@ -91,3 +91,22 @@ def test_other_launchers_are_profiled(tmp_path, launcher, env_extra, ranks):
     node = [json.loads(line) for line in next((run_dir / "timeline").glob("node-*.jsonl")).read_text().splitlines()]
     seen = {int(k) for r in node if r["kind"] == "sample" for k in r.get("ranks", {})}
     assert seen == set(range(ranks))  # the watcher found the ranks below this launcher too
+
+
+@pytest.mark.parametrize("how", ["case", "command"])
+def test_a_run_started_outside_the_checkout_writes_only_where_it_was_told(tmp_path, how):
+    """A relative reports_dir is the user's directory's, not the checkout's: the ranks and the
+    node watcher (started in the checkout) get the run directory as an absolute path."""
+    name = f"outside-{tmp_path.name}"
+    if how == "case":
+        args = ["run", "reports_dir=rel", "steps=1", "seq_len=64", "nproc_per_node=1"]
+    else:
+        args = ["run", "reports_dir=rel", f"name={name}", "--", sys.executable, "-c", "import time; time.sleep(1.5)"]
+    result = subprocess.run([sys.executable, "-m", "memdiag", *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600, env=os.environ | {"PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (run_dir,) = [p.parent for p in (tmp_path / "rel").glob("*/*/run.json")]
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["status"] == "completed" and Path(spec["run_dir"]).is_absolute()
+    assert list((run_dir / "timeline").glob("node-*.jsonl")) and list((run_dir / "timeline").glob("rank-*.jsonl"))
+    assert not (REPO / "reports" / name).exists() and not (REPO / "rel").exists()
