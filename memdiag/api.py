@@ -87,12 +87,18 @@ class Recording:
         if self.writes_spec:
             self.rundir.update(status="failed" if failed else "completed", ended_at=_now())
             if self.settings.report:
-                from memdiag.report.build import build
+                from memdiag.report.build import build, format_finding
 
                 try:
-                    build(self.run_dir, with_checks=True)
+                    _, html_path, findings = build(self.run_dir, with_checks=True)
                 except Exception as exc:  # the training is over; say why the report is missing
                     print(f"memdiag: report not written: {exc}", file=sys.stderr)
+                    return
+                # the run ends on the console as `memdiag run` ends one: findings, then the report
+                for finding in findings:
+                    if finding.severity != "info":
+                        print(format_finding(finding), flush=True)
+                print(f"memdiag: recording {'failed' if failed else 'done'}; report {html_path}", flush=True)
 
 
 def _now() -> str:

@@ -130,9 +130,11 @@ def write_markdown(run: Run, summary: Summary, findings: list[dict], pngs: list[
     if peaks:
         lines += ["", "**Host RAM peak per phase, per node** (sum of the node's ranks at one moment)", ""]
         lines += _table(["phase", *hosts], [[phase, *(format_bytes(per.get(h)) for h in hosts)] for phase, per in peaks.items()])
-    shown = [f for f in findings if f.get("severity") in ("error", "warning")]
-    lines += ["", f"**Findings** ({len(shown)} errors and warnings)", ""]
-    for finding in shown or [{"severity": "info", "id": "none", "message": "no errors or warnings"}]:
+    # every finding the HTML page shows, counted the same way
+    counts = {severity: sum(f.get("severity") == severity for f in findings) for severity in ("error", "warning", "info")}
+    counted = ", ".join(f"{n} {severity}{'s' if n != 1 and severity != 'info' else ''}" for severity, n in counts.items())
+    lines += ["", f"**Findings** ({counted})", ""]
+    for finding in findings or [{"severity": "info", "id": "none", "message": "no findings"}]:
         lines.append(f"- **[{finding['severity']}] {finding['id']}**: {finding['message']}")
         if finding.get("fix"):
             lines += ["  ```python", *("  " + line for line in finding["fix"].splitlines()), "  ```"]

@@ -30,11 +30,16 @@ def test_markdown_and_pictures_for_an_issue(tmp_path):
         writer.write({"kind": fmt.SAMPLE, "t": 1_000_000_000 + i * 10_000_000, "rss_bytes": 2**30 + i * 2**20, "phase": "model_build", "step": 0})
     writer.write({"kind": fmt.PHASE_END, "t": 2_000_000_000, "phase": "model_build", "host_peak_bytes": 2**30 + 2**27})
     writer.close()
+    (tmp_path / "findings.json").write_text(json.dumps([
+        {"id": "not_released", "severity": "info", "message": "an info finding the HTML shows too", "evidence": {}, "fix": ""},
+    ]))
     result = subprocess.run([sys.executable, "-m", "memdiag", "report", "--markdown", str(tmp_path)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     md = (tmp_path / "report.md").read_text()
     assert "**Host RAM peak per phase, per node**" in md and "| model_build |" in md and "status **completed**" in md
+    # the same findings as the HTML page, every severity counted
+    assert "**Findings** (0 errors, 0 warnings, 1 info)" in md and "**[info] not_released**" in md
     pictures = sorted((tmp_path / "figures").glob("*.png"))
     assert [p.name for p in pictures] == ["host.png"], result.stdout  # no device data: no device picture
     assert pictures[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pictures[0].stat().st_size > 10_000
