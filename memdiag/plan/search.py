@@ -96,9 +96,13 @@ class LayoutResult:
 
     @property
     def name(self) -> str:
-        cards = self.devices_per_node / self.devices_per_card
-        card_note = f" = {self.nodes} node(s) x {cards:g} card(s)" if self.devices_per_card > 1 else ""
-        return f"{self.nodes}x{self.devices_per_node}{card_note}"
+        """``NODESxDEVICES``; where a card holds several devices, the cards too (never a fraction)."""
+        if self.devices_per_card == 1:
+            return f"{self.nodes}x{self.devices_per_node}"
+        cards, part = divmod(self.devices_per_node, self.devices_per_card)
+        if part:
+            return f"{self.nodes}x{self.devices_per_node} ({self.devices_per_node} of a card's {self.devices_per_card} devices)"
+        return f"{self.nodes}x{self.devices_per_node} = {_count(self.nodes, 'node')} x {_count(cards, 'card')}"
 
     def to_dict(self) -> dict:
         terms = {f"device.{k}": int(v) for k, v in self.device_terms.items()}
@@ -126,6 +130,10 @@ class LayoutResult:
             "verdict": self.verdict,
             "terms": terms,
         }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def evaluate(

@@ -367,7 +367,8 @@ def host_phase_terms(
         # load_checkpoint: each rank reads its optimizer shard (fp32 master + both moments) to the host
         resume["optimizer_shard_read"] = local_ranks * 12 * x
         phases["resume"] = resume
-    return phases
+    # in the order a run goes through them (the table's columns, the JSON's keys)
+    return {phase: phases[phase] for phase in HOST_PHASES if phase in phases}
 
 
 def consolidation_bytes(arch: Architecture) -> float:

@@ -125,6 +125,8 @@ def small_fs(tmp_path):
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'not permitted'}); the full-disk tests need one")
         mounted.append(point)
+        # made now, while there is room: creating a file on a full tmpfs can itself fail
+        (point / FILLER).touch()
         return point
 
     yield mount
@@ -137,12 +139,21 @@ def small_fs(tmp_path):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
+FILLER = "filler.bin"
+
+
 def fill(directory: Path, leave_bytes: int = 0) -> Path:
     """Write a filler file until the filesystem is full (less ``leave_bytes``)."""
-    filler = directory / "filler.bin"
+    filler = directory / FILLER
     st = os.statvfs(directory)
     size = max(0, st.f_bavail * st.f_frsize - leave_bytes)
-    with open(filler, "wb") as f:
+    try:
+        f = open(filler, "r+b" if filler.exists() else "wb")
+    except OSError as e:
+        listing = subprocess.run(["du", "-ak", str(directory)], capture_output=True, text=True).stdout
+        raise AssertionError(f"cannot open {filler} to fill the disk ({e}); {st.f_bavail} blocks free; holds:\n{listing}") from e
+    with f:
+        f.truncate(0)
         chunk = b"\0" * 2**20
         try:
             while size > 0:

@@ -9,8 +9,8 @@ visits: list[str] = []
 
 
 def profile(frame, event, arg):
-    if event != "call":
-        return
+    if event != "call" or frame.f_code.co_name == "<module>":
+        return  # a module's body running at import is not a step of the run
     module = frame.f_globals.get("__name__")
     if module in MODULES and (not visits or visits[-1] != module):
         # only calls made from another module count as entering one
