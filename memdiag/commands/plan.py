@@ -14,6 +14,7 @@ from memdiag.plan.calibrate import load_coefficients
 from memdiag.plan.inputs import for_run
 from memdiag.registry import get_case
 from memdiag.settings import PLAN, help_text
+from memdiag.tables import render
 from memdiag.plan.search import deepspeed_estimate, device_counts, evaluate, fixes_for, recommend, search
 from memdiag.plan.terms import Coefficients, consolidation_bytes, device_terms
 from memdiag.units import ACCEPTED_FORMS, format_bytes, parse_size
@@ -204,11 +205,14 @@ def print_hypotheses(measured: dict) -> None:
     rows = measured["hypotheses"]
     print(f"what the benchmark may have run, against the {format_bytes(measured['device_bytes'])} it measured at {measured['layout']}:")
     one = rows[0]["one_node_layout"].split(" ")[0]
-    print(f"  {'attention':10} {'checkpointing':14} {'predicted':>11} {'error':>8}  {measured['layout'] + ' (the seed ran)':26} {one} (one node)")
-    for row in rows:
-        print(f"  {row['attention']:10} {str(row['activation_checkpointing']).lower():14} "
-              f"{format_bytes(row['predicted_device_bytes']):>11} {row['error']:>+8.1%}  "
-              f"{row['seed_layout_verdict'].split(' (')[0]:26} {row['one_node_verdict'].split(' (')[0]}")
+    header = ["attention", "checkpointing", "predicted", "error", f"{measured['layout']} (the seed ran)", f"{one} (one node)"]
+    cells = [
+        [row["attention"], str(row["activation_checkpointing"]).lower(), format_bytes(row["predicted_device_bytes"]),
+         f"{row['error']:+.1%}", row["seed_layout_verdict"].split(" (")[0], row["one_node_verdict"].split(" (")[0]]
+        for row in rows
+    ]
+    for line in render(header, cells, right={2, 3}, indent=2):
+        print(line)
     holds = [row["decision_holds"] for row in rows]
     if all(holds):
         print(f"  under every hypothesis {measured['layout']} fits and {one} does not: the seed's decision does not hang on which one ran")
@@ -288,9 +292,8 @@ def cross_check(arch, settings, layout) -> dict:
 
 
 def _terms_lines(title: str, terms: dict[str, float]) -> list[str]:
-    lines = [f"  {title}: {format_bytes(sum(terms.values()))}"]
-    lines += [f"    {name:32} {format_bytes(value):>12}" for name, value in terms.items() if value]
-    return lines
+    rows = [(name, format_bytes(value)) for name, value in terms.items() if value]
+    return [f"  {title}: {format_bytes(sum(terms.values()))}", *render([], rows, right={1}, indent=4)]
 
 
 def print_table(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem, *, single: bool) -> None:
@@ -306,12 +309,15 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
     )
     print()
     phases = list(results[0].host_phases)
-    print(f"{'':28} {'':>11}  host RAM per node at the peak of each phase")
-    print(f"{'layout':28} {'device peak':>11}  " + " ".join(f"{p:>11}" for p in phases) + "  verdict")
-    for r in results:
-        peaks = r.host_phase_peaks
-        print(f"{r.name:28} {format_bytes(r.device_peak_bytes):>11}  "
-              + " ".join(f"{format_bytes(peaks[p]):>11}" for p in phases) + f"  {r.verdict}")
+    lines = render(
+        ["layout", "device peak", *phases, "verdict"],
+        ([r.name, format_bytes(r.device_peak_bytes), *(format_bytes(r.host_phase_peaks[p]) for p in phases), r.verdict] for r in results),
+        right=range(1, 2 + len(phases)),
+    )
+    # the phases' columns start where the device peak's ends
+    print(" " * (lines[0].index("device peak") + len("device peak") + 1) + "host RAM per node at the peak of each phase")
+    for line in lines:
+        print(line)
     reserve = (f"{Coefficients().allocator_reserve_layers:g} gathered layers' worth under ZeRO-3, fitted on published runs"
                if settings.zero_stage >= 3 else f"{Coefficients().allocator_reserve_fraction:.0%} assumed")
     print(f"(device peak: the \"used\" figure nvidia-smi shows, which the verdict uses: tensors plus the allocator's reserve "
@@ -358,5 +364,5 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
         )
     if fixes:
         print(f"\nto make {full_node.name} fit (one change at a time):")
-        for label, r in fixes:
-            print(f"  {label:48} {'FITS' if r.fits else 'not alone':10} {r.verdict}")
+        for line in render([], ([label, "FITS" if r.fits else "not alone", r.verdict] for label, r in fixes), indent=2):
+            print(line)

@@ -23,6 +23,7 @@ from memdiag.errors import UsageError
 from memdiag.plan.model import Architecture
 from memdiag.plan.terms import DTYPE_BYTES, Coefficients, Settings, activation_terms, device_terms, host_terms
 from memdiag.summary import summarize
+from memdiag.tables import render
 from memdiag.timeline import read_run
 from memdiag.timeline.reader import Run
 
@@ -184,9 +185,10 @@ def calibrate_main(run_dirs: list[Path], coefficients: Coefficients, out: Path |
         observations.append(observe(read_run(path)))
     fitted = fit(observations, coefficients)
     rows = table(observations, fitted)
-    print(f"{'run':34} {'term':24} {'predicted':>12} {'measured':>12} {'error':>7}")
-    for row in rows:
-        print(f"{row['run'][:34]:34} {row['term']:24} {row['predicted_bytes'] / 2**20:10.1f}Mi {row['measured_bytes'] / 2**20:10.1f}Mi {row['error']:+7.1%}")
+    cells = ([row["run"], row["term"], f"{row['predicted_bytes'] / 2**20:.1f} MiB", f"{row['measured_bytes'] / 2**20:.1f} MiB",
+              f"{row['error']:+.1%}"] for row in rows)
+    for line in render(["run", "term", "predicted", "measured", "error"], cells, right={2, 3, 4}):
+        print(line)
     worst = max(abs(r["error"]) for r in rows)
     print(f"\nfitted: host_runtime_bytes={fitted.host_runtime_bytes / 2**20:.1f} MiB, "
           f"host_state_factor={fitted.host_state_factor:.3f}, host_bytes_per_model_param={fitted.host_bytes_per_model_param:.2f}, "
