@@ -32,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         split = argv.index("--")
         argv, command = argv[:split], argv[split + 1 :]
         if not command:
-            print("memdiag: error: nothing to run after `--`: memdiag run -- torchrun --nproc_per_node 2 train.py", file=sys.stderr)
+            print("memdiag: error: nothing after `--`: memdiag run -- torchrun --nproc_per_node 2 train.py "
+                  "(or memdiag plan -- CMD to plan it)", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
     if command:
-        if args.command_name != "run":
-            print("memdiag: error: `-- CMD` follows `memdiag run` only", file=sys.stderr)
+        if args.command_name not in ("run", "plan"):
+            print("memdiag: error: `-- CMD` follows `memdiag run` (run it) or `memdiag plan` (plan it) only", file=sys.stderr)
             return 2
         args.command = command
     logging.basicConfig(level=logging.WARNING, format="memdiag: %(message)s")

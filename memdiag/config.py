@@ -9,11 +9,11 @@ accelerator the CPU profile is chosen and said in one line.
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from memdiag import dsconfig
 from memdiag import settings as schema
 from memdiag.errors import UsageError
 from memdiag.registry import get_case
@@ -88,6 +88,8 @@ class RunConfig(RunSettings):
     layout: str
     ds_config: str
     """Absolute path of the DeepSpeed config the run starts from (the settings applied on top)."""
+    ds_config_is_users: bool = False
+    """The user gave ``ds_config=``: the settings it decides are read from it (``memdiag.dsconfig``)."""
     model: dict
     hardware: HardwareProfile
     data: dict
@@ -182,6 +184,14 @@ def compose(overrides: list[str], *, command: str = schema.RUN, detect_accelerat
     """Overrides (``case=... model.scale=tiny steps=20``) -> a validated ``RunConfig``; every
     setting parsed by ``memdiag.settings`` for ``command`` (run or plan), the case's groups by Hydra."""
     values, group_tokens = schema.parse(overrides, command)
+    given = set(values)
+    users_ds_config = None
+    if values.get("ds_config"):
+        # the user's own DeepSpeed config, relative to where they stand: what it decides is read
+        # from it, below what they gave as keys and above the case's defaults
+        users_ds_config = Path(values["ds_config"]).resolve()
+        for key, value in dsconfig.settings_from(dsconfig.read(users_ds_config), users_ds_config, given).items():
+            values.setdefault(key, value)
     pairs = [schema.split_token(token) for token in group_tokens]
     case = next((v for k, v in pairs if k == "case"), "baichuan2_13b")
     spec = get_case(case)
@@ -222,14 +232,16 @@ def compose(overrides: list[str], *, command: str = schema.RUN, detect_accelerat
     if note.startswith("no accelerator"):  # say what will run, overrides included
         note += (f", model.scale={raw['model'].get('scale')}, {nproc} rank{'s' if nproc != 1 else ''} per node "
                  "(override with hardware=, model.scale=, nproc_per_node=, layout=)")
-    ds_config = Path(values.pop("ds_config", None) or raw["ds_config"])
+    values.pop("ds_config", None)
+    ds_config = users_ds_config or Path(raw["ds_config"])
     if not ds_config.is_absolute():
-        ds_config = conf_dir.parent / ds_config
+        ds_config = conf_dir.parent / ds_config  # the case's, beside its package
     if not ds_config.is_file():
         raise UsageError(f"ds_config={str(ds_config)!r}: no such file")
     values.update(nnodes=nnodes, nproc_per_node=nproc, layout=f"{nnodes}x{nproc}")
     return RunConfig(
-        **values, case=case, ds_config=str(ds_config), model=raw["model"], hardware=hardware, data=raw["data"],
+        **values, case=case, ds_config=str(ds_config), ds_config_is_users=users_ds_config is not None,
+        model=raw["model"], hardware=hardware, data=raw["data"],
         overrides=list(overrides), selection_note=note,
     )
 
@@ -276,10 +288,16 @@ def _explain(exc: Exception, overrides: list[str], conf_dir: Path) -> UsageError
     return UsageError(f"cannot read override{where}: {message}")
 
 
-def load_ds_config(config: RunConfig) -> dict:
-    """The case's ds_config with the run's settings applied (what the ranks pass DeepSpeed,
-    and what the planner reads): a setting left unset or ``auto`` keeps the ds_config's value."""
-    ds = json.loads(Path(config.ds_config).read_text())
+def load_ds_config(config: RunConfig, *, hidden_size: int | None = None) -> dict:
+    """The run's ds_config with its settings applied (what the ranks pass DeepSpeed, and what
+    the planner reads): a setting left unset or ``auto`` keeps the ds_config's value; the HF
+    Trainer's ``"auto"`` values are filled as the Trainer fills them, the bucket sizes from
+    ``hidden_size`` (the case model's unless the planner plans another)."""
+    ds = dsconfig.read(config.ds_config)
+    dsconfig.fill_auto(ds, micro_batch=config.micro_batch, grad_accum=config.grad_accum, dtype=config.dtype,
+                       hidden_size=int(hidden_size or config.model["hidden_size"]))
+    if left := dsconfig.still_auto(ds):
+        raise UsageError(f"ds_config={config.ds_config}: {', '.join(left)} \"auto\", which the HF Trainer does not fill: give a value")
     ds["train_micro_batch_size_per_gpu"] = config.micro_batch
     ds["gradient_accumulation_steps"] = config.grad_accum
     ds.pop("train_batch_size", None)

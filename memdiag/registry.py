@@ -29,6 +29,9 @@ class CaseSpec:
     """Exact parameters of a ``model`` config group."""
     model_config: Callable[[dict], dict]
     """The ``model`` config group as the HF config the model class takes."""
+    model_types: tuple[str, ...] = ()
+    """HF ``model_type`` values the case's model class implements: a bare ``config.json`` of one
+    (no modeling files beside it) is planned with the case's class."""
     model_attention: str = "plain"
     """The attention path the planner's activation count is taken on (it scales the s^2 terms)."""
     benchmark_attention: str | None = None
@@ -59,3 +62,11 @@ def get_case(name: str) -> CaseSpec:
         near = f" (did you mean {hint[0]}?)" if hint else ""
         raise UsageError(f"unknown case {name!r}{near}; available: {', '.join(cases)}")
     return _CASES[name]
+
+
+def case_for_model_type(model_type: str | None) -> CaseSpec | None:
+    """The registered case whose model class implements ``model_type``, if any."""
+    if not model_type:
+        return None
+    available_cases()
+    return next((spec for spec in _CASES.values() if model_type in spec.model_types), None)

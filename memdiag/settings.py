@@ -60,16 +60,21 @@ class RunSettings:
     zero_stage: int = setting(3, "ZeRO stage", key="zero.stage", choices=(0, 1, 2, 3), commands=PLANNED)
     dtype: str = setting("bf16", "training dtype (fp16 is refused on the CPU accelerator)", choices=("bf16", "fp16", "fp32"), commands=PLANNED)
     attention: str = setting(
-        "auto", "attention path: auto (the case's benchmark path; plain for another model), plain (matmul + softmax), "
+        "auto", "attention path: auto (the case's benchmark path; for another model transformers' default: fused where it "
+        "supports SDPA, else plain), plain (matmul + softmax), "
         "sdpa_math (SDPA with a float mask), fused (flash / memory-efficient kernels)",
         choices=("auto", "plain", "sdpa_math", "fused"), commands=PLANNED)
     activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward", commands=PLANNED)
     offload: str = setting("auto", "ZeRO offload: auto (the ds_config's offload sections), none, optimizer (states to CPU), "
                            "params (states and parameters), nvme", choices=("auto", "none", "optimizer", "params", "nvme"), commands=PLANNED)
-    pin_memory: bool | None = setting(None, "pin the offloaded states' host memory; unset: the ds_config's offload section, else false",
-                                      kind="bool", commands=PLANNED)
+    pin_memory: bool | None = setting(None, "pin the offloaded states' host memory; unset: the ds_config's offload section, "
+                                      "else DeepSpeed's default (true from 0.19.5, false before)", kind="bool", commands=PLANNED)
     save_16bit_weights: bool | None = setting(
         None, "stage3_gather_16bit_weights_on_model_save; unset: the ds_config's", kind="bool", commands=PLANNED)
+    save: bool = setting(False, "save a DeepSpeed checkpoint after the last step (engine.save_checkpoint); the plan judges "
+                         "the save phase", commands=PLANNED)
+    resume: bool = setting(False, "resume from a DeepSpeed checkpoint (engine.load_checkpoint; the case reads back the one it "
+                           "saves); the plan judges the resume phase", commands=PLANNED)
     # loading
     load: str = setting("reference", "reference: every rank builds the whole model (the benchmark's loading, DeepSpeed issue 5290); "
                         "zero_init: memdiag's lean loading; rank0_broadcast: planned only",

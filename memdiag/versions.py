@@ -56,3 +56,17 @@ def check_supported() -> None:
                 f"{name} {installed} is {'older than' if older else 'not a version'} memdiag supports "
                 f"({_spelled(name, spec)}); upgrade it, or use the versions in constraints.txt"
             )
+
+
+PIN_MEMORY_DEFAULT_FROM = Version("0.19.5")
+"""``offload_optimizer``/``offload_param`` ``pin_memory`` defaults to true from DeepSpeed 0.19.5
+(``runtime/zero/offload_config.py``; false in 0.19.4 and every release before)."""
+
+
+def deepspeed_pin_memory_default() -> bool:
+    """What DeepSpeed pins when an offload section leaves ``pin_memory`` unset: the installed
+    version's default, and the newest's where none is installed (a plan for another machine)."""
+    try:
+        return Version(importlib.metadata.version("deepspeed")) >= PIN_MEMORY_DEFAULT_FROM
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        return True

@@ -42,6 +42,9 @@ SPEC = register_case(CaseSpec(
     model_class=MODEL_CLASS,
     num_parameters=num_parameters,
     model_config=model_config,
+    # Baichuan and Baichuan2 (7B, 13B) all say "baichuan": the same layers and parameters (the
+    # 7Bs' rotary position encoding has no parameters, the 13Bs' ALiBi none either)
+    model_types=("baichuan",),
     model_attention=MODEL_ATTENTION,
     benchmark_attention=BENCHMARK_ATTENTION,
     # our model implements upstream's two paths (without and with xformers importable); the

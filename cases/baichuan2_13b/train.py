@@ -218,6 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         if progress:
             mean_loss = float(sum(float(x) for x in losses) / len(losses))
             progress(StepRecord(step=step + 1, loss=mean_loss, tokens=tokens, step_time_s=step_times_s[-1]))
+    if config.save or config.resume:
+        # the hooks scope these as the checkpoint_save / checkpoint_load phases the plan judges
+        checkpoint_dir = str(run_dir / "checkpoint")
+        engine.save_checkpoint(checkpoint_dir)
+        if config.resume:
+            engine.load_checkpoint(checkpoint_dir)
+        if progress:
+            progress.line("saved a checkpoint" + (" and resumed from it" if config.resume else ""))
     # the case's own clock, the same with and without memdiag (bench/overhead compares them)
     if inst is not None:
         inst.set_active(True)

@@ -24,16 +24,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "plan", help="which nodes x devices layouts fit device memory and host RAM",
         description="Settings (key=value), the same names and defaults as `memdiag run`; also case=, "
-        "model.scale=, hardware=, model.FIELD=:\n" + help_text(PLAN),
+        "model.scale=, hardware=, model.FIELD=:\n" + help_text(PLAN)
+        + "\n\nmemdiag plan [key=value ...] -- LAUNCH COMMAND: plan the run a command would start (torchrun, deepspeed, "
+        "accelerate launch or python; a Trainer script's --deepspeed, --model_name_or_path, batch, precision, checkpointing "
+        "and sequence-length arguments); it runs nothing. key=value and flags given here win over the command.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="see above")
+    parser.set_defaults(command=[])
+    parser.add_argument("--ds-config", type=Path, metavar="FILE", help="your DeepSpeed config, read as it is (as ds_config=FILE)")
     parser.add_argument("--host-ram", help="host RAM per node, e.g. 500G (default: the hardware profile's)")
     parser.add_argument("--device-mem", help="memory per device, e.g. 64G (default: the profile's)")
     parser.add_argument("--devices-per-node", type=int, help="devices (ranks) per node (default: the profile's)")
     parser.add_argument("--nodes", default="1-4", help="node counts to search: N or A-B (default 1-4)")
     parser.add_argument("--case", default="baichuan2_13b")
-    parser.add_argument("--profile", help="hardware profile: bi_v150, a100_40g, a100_80g, h100, h800, h200")
+    parser.add_argument("--profile", help="hardware profile: bi_v150 (the case's), a100_40g, a100_80g, h100, h800, h200, gpu "
+                        "(any CUDA GPU: what --device-mem/--devices-per-node plan on when no profile is named)")
     parser.add_argument("--model-config", type=Path, help="an HF config.json instead of the case's model")
     parser.add_argument("--layout", help="evaluate one layout only, NODESxDEVICES (e.g. 2x8)")
     parser.add_argument("--calibrate", type=Path, nargs="+", metavar="RUN_DIR", help="fit the empirical coefficients from recorded runs")
@@ -78,13 +84,44 @@ def plan_config(args: argparse.Namespace):
     profile the case's unless --profile or hardware= says otherwise: planning is for the
     target cluster, not this machine)."""
     given_case = any(t.startswith("case=") for t in args.overrides)
-    tokens = [*([] if given_case else [f"case={args.case}"]), *([f"hardware={args.profile}"] if args.profile else []), *args.overrides]
+    profile = args.profile
+    if profile is None and not any(t.startswith(("hardware=", "hardware.name=")) for t in args.overrides) and (
+            args.device_mem or args.devices_per_node or args.command):
+        profile = "gpu"  # the flags or the command say what the devices are: the case's accelerator would be a guess
+    tokens = [*([] if given_case else [f"case={args.case}"]), *([f"hardware={profile}"] if profile else []), *args.overrides]
     if args.host_ram:
         tokens.append(f"host_ram={args.host_ram}")
     return compose(tokens, command=PLAN, detect_accelerator=False)
 
 
+def read_command(args: argparse.Namespace) -> None:
+    """``plan -- CMD``: what the launch command says becomes settings (the user's own keys and
+    flags win), its layout is planned first, then the search; what it could not read is named."""
+    from memdiag import launchcmd
+    from memdiag.settings import parse
+
+    launch = launchcmd.read(args.command)
+    given = set(parse(args.overrides, PLAN)[0]) | {k for k in ("layout",) if getattr(args, k)}
+    tokens = []
+    for token in launch.tokens:
+        key = token.split("=", 1)[0]
+        if key == "layout":
+            args.command_layout = token.split("=", 1)[1]
+        elif key == "ds_config" and args.ds_config:
+            continue
+        elif parse([token], PLAN)[0].keys() - given:
+            tokens.append(token)
+    args.overrides = tokens + list(args.overrides)
+    if launch.model_dir and not args.model_config:
+        args.model_config = launch.model_dir
+    args.launch = launch
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.command:
+        read_command(args)
+    if args.ds_config:
+        args.overrides = [*args.overrides, f"ds_config={args.ds_config}"]
     config = plan_config(args)
     hardware = config.hardware
     if args.devices_per_node:
@@ -95,8 +132,9 @@ def main(args: argparse.Namespace) -> int:
         )
     host_limit = config.host_ram_bytes or hardware.host_ram_bytes
     device_mem = parse_size(args.device_mem, name="--device-mem") if args.device_mem else hardware.device_memory_bytes
-    if not host_limit or not device_mem:
-        raise UsageError(f"give --host-ram and --device-mem ({ACCEPTED_FORMS}): profile {hardware.name} has none")
+    missing = [flag for flag, value in (("--host-ram", host_limit), ("--device-mem", device_mem)) if not value]
+    if missing:
+        raise UsageError(f"give {' and '.join(missing)} ({ACCEPTED_FORMS}): profile {hardware.name} has no figure for it")
     arch, settings = for_run(config, args.model_config)
     case = get_case(config.case)
     coefficients = load_coefficients(args.coefficients) if args.coefficients else Coefficients()
@@ -105,6 +143,13 @@ def main(args: argparse.Namespace) -> int:
 
         return calibrate_main(args.calibrate, coefficients, args.coefficients_out)
 
+    command_layout = None
+    if getattr(args, "command_layout", None) and not args.layout:
+        nodes, per_node = split_layout(args.command_layout)
+        if hardware.devices_per_card == 1 and not args.devices_per_node:
+            hardware = replace(hardware, cards_per_node=per_node)  # the command knows its machines
+        command_layout = evaluate(arch, settings, hardware, nodes, per_node, coefficients,
+                                  device_capacity_bytes=device_mem, host_limit_bytes=host_limit)
     max_per_node = hardware.devices_per_node
     if args.layout:
         nodes, per_node = parse_layout(args.layout, max_per_node)
@@ -140,9 +185,23 @@ def main(args: argparse.Namespace) -> int:
     if measured:
         measured["hypotheses"] = seed_hypotheses(case, arch, settings, hardware, coefficients, node_list, per_node_list, device_mem, host_limit)
     if args.json:
-        print(json.dumps(as_json(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem) | {"measured": measured}, indent=2))
+        read = {"ds_config": {"path": config.ds_config, "zero_optimization": settings.ds_buffers}} if config.ds_config_is_users else {}
+        if getattr(args, "launch", None) is not None:
+            read["command"] = {"read": args.launch.read, "not_read": args.launch.gaps,
+                               "layout": None if command_layout is None else command_layout.to_dict()}
+        print(json.dumps(as_json(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem)
+                         | read | {"measured": measured}, indent=2))
     else:
-        print_table(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem, single=bool(args.layout))
+        launch = getattr(args, "launch", None)
+        if launch is not None:
+            print("read from the command: " + ("; ".join(launch.read) if launch.read else "nothing"))
+            for gap in launch.gaps:
+                print(f"  not read: {gap}")
+            print()
+        if command_layout is not None:
+            print(f"the command's layout {command_layout.name}: {command_layout.verdict}\n")
+        print_table(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem, single=bool(args.layout),
+                    ds_config=config.ds_config if config.ds_config_is_users else None)
         if measured:
             print(
                 f"\nmeasured: {measured['layout']} used {format_bytes(measured['device_bytes'])} per device ({measured['source']}); "
@@ -296,17 +355,31 @@ def _terms_lines(title: str, terms: dict[str, float]) -> list[str]:
     return [f"  {title}: {format_bytes(sum(terms.values()))}", *render([], rows, right={1}, indent=4)]
 
 
-def print_table(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem, *, single: bool) -> None:
+ZERO_KEYS_PLANNED = ("reduce_bucket_size", "allgather_bucket_size", "overlap_comm", "stage3_prefetch_bucket_size",
+                     "stage3_max_live_parameters", "stage3_param_persistence_threshold", "sub_group_size")
+"""The ZeRO keys the terms read (besides offload), shown when they come from the user's file."""
+
+
+def print_table(arch, settings, hardware, results, best, full_node, fixes, host_limit, device_mem, *, single: bool,
+                ds_config: str | None = None) -> None:
+    cards = f"{hardware.devices_per_card} devices per card, " if hardware.devices_per_card > 1 else ""
     print(
         f"{arch.name}: {arch.num_parameters / 1e9:.2f}B parameters; {hardware.name} "
-        f"({hardware.devices_per_card} device(s) per card, {format_bytes(device_mem)} per device), "
+        f"({cards}{format_bytes(device_mem)} per device, up to {hardware.devices_per_node} per node), "
         f"{format_bytes(host_limit)} host RAM per node"
     )
     print(
         f"settings: ZeRO-{settings.zero_stage}, {settings.dtype}, micro_batch {settings.micro_batch}, seq_len {settings.seq_len}, "
         f"attention={settings.attention}, activation_checkpointing={str(settings.activation_checkpointing).lower()}, "
-        f"offload={settings.offload}, load={settings.load}" + (f" (load.dtype={settings.load_dtype})" if settings.load_dtype else "")
+        f"offload={settings.offload}" + (f" (pin_memory={str(settings.pin_memory).lower()})" if settings.offload != "none" else "")
+        + f", load={settings.load}" + (f" (load.dtype={settings.load_dtype})" if settings.load_dtype else "")
+        + f"; judged phases: {', '.join(settings.phases)}"
     )
+    if ds_config:
+        read = [f"{k}={settings.ds_buffers[k]:g}" if isinstance(settings.ds_buffers[k], float) else f"{k}={settings.ds_buffers[k]}"
+                for k in ZERO_KEYS_PLANNED if k in settings.ds_buffers]
+        print(f"ds_config {ds_config}: zero_optimization " + (", ".join(read) if read else "at DeepSpeed's defaults")
+              + " (HF's \"auto\" filled as the Trainer fills it)")
     print()
     phases = list(results[0].host_phases)
     lines = render(
@@ -325,6 +398,10 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
           f"({format_bytes(Coefficients().nccl_buffer_bytes)} assumed); --json gives the allocated peak too)")
     print(f"(host: the busiest node, the one of global rank 0; offline zero_to_fp32.py needs "
           f"{format_bytes(consolidation_bytes(arch))} on the machine that runs it)")
+    unjudged = [p for p in phases if p not in settings.phases]
+    if unjudged:
+        print(f"({' and '.join(unjudged)}: shown, not judged: the run does not {' or '.join(unjudged)}; "
+              + " / ".join(f"{p}=true" for p in unjudged) + " to judge them)")
     print()
     if best is None:
         print("no layout fits: see the terms below, and the fixes")

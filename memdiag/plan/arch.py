@@ -23,7 +23,7 @@ from pathlib import Path
 
 from memdiag.errors import UsageError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 PROBE_SEQ = (256, 512)
 """Sequence lengths the forward is run at; two points fit the s and s^2 terms exactly."""
 ATTN_IMPLEMENTATION = {"plain": "eager", "sdpa_math": "sdpa", "fused": "sdpa"}
@@ -65,6 +65,8 @@ class ModelFacts:
     num_kv_heads: int
     intermediate_size: int
     vocab_size: int
+    supports_sdpa: bool = False
+    """transformers picks SDPA for this model when ``attn_implementation`` is not given (else eager)."""
     saved: SavedBytes | None = None
 
     def to_dict(self) -> dict:
@@ -116,6 +118,10 @@ def facts(config: dict, *, dtype: str = "bf16", attention: str = "plain", model_
     ``model_class``: ``"module:Class"`` of a ``PreTrainedModel`` to build instead of the Auto
     class (the case's own model; its config class is its ``config_class``), imported only
     when counting."""
+    if model_class is None and trust_remote_code is None:
+        case = _case_implementing(config)
+        if case is not None:
+            model_class, trust_remote_code = case.model_class, False
     clean = {k: v for k, v in config.items() if k != "_memdiag_source_dir"}
     key = _key(clean, model_class, dtype, attention)
     path = cache_dir() / f"{key}.json"
@@ -137,6 +143,45 @@ def facts(config: dict, *, dtype: str = "bf16", attention: str = "plain", model_
     return counted
 
 
+def _modeling_files_missing(config: dict) -> list[str]:
+    """The files a remote-code config's ``auto_map`` names that are not beside it."""
+    source = config.get("_memdiag_source_dir")
+    modules = {ref.split("--")[-1].rsplit(".", 1)[0] for ref in _auto_map_refs(config.get("auto_map") or {})}
+    return sorted(f"{m}.py" for m in modules if not (source and (Path(source) / f"{m}.py").is_file()))
+
+
+def _auto_map_refs(auto_map: dict) -> list[str]:
+    refs = []
+    for value in auto_map.values():
+        refs += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, str)]
+    return refs
+
+
+def _case_implementing(config: dict):
+    """A memdiag case whose model class implements the config's model_type, used when the
+    config's own modeling files are not there to build it (a bare Baichuan config.json)."""
+    from memdiag.registry import case_for_model_type
+
+    case = case_for_model_type(config.get("model_type"))
+    if case is None or (config.get("auto_map") and not _modeling_files_missing(config)):
+        return None  # the user's own modeling code is there: it is what they train
+    return case
+
+
+def _unknown_model_type(model_type: str) -> UsageError:
+    import difflib
+
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING_NAMES), n=3, cutoff=0.5)
+    hint = f" (closest: {', '.join(close)})" if close else ""
+    return UsageError(
+        f"model_type {model_type!r} is not one transformers {transformers.__version__} builds{hint}; for a remote-code "
+        "model give --model-config the directory holding its config.json and the modeling files its auto_map names"
+    )
+
+
 def _hf_config(config: dict, model_class, trust_remote_code: bool | None, **changes):
     from transformers import AutoConfig
 
@@ -145,6 +190,11 @@ def _hf_config(config: dict, model_class, trust_remote_code: bool | None, **chan
         return model_class.config_class(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
     source = config.get("_memdiag_source_dir")
     remote = bool(config.get("auto_map")) if trust_remote_code is None else trust_remote_code
+    if remote and (missing := _modeling_files_missing(config)):
+        raise UsageError(
+            f"the config's auto_map names {', '.join(missing)}, not found beside it{f' in {source}' if source else ''}: "
+            "copy them from the model's repository, or give a config transformers builds itself"
+        )
     try:
         if remote and source:
             base = AutoConfig.from_pretrained(source, trust_remote_code=True)
@@ -154,6 +204,10 @@ def _hf_config(config: dict, model_class, trust_remote_code: bool | None, **chan
         model_type = data.pop("model_type", None)
         if model_type is None:
             raise UsageError("the config has no model_type: transformers cannot tell which model to build")
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if model_type not in CONFIG_MAPPING_NAMES:
+            raise _unknown_model_type(model_type)
         return AutoConfig.for_model(model_type, **data)
     except (ValueError, KeyError, OSError) as exc:
         raise UsageError(
@@ -220,6 +274,7 @@ def count(config: dict, *, dtype: str, attention: str, model_class=None, trust_r
         num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
         intermediate_size=int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 0),
         vocab_size=int(getattr(text, "vocab_size", 0) or 0),
+        supports_sdpa=bool(getattr(type(model), "_supports_sdpa", False)),
         saved=saved_bytes(config, hf_config_for=lambda **c: _hf_config(config, model_class, remote, **c),
                           layers_key=layers_key, model_class=model_class, remote=remote, dtype=dtype, attention=attention),
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 from memdiag.plan.model import Architecture
 from memdiag.plan.terms import Settings
 from memdiag.settings import RunSettings
+from memdiag.versions import deepspeed_pin_memory_default
 
 
 def offload_in(zero: dict) -> str:
@@ -35,7 +36,7 @@ def planner_settings(run: RunSettings, ds: dict, *, attention: str) -> Settings:
     sections = [zero.get("offload_optimizer") or {}, zero.get("offload_param") or {}]
     pin = run.pin_memory
     if pin is None:
-        pin = next((bool(s["pin_memory"]) for s in sections if "pin_memory" in s), False)
+        pin = next((bool(s["pin_memory"]) for s in sections if "pin_memory" in s), deepspeed_pin_memory_default())
     save_16bit = run.save_16bit_weights
     if save_16bit is None:
         save_16bit = bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
@@ -44,17 +45,26 @@ def planner_settings(run: RunSettings, ds: dict, *, attention: str) -> Settings:
         dtype=run.dtype, attention=attention, activation_checkpointing=run.activation_checkpointing,
         offload=offload_in(zero) if run.offload == "auto" else run.offload, load=run.load, load_dtype=run.load_dtype,
         checkpoint_format=checkpoint_format(run), checkpoint_shards=run.checkpoint_shards, pin_memory=pin,
-        save_16bit_weights=save_16bit, ds_buffers=zero,
+        save_16bit_weights=save_16bit, save=run.save, resume=run.resume, ds_buffers=zero,
     )
 
 
 def for_run(config, model_config: Path | None = None) -> tuple[Architecture, Settings]:
     """The architecture and planner settings of a composed run (``memdiag.config.RunConfig``);
     ``model_config``: plan an HF model instead of the case's (``attention=auto`` is then plain)."""
+    from memdiag import dsconfig
     from memdiag.config import load_ds_config
 
-    attention = config.attention_path if model_config is None else ("plain" if config.attention == "auto" else config.attention)
-    settings = planner_settings(config, load_ds_config(config), attention=attention)
     if model_config is not None:
-        return Architecture.from_hf_config(model_config, dtype=settings.dtype, attention=attention), settings
-    return Architecture.for_case(config.case, config.model, dtype=settings.dtype, attention=attention), settings
+        counted_on = "plain" if config.attention == "auto" else config.attention
+        arch = Architecture.from_hf_config(model_config, dtype=config.dtype, attention=counted_on)
+        # auto: what transformers picks when attn_implementation is not given - SDPA where the
+        # model supports it (its flash / memory-efficient kernels keep no s x s tensor), else eager
+        attention = counted_on if config.attention != "auto" else ("fused" if arch.facts and arch.facts.supports_sdpa else "plain")
+    else:
+        attention = config.attention_path
+        arch = Architecture.for_case(config.case, config.model, dtype=config.dtype, attention=attention)
+    ds = load_ds_config(config, hidden_size=arch.hidden_size)  # HF's "auto" buckets follow the planned model
+    if config.ds_config_is_users:
+        dsconfig.check_zero_section(ds, config.ds_config)
+    return arch, planner_settings(config, ds, attention=attention)

@@ -25,6 +25,9 @@ class LayoutResult:
     device_capacity_bytes: float
     host_limit_bytes: float
     devices_per_card: int
+    judged: tuple[str, ...] = ("load", "initialize", "training")
+    """The phases the run goes through (``Settings.phases``): the host verdict is theirs. The
+    others (a save or resume the run does not do) are shown, never judged."""
 
     @property
     def host_load_terms(self) -> dict[str, float]:
@@ -39,10 +42,21 @@ class LayoutResult:
         return {phase: sum(terms.values()) for phase, terms in self.host_phases.items()}
 
     @property
+    def judged_peaks(self) -> dict[str, float]:
+        return {p: v for p, v in self.host_phase_peaks.items() if p in self.judged}
+
+    @property
     def binding_phase(self) -> str:
-        """The phase whose node host peak is the highest."""
-        peaks = self.host_phase_peaks
+        """The judged phase whose node host peak is the highest."""
+        peaks = self.judged_peaks
         return max(peaks, key=peaks.get)
+
+    @property
+    def unjudged_over(self) -> dict[str, float]:
+        """Phases the run does not go through that would not fit if it did, and would bind: a
+        warning beside the verdict."""
+        bar = max(self.host_limit_bytes, self.host_peak_bytes)
+        return {p: v for p, v in self.host_phase_peaks.items() if p not in self.judged and v > bar}
 
     @property
     def world(self) -> int:
@@ -69,7 +83,7 @@ class LayoutResult:
 
     @property
     def host_peak_bytes(self) -> float:
-        return max(self.host_phase_peaks.values())
+        return max(self.judged_peaks.values())
 
     @property
     def device_margin_bytes(self) -> float:
@@ -90,9 +104,11 @@ class LayoutResult:
             problems.append(f"device OOM by {format_bytes(-self.device_margin_bytes)}")
         if self.host_margin_bytes < 0:
             problems.append(f"host OOM by {format_bytes(-self.host_margin_bytes)} ({self.binding_phase})")
+        warning = "".join(f"; with {phase}=true host OOM by {format_bytes(peak - self.host_limit_bytes)} ({phase})"
+                          for phase, peak in self.unjudged_over.items())
         if problems:
-            return ", ".join(problems)
-        return f"fits (device margin {format_bytes(self.device_margin_bytes)}, host margin {format_bytes(self.host_margin_bytes)})"
+            return ", ".join(problems) + warning
+        return f"fits (device margin {format_bytes(self.device_margin_bytes)}, host margin {format_bytes(self.host_margin_bytes)})" + warning
 
     @property
     def name(self) -> str:
@@ -125,6 +141,7 @@ class LayoutResult:
             "host_steady_bytes_per_node": int(self.host_steady_bytes),
             "host_peak_bytes_by_phase": {k: int(v) for k, v in self.host_phase_peaks.items()},
             "binding_host_phase": self.binding_phase,
+            "judged_host_phases": list(self.judged),
             "host_limit_bytes": int(self.host_limit_bytes),
             "fits": self.fits,
             "verdict": self.verdict,
@@ -174,6 +191,7 @@ def evaluate(
         device_capacity_bytes=device_capacity_bytes,
         host_limit_bytes=host_limit_bytes,
         devices_per_card=hardware.devices_per_card,
+        judged=settings.phases,
     )
 
 

@@ -98,13 +98,22 @@ class Settings:
     """Shards of the checkpoint (Baichuan2-13B-Base ships three .bin files); one is in memory
     at a time while a rank reads it."""
     pin_memory: bool = False
-    """``offload_optimizer.pin_memory`` (DeepSpeed's default: false)."""
+    """``offload_*.pin_memory`` as the run resolves it (``memdiag.plan.inputs``: the
+    ds_config's, else the installed DeepSpeed's default)."""
     save_16bit_weights: bool = False
     """``stage3_gather_16bit_weights_on_model_save`` (what HF's save_model needs under ZeRO-3)."""
+    save: bool = False
+    """The run saves a checkpoint: the ``save`` phase is judged."""
+    resume: bool = False
+    """The run resumes from a checkpoint: the ``resume`` phase is judged."""
     ds_buffers: dict = field(default_factory=dict)
     """``stage3_max_live_parameters``, ``stage3_prefetch_bucket_size``, ``reduce_bucket_size``,
     ``allgather_bucket_size``, ``sub_group_size`` from the ds_config (elements)."""
 
+    @property
+    def phases(self) -> tuple[str, ...]:
+        """The host phases this run goes through, in order: the ones its verdict judges."""
+        return tuple(p for p in HOST_PHASES if p not in ("save", "resume") or getattr(self, p))
 
     @property
     def flash_attn(self) -> bool:

@@ -109,13 +109,20 @@ def test_no_leftovers_outside_the_run_dir(cpu_run):
     assert not (run_dir / "tmp").exists()
 
 
-def test_reference_loading_runs_and_has_no_zero_init(tmp_path):
-    result = memdiag("run", "load=reference", "steps=2", f"reports_dir={tmp_path}")
+def test_reference_loading_runs_and_a_checkpoint_is_saved_and_resumed(tmp_path):
+    """load=reference builds the whole model (no zero.Init); save=true resume=true save a real
+    DeepSpeed checkpoint after the last step and load it back, each recorded as its phase."""
+    result = memdiag("run", "load=reference", "steps=2", "save=true", "resume=true", f"reports_dir={tmp_path}")
     assert result.returncode == 0, result.stdout + result.stderr
     run_dir = next((tmp_path / "baichuan2_13b").iterdir())
-    records = read_jsonl(run_dir / "timeline" / "rank-0.jsonl")
-    begins = [r["phase"] for r in records if r["kind"] == "phase_begin"]
-    assert "model_build" in begins and "zero_init" not in begins
+    for rank in (0, 1):
+        records = read_jsonl(run_dir / "timeline" / f"rank-{rank}.jsonl")
+        begins = [r["phase"] for r in records if r["kind"] == "phase_begin"]
+        assert "model_build" in begins and "zero_init" not in begins
+        last_step = len(begins) - 1 - begins[::-1].index("step")
+        assert begins.index("checkpoint_save") > last_step
+        assert begins.index("checkpoint_load") > begins.index("checkpoint_save")
+    assert list((run_dir / "checkpoint").rglob("*optim_states.pt")), "each rank wrote its optimizer shard"
 
 
 def test_categorised_memory_is_exact(cpu_run):

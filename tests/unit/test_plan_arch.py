@@ -99,13 +99,39 @@ def test_counted_facts_are_cached_per_config(tmp_path):
     [
         ({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}, "no model_type"),
         ({"model_type": "no-such-model", "hidden_size": 64}, "no-such-model"),
+        ({"model_type": "llamma", "hidden_size": 64}, r"closest: llama\b"),
+        ({"model_type": "internlm2", "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                                                  "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}},
+         "configuration_internlm2.py, modeling_internlm2.py, not found beside it"),
     ],
 )
 def test_a_config_transformers_cannot_build_is_one_clear_error(tmp_path, config, needle):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config))
-    with pytest.raises(UsageError, match=needle):
+    with pytest.raises(UsageError, match=needle) as error:
         Architecture.from_hf_config(path)
+    assert len(str(error.value)) < 400 and "\n" not in str(error.value)  # one line, never transformers' list of every type
+
+
+BAICHUAN2_13B_CONFIG = {  # Baichuan2-13B-Base's config.json as published (its auto_map names files not here)
+    "_from_model_config": True, "architectures": ["BaichuanForCausalLM"],
+    "auto_map": {"AutoConfig": "configuration_baichuan.BaichuanConfig", "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"},
+    "tokenizer_class": "BaichuanTokenizer", "bos_token_id": 1, "eos_token_id": 2, "gradient_checkpointing": False,
+    "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 13696, "model_max_length": 4096,
+    "model_type": "baichuan", "num_attention_heads": 40, "num_hidden_layers": 40, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.29.2", "use_cache": True, "vocab_size": 125696,
+}
+
+
+def test_a_bare_baichuan_config_is_planned_with_the_cases_model(tmp_path):
+    """model_type "baichuan" is not in transformers; without its modeling files the case's own
+    Baichuan class (registered for that type) counts it, to the case's exact parameters."""
+    (tmp_path / "config.json").write_text(json.dumps(BAICHUAN2_13B_CONFIG))
+    bare = Architecture.from_hf_config(tmp_path)
+    model = {k: BAICHUAN2_13B_CONFIG[k] for k in B13} | {"scale": "13b"}
+    case = Architecture.for_case("baichuan2_13b", model)
+    assert bare.num_parameters == case.num_parameters == 13_896_668_160
+    assert bare.largest_layer_params == case.largest_layer_params
 
 
 def test_the_estimator_copy_is_deepspeeds():
@@ -148,10 +174,15 @@ def test_offload_host_terms_follow_deepspeeds_layout_and_phases_are_named():
     assert offload == pytest.approx(18 * n / 2, rel=1e-6)
     retained = Coefficients().host_offload_retained_bytes_per_param
     assert terms["host_steady.offload_build_transients_retained"] == pytest.approx(retained * n / 2, rel=1e-6)
-    assert "host_steady.pinned_power_of_two_rounding" not in terms  # pin_memory defaults to false
+    unpinned = _layout("--host-ram", "2T", "--profile", "h100", "--layout", "2x8", "offload=optimizer", "load=zero_init",
+                       "pin_memory=false")["layouts"][0]["terms"]
+    assert "host_steady.pinned_power_of_two_rounding" not in unpinned
+    # unset, the installed DeepSpeed's own default decides (true from 0.19.5)
+    assert ("host_steady.pinned_power_of_two_rounding" in terms) == _deepspeed_pins_by_default()
     assert terms["host_resume.optimizer_shard_read"] == pytest.approx(8 * 12 * n / 16, rel=1e-6)
     assert set(layout["host_peak_bytes_by_phase"]) == {"load", "initialize", "training", "save", "resume"}
-    assert layout["binding_host_phase"] == max(layout["host_peak_bytes_by_phase"], key=layout["host_peak_bytes_by_phase"].get)
+    judged = {p: v for p, v in layout["host_peak_bytes_by_phase"].items() if p in layout["judged_host_phases"]}
+    assert layout["binding_host_phase"] == max(judged, key=judged.get)
     pinned = _layout("--host-ram", "2T", "--profile", "h100", "--layout", "2x8", "offload=optimizer", "load=zero_init", "pin_memory=true")
     rounding = pinned["layouts"][0]["terms"]["host_steady.pinned_power_of_two_rounding"]
     assert 0 < rounding < 8 * 2 * 4 * n / 16  # each pinned buffer at most doubles
@@ -167,3 +198,32 @@ def test_the_device_verdict_uses_the_used_figure_and_json_gives_both():
     assert layout["device_used_peak_bytes"] - layout["device_allocated_peak_bytes"] == pytest.approx(not_tensors, abs=4)
     assert layout["device_verdict_uses"] == "used"
     assert layout["device_used_peak_bytes"] == layout["device_peak_bytes"]
+
+
+def _deepspeed_pins_by_default() -> bool:
+    """Read from DeepSpeed's own offload config class, not from memdiag."""
+    from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerConfig
+
+    return DeepSpeedZeroOffloadOptimizerConfig().pin_memory
+
+
+def test_pin_memory_unset_is_what_the_installed_deepspeed_pins():
+    from memdiag.versions import deepspeed_pin_memory_default
+
+    assert deepspeed_pin_memory_default() == _deepspeed_pins_by_default()
+
+
+def test_the_verdict_judges_the_phases_the_run_goes_through():
+    """Resuming reads every optimizer shard to the host: with offload it binds. A run that never
+    resumes fits and is warned; resume=true judges it."""
+    base = ["--host-ram", "480G", "--layout", "1x8", "offload=optimizer", "load=zero_init"]
+    plain = _layout(*base)["layouts"][0]
+    peaks = plain["host_peak_bytes_by_phase"]
+    assert peaks["resume"] > plain["host_limit_bytes"] > max(peaks[p] for p in ("load", "initialize", "training"))
+    assert plain["judged_host_phases"] == ["load", "initialize", "training"]
+    assert plain["fits"] and "with resume=true host OOM" in plain["verdict"]
+    assert plain["host_peak_bytes_per_node"] == max(peaks[p] for p in plain["judged_host_phases"])
+    resumed = _layout(*base, "resume=true", "save=true")["layouts"][0]
+    assert resumed["judged_host_phases"] == ["load", "initialize", "training", "save", "resume"]
+    assert not resumed["fits"] and resumed["binding_host_phase"] == "resume"
+    assert resumed["verdict"].startswith("host OOM by")

@@ -1,0 +1,258 @@
+"""What a training launch command says about the run, read without running it.
+
+``memdiag plan -- torchrun --nnodes 2 --nproc_per_node 8 train.py --deepspeed ds.json ...``: the
+launcher's layout (torchrun / ``python -m torch.distributed.run``, the ``deepspeed`` launcher with
+its hostfile, ``accelerate launch``), and the HF ``TrainingArguments`` and model arguments a
+Trainer script takes. What it reads becomes memdiag settings (``key=value`` tokens, parsed by
+``memdiag.settings`` like any other); what it cannot read is named with the key to give.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memdiag.errors import UsageError
+
+SEQ_LEN_ARGS = ("--max_seq_length", "--max_seq_len", "--model_max_length", "--cutoff_len", "--max_length", "--seq_length",
+                "--seq_len", "--block_size", "--max_source_length")
+"""Sequence-length arguments by their common names (TRL, FastChat/Alpaca, LLaMA-Factory, run_clm)."""
+
+TRAINER_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
+"""``TrainingArguments``' defaults, used when a Trainer script (``--output_dir``) leaves them out."""
+
+BOOL_FLAGS = {"--bf16", "--fp16", "--gradient_checkpointing", "--use_liger_kernel", "--tf32"}
+"""``TrainingArguments`` booleans: bare (``--bf16``) or with a value (``--bf16 True``)."""
+
+
+@dataclass
+class Launch:
+    """A launch command, read."""
+
+    tokens: list[str] = field(default_factory=list)
+    """``key=value`` settings for ``memdiag.settings`` (and the layout)."""
+    model_dir: Path | None = None
+    """``--model_name_or_path`` when it is a local directory with a config.json."""
+    read: list[str] = field(default_factory=list)
+    """What was read, as ``--arg value -> key=value`` lines, for the user to check."""
+    gaps: list[str] = field(default_factory=list)
+    """What could not be read, each with the key to give instead."""
+
+
+def _options(args: list[str]) -> dict[str, str | None]:
+    """``--key value`` / ``--key=value`` / bare flags of a script's arguments (last one wins)."""
+    out: dict[str, str | None] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, eq, value = arg.partition("=")
+            key = "--" + key[2:].replace("-", "_")
+            if eq:
+                out[key] = value
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                out[key] = args[i + 1]
+                i += 1
+            else:
+                out[key] = None
+        i += 1
+    return out
+
+
+def _truthy(value: str | None) -> bool:
+    return value is None or value.strip().lower() in ("true", "1", "yes")
+
+
+def _split_launcher(argv: list[str]) -> tuple[str, dict[str, str | None], list[str]]:
+    """(launcher name, its options, the script's arguments)."""
+    if not argv:
+        raise UsageError("plan -- CMD: give the launch command after --, e.g. -- torchrun --nproc_per_node 8 train.py --deepspeed ds.json")
+    head = Path(argv[0]).name
+    rest = argv[1:]
+    if head.startswith("python"):
+        if rest[:2] in (["-m", "torch.distributed.run"], ["-m", "torch.distributed.launch"]):
+            head, rest = "torchrun", rest[2:]
+        elif rest[:2] == ["-m", "deepspeed.launcher.runner"]:
+            head, rest = "deepspeed", rest[2:]
+        else:
+            return "python", {}, rest[1:] if rest and not rest[0].startswith("-") else rest
+    if head == "accelerate" and rest[:1] == ["launch"]:
+        rest = rest[1:]
+    if head not in ("torchrun", "deepspeed", "accelerate"):
+        return head, {}, rest
+    # launcher options come first, up to the script (or -m module)
+    launcher: list[str] = []
+    i = 0
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("-m", "--module"):
+            i += 2
+            break
+        if not arg.startswith("-"):
+            i += 1
+            break
+        launcher.append(arg)
+        takes_value = "=" not in arg and arg not in ("--standalone", "--no_python", "--no_local_rank", "--force_multi", "--multi_gpu")
+        if takes_value and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
+            launcher.append(rest[i + 1])
+            i += 1
+        i += 1
+    return head, _options(launcher), rest[i:]
+
+
+def _hostfile_slots(path: str) -> list[int]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"--hostfile {path}: {exc.strerror or exc}") from None
+    slots = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            _, _, spec = line.partition("slots=")
+            slots.append(int(spec.split()[0]) if spec.strip() else 1)
+    return slots
+
+
+def _int(options: dict, key: str) -> int | None:
+    value = options.get(key)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{key} {value!r}: not a whole number") from None
+
+
+def read(argv: list[str]) -> Launch:
+    """The settings a launch command decides; nothing is run."""
+    launch = Launch()
+    launcher, lopts, script_args = _split_launcher(argv)
+    nodes = per_node = None
+    if launcher == "torchrun":
+        nnodes = lopts.get("--nnodes")
+        nodes = int(str(nnodes).split(":")[-1]) if nnodes else 1  # an elastic MIN:MAX plans the MAX
+        per_node_text = lopts.get("--nproc_per_node")
+        if per_node_text in (None, "gpu", "auto"):
+            launch.gaps.append(f"--nproc_per_node {per_node_text or '(not given)'}: the devices of the machine it runs on; give --layout NxM")
+        else:
+            per_node = int(per_node_text)
+    elif launcher == "deepspeed":
+        hostfile = lopts.get("--hostfile")
+        slots = _hostfile_slots(hostfile) if hostfile else []
+        nodes = _int(lopts, "--num_nodes") or (len(slots) if slots else 1)
+        per_node = _int(lopts, "--num_gpus") or (min(slots) if slots else None)
+        if per_node is None:
+            launch.gaps.append("deepspeed without --num_gpus or a hostfile: every GPU of the machine; give --layout NxM")
+    elif launcher == "accelerate":
+        nodes = _int(lopts, "--num_machines") or 1
+        total = _int(lopts, "--num_processes")
+        if total is None:
+            launch.gaps.append("accelerate launch without --num_processes (its config file is not read): give --layout NxM")
+        else:
+            per_node = max(1, total // nodes)
+    elif launcher == "python":
+        nodes, per_node = 1, 1
+    else:
+        launch.gaps.append(f"{launcher}: a launcher memdiag does not read; give --layout NxM")
+    if nodes and per_node:
+        launch.tokens.append(f"layout={nodes}x{per_node}")
+        launch.read.append(f"{launcher} -> layout={nodes}x{per_node}")
+    _read_script_args(_options(script_args), launch)
+    return launch
+
+
+def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
+    def take(arg: str, token: str) -> None:
+        launch.tokens.append(token)
+        launch.read.append(f"{arg}{'' if opts.get(arg) is None else ' ' + str(opts[arg])} -> {token}")
+
+    trainer = "--output_dir" in opts or "--deepspeed" in opts
+    ds_path = opts.get("--deepspeed")
+    ds = None
+    if ds_path:
+        take("--deepspeed", f"ds_config={Path(ds_path).resolve()}")
+        try:
+            ds = json.loads(Path(ds_path).read_text())
+        except (OSError, ValueError):
+            ds = None  # the ds_config reader says what is wrong with it, in one line
+    for arg, key in (("--per_device_train_batch_size", "micro_batch"), ("--gradient_accumulation_steps", "grad_accum")):
+        ds_key = {"micro_batch": "train_micro_batch_size_per_gpu", "grad_accum": "gradient_accumulation_steps"}[key]
+        value = opts.get(arg)
+        if value is None and trainer and not (isinstance(ds, dict) and ds.get(ds_key) not in (None, "auto")):
+            value = str(TRAINER_DEFAULTS[arg[2:]])
+            launch.read.append(f"{arg} not given -> {key}={value} (the HF Trainer's default)")
+            launch.tokens.append(f"{key}={value}")
+        elif value is not None:
+            _agrees(ds, ds_path, ds_key, arg, value)
+            take(arg, f"{key}={value}")
+    if "--bf16" in opts or "--fp16" in opts:
+        dtype = "bf16" if _truthy(opts.get("--bf16", "false")) else "fp16" if _truthy(opts.get("--fp16", "false")) else "fp32"
+        take("--bf16" if "--bf16" in opts else "--fp16", f"dtype={dtype}")
+    elif trainer and isinstance(ds, dict) and "auto" in (_section(ds, "bf16"), _section(ds, "fp16")):
+        launch.tokens.append("dtype=fp32")
+        launch.read.append("--bf16/--fp16 not given -> dtype=fp32 (the HF Trainer fills the ds_config's \"auto\" with false)")
+    if "--gradient_checkpointing" in opts:
+        take("--gradient_checkpointing", f"activation_checkpointing={str(_truthy(opts['--gradient_checkpointing'])).lower()}")
+    seq = next((a for a in SEQ_LEN_ARGS if opts.get(a)), None)
+    if seq:
+        take(seq, f"seq_len={opts[seq]}")
+    else:
+        launch.gaps.append(f"the sequence length ({', '.join(SEQ_LEN_ARGS[:4])}, ...): not in the command, so memdiag's "
+                           "default seq_len is planned; give seq_len=N")
+    attn = opts.get("--attn_implementation") or opts.get("--flash_attn")
+    if attn:
+        path = {"eager": "plain", "sdpa": "fused", "flash_attention_2": "fused", "flash_attention_3": "fused", "fa2": "fused",
+                "auto": None, "disabled": "plain"}.get(attn)
+        if path:
+            take("--attn_implementation" if "--attn_implementation" in opts else "--flash_attn", f"attention={path}")
+    stage = ds.get("zero_optimization", {}).get("stage") if isinstance(ds, dict) and isinstance(ds.get("zero_optimization"), dict) else None
+    if ds_path and stage == 3:
+        # TrainingArguments registers the ds_config before the model is made; from_pretrained
+        # then builds it under deepspeed.zero.Init (transformers' is_deepspeed_zero3_enabled)
+        launch.tokens.append("load=zero_init")
+        launch.read.append("--deepspeed with ZeRO-3 -> load=zero_init (from_pretrained builds under deepspeed.zero.Init)")
+    model = opts.get("--model_name_or_path") or opts.get("--model_path")
+    if model:
+        if (Path(model) / "config.json").is_file():
+            launch.model_dir = Path(model).resolve()
+            launch.read.append(f"--model_name_or_path {model} -> --model-config {launch.model_dir}")
+            _read_weights(launch.model_dir, launch)
+        else:
+            launch.gaps.append(f"--model_name_or_path {model}: not a local directory with a config.json; give --model-config FILE")
+    else:
+        launch.gaps.append("no --model_name_or_path: the case's model is planned; give --model-config FILE for yours")
+    if "--use_liger_kernel" in opts and _truthy(opts["--use_liger_kernel"]):
+        launch.gaps.append("--use_liger_kernel: its fused linear cross-entropy is not modelled yet; the logits are counted as materialised")
+    if "--resume_from_checkpoint" in opts:
+        take("--resume_from_checkpoint", "resume=true")
+
+
+def _read_weights(model_dir: Path, launch: Launch) -> None:
+    """How from_pretrained will read the checkpoint: its format and number of shards."""
+    for fmt, pattern in (("safetensors", "*.safetensors"), ("bin", "*.bin")):
+        files = [p for p in model_dir.glob(pattern) if "training_args" not in p.name]
+        if files:
+            launch.tokens += [f"checkpoint_format={fmt}", f"checkpoint_shards={len(files)}"]
+            launch.read.append(f"{len(files)} {pattern} in the model directory -> checkpoint_format={fmt} checkpoint_shards={len(files)}")
+            return
+    launch.gaps.append(f"no weights in {model_dir} (config only): planned as reading none (checkpoint_format=none); give checkpoint_format= and "
+                       "checkpoint_shards= for the files the run reads")
+
+
+def _section(ds: dict, name: str):
+    section = ds.get(name)
+    return section.get("enabled") if isinstance(section, dict) else None
+
+
+def _agrees(ds, ds_path, ds_key: str, arg: str, value: str) -> None:
+    """The HF Trainer refuses a ds_config value that is not "auto" and differs from its argument."""
+    if not isinstance(ds, dict) or ds.get(ds_key) in (None, "auto"):
+        return
+    if str(ds[ds_key]) != str(value):
+        raise UsageError(
+            f"{ds_path}: {ds_key}={ds[ds_key]} but the command's {arg} is {value}; the HF Trainer refuses the mismatch: "
+            f"set {ds_key} to \"auto\" or make them agree"
+        )
+

@@ -1,0 +1,73 @@
+"""Launch commands read as literal text: the launcher's layout and a Trainer script's arguments."""
+
+import json
+import shlex
+
+import pytest
+
+from memdiag import launchcmd
+from memdiag.errors import UsageError
+
+
+def read(text: str) -> launchcmd.Launch:
+    return launchcmd.read(shlex.split(text))
+
+
+@pytest.mark.parametrize("text, layout", [
+    ("torchrun --nnodes 2 --nproc_per_node 8 train.py", "2x8"),
+    ("torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d train.py --bf16", "4x8"),
+    ("torchrun --nnodes 1:2 --nproc_per_node 4 -m my.train", "2x4"),
+    ("python -m torch.distributed.run --nproc_per_node 2 train.py", "1x2"),
+    ("deepspeed --num_gpus 8 --num_nodes 2 train.py --deepspeed ds.json", "2x8"),
+    ("accelerate launch --num_machines 2 --num_processes 16 train.py", "2x8"),
+    ("python train.py --bf16", "1x1"),
+])
+def test_the_launchers_layout(text, layout):
+    assert f"layout={layout}" in read(text).tokens
+
+
+def test_a_hostfile_gives_the_deepspeed_launchers_nodes(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=4\nnode-b slots=4\n")
+    assert "layout=2x4" in read(f"deepspeed --hostfile {hostfile} train.py").tokens
+
+
+def test_a_trainer_scripts_arguments_become_settings(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    for i in range(2):
+        (model / f"model-0000{i + 1}-of-00002.safetensors").write_bytes(b"")
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 3}}))
+    launch = read(
+        f"torchrun --nproc_per_node 8 train.py --model_name_or_path {model} --deepspeed {ds} --per_device_train_batch_size 2 "
+        "--gradient_accumulation_steps=4 --bf16 True --gradient_checkpointing --cutoff_len 1024 --output_dir out "
+        "--attn_implementation flash_attention_2 --resume_from_checkpoint ckpt"
+    )
+    assert launch.tokens == [
+        "layout=1x8", f"ds_config={ds}", "micro_batch=2", "grad_accum=4", "dtype=bf16", "activation_checkpointing=true",
+        "seq_len=1024", "attention=fused", "load=zero_init", "checkpoint_format=safetensors", "checkpoint_shards=2", "resume=true",
+    ]
+    assert launch.model_dir == model and launch.gaps == []
+
+
+def test_what_a_trainer_leaves_out_is_its_default_and_what_cannot_be_read_is_named():
+    launch = read("torchrun --nproc_per_node gpu train.py --output_dir out --use_liger_kernel")
+    assert "micro_batch=8" in launch.tokens and "grad_accum=1" in launch.tokens  # TrainingArguments' defaults
+    gaps = " | ".join(launch.gaps)
+    assert "--nproc_per_node gpu" in gaps and "give --layout" in gaps
+    assert "seq_len=N" in gaps and "--model-config" in gaps and "--use_liger_kernel" in gaps
+    assert not any(t.startswith("layout=") for t in launch.tokens)
+
+
+def test_a_ds_config_the_command_contradicts_is_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"train_micro_batch_size_per_gpu": 4}')
+    with pytest.raises(UsageError, match=r"train_micro_batch_size_per_gpu=4 but the command's --per_device_train_batch_size is 2"):
+        read(f"torchrun --nproc_per_node 8 train.py --deepspeed {ds} --per_device_train_batch_size 2")
+
+
+def test_an_empty_command_is_one_line():
+    with pytest.raises(UsageError, match="give the launch command after --"):
+        launchcmd.read([])
