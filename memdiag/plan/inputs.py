@@ -49,6 +49,13 @@ def planner_settings(run: RunSettings, ds: dict, *, attention: str) -> Settings:
     )
 
 
+def auto_attention(arch: Architecture) -> str:
+    """``attention=auto`` for a model of the user's: what transformers picks when
+    ``attn_implementation`` is not given - SDPA where the model supports it (its flash and
+    memory-efficient kernels keep no s x s tensor), else eager."""
+    return "fused" if arch.facts is not None and arch.facts.supports_sdpa else "plain"
+
+
 def for_run(config, model_config: Path | None = None) -> tuple[Architecture, Settings]:
     """The architecture and planner settings of a composed run (``memdiag.config.RunConfig``);
     ``model_config``: plan an HF model instead of the case's (``attention=auto`` is then plain)."""
@@ -58,9 +65,7 @@ def for_run(config, model_config: Path | None = None) -> tuple[Architecture, Set
     if model_config is not None:
         counted_on = "plain" if config.attention == "auto" else config.attention
         arch = Architecture.from_hf_config(model_config, dtype=config.dtype, attention=counted_on)
-        # auto: what transformers picks when attn_implementation is not given - SDPA where the
-        # model supports it (its flash / memory-efficient kernels keep no s x s tensor), else eager
-        attention = counted_on if config.attention != "auto" else ("fused" if arch.facts and arch.facts.supports_sdpa else "plain")
+        attention = counted_on if config.attention != "auto" else auto_attention(arch)
     else:
         attention = config.attention_path
         arch = Architecture.for_case(config.case, config.model, dtype=config.dtype, attention=attention)

@@ -45,6 +45,9 @@ class PublishedCase:
     ds_config: dict
     ambiguity: str
     profile: str | None = None
+    ds_config_file: str | None = None
+    """A ds_config file as published (relative to the models folder's parent), read as
+    ``memdiag plan --ds-config`` reads one."""
     phases: tuple[str, ...] = DEFAULT_PHASES
     """The phases the published run went through: its peak is the highest of these."""
     measured_what: str | None = None
@@ -115,6 +118,7 @@ def parse_case(text: str, *, path: Path, line: int) -> PublishedCase:
         model=str(row["model"]), nodes=nodes, devices_per_node=per_node, device_memory_bytes=device_memory,
         host_ram_bytes=host_ram, settings={str(k): str(v) for k, v in row["settings"].items()},
         ds_config=dict(row.get("ds_config") or {}), ambiguity=str(row["ambiguity"]), profile=row.get("profile"),
+        ds_config_file=row.get("ds_config_file"),
         phases=phases, line=line, **fields,
     )
 
@@ -151,40 +155,52 @@ def generic_gpu(device_memory_bytes: int) -> HardwareProfile:
     )
 
 
-def _architecture(case: PublishedCase, settings, models_dir: Path, case_config):
-    from memdiag.plan.model import Architecture
-
-    if case_config is not None:
-        name = case.model.split(":", 1)[1]
-        return Architecture.for_case(name, case_config.model, dtype=settings.dtype, attention=settings.attention)
-    path = models_dir / f"{case.model}.json"
-    if not path.is_file():
-        raise UsageError(f"line {case.line}: model {case.model!r}: no {path}")
-    return Architecture.from_hf_config(path, dtype=settings.dtype, attention=settings.attention)
-
-
 def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Prediction:
     """memdiag's figure (or verdict) for the case and DeepSpeed's estimator's, on the same counts."""
     from memdiag.config import compose
-    from memdiag.plan.inputs import for_run, planner_settings
+    from memdiag.plan.inputs import auto_attention, for_run, planner_settings
+    from memdiag.plan.model import Architecture
     from memdiag.plan.search import deepspeed_estimate, evaluate
     from memdiag.plan.terms import DTYPE_BYTES, Coefficients
     from memdiag.settings import PLAN, RunSettings, parse
 
+    from memdiag import dsconfig
+
     coefficients = coefficients or Coefficients()
     overrides = [f"{k}={v}" for k, v in case.settings.items()]
+    # a published ds_config file is read as `memdiag plan --ds-config` reads the user's
+    ds_file = (models_dir.parent / case.ds_config_file).resolve() if case.ds_config_file else None
     case_config = None
     if case.model.startswith("case:"):  # planned exactly as `memdiag plan` plans the case
         name = case.model.split(":", 1)[1]
         case_config = compose([f"case={name}", "model.scale=13b", *overrides]
+                              + ([f"ds_config={ds_file}"] if ds_file else [])
                               + ([f"hardware={case.profile}"] if case.profile else []), command=PLAN, detect_accelerator=False)
-        _, settings = for_run(case_config)
-        settings = replace(settings, ds_buffers=settings.ds_buffers | case.ds_config)
+        arch, settings = for_run(case_config)
+        if case.ds_config:
+            ds = dsconfig.fill_auto({"zero_optimization": settings.ds_buffers | case.ds_config}, micro_batch=settings.micro_batch,
+                                    grad_accum=settings.grad_accum, dtype=settings.dtype, hidden_size=arch.hidden_size)
+            settings = replace(settings, ds_buffers=ds["zero_optimization"])
     else:
-        run = RunSettings(**parse(overrides, PLAN)[0])
-        attention = "plain" if run.attention == "auto" else run.attention
-        settings = planner_settings(run, {"zero_optimization": dict(case.ds_config)}, attention=attention)
-    arch = _architecture(case, settings, models_dir, case_config)
+        values = parse(overrides, PLAN)[0]
+        ds = {}
+        if ds_file is not None:
+            ds = dsconfig.read(ds_file)
+            for key, value in dsconfig.settings_from(ds, ds_file, set(values)).items():
+                values.setdefault(key, value)
+        run = RunSettings(**values)
+        counted_on = "plain" if run.attention == "auto" else run.attention
+        path = models_dir / f"{case.model}.json"
+        if not path.is_file():
+            raise UsageError(f"line {case.line}: model {case.model!r}: no {path}")
+        arch = Architecture.from_hf_config(path, dtype=run.dtype, attention=counted_on)
+        attention = auto_attention(arch) if run.attention == "auto" else counted_on
+        # the published zero keys over the file's; "auto" buckets follow the model, as the HF Trainer fills them
+        ds["zero_optimization"] = (ds.get("zero_optimization") or {}) | case.ds_config
+        dsconfig.fill_auto(ds, micro_batch=run.micro_batch, grad_accum=run.grad_accum, dtype=run.dtype, hidden_size=arch.hidden_size)
+        if ds_file is not None:
+            dsconfig.check_zero_section(ds, ds_file)
+        settings = planner_settings(run, ds, attention=attention)
     hardware = case_config.hardware if case_config is not None else generic_gpu(case.device_memory_bytes)
     host_limit = case.host_ram_bytes or float("inf")
     layout = evaluate(arch, settings, hardware, case.nodes, case.devices_per_node, coefficients,
@@ -255,28 +271,46 @@ def _relative(predicted: float, case: PublishedCase) -> float:
     return (predicted - reference) / reference
 
 
+CARDS = CATEGORIES + ("zero12",)
+"""The accuracy cards: each category, and ZeRO-1/2 runs (any category) on their own."""
+
+
+def in_card(case: PublishedCase, card: str) -> bool:
+    if card == "zero12":
+        return str(case.settings.get("zero.stage", "3")) in ("1", "2")
+    return case.category == card
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
+
+
 def summary(scored: list[Scored]) -> dict[str, dict]:
-    """Per category: median |error| of memdiag and of DeepSpeed's estimator, verdicts right."""
+    """Per card: median and 95th-percentile |error| of memdiag and of DeepSpeed's estimator, the
+    share of figures under-estimated by more than 10% (the errors that end in an OOM), and
+    verdicts right."""
     out = {}
-    for category in CATEGORIES:
-        rows = [s for s in scored if s.case.category == category]
+    for card in CARDS:
+        rows = [s for s in scored if in_card(s.case, card)]
         figures = [s for s in rows if s.error is not None]
         verdicts = [s for s in rows if s.verdict_right is not None]
-        out[category] = {
-            "figures": len(figures),
-            "memdiag_median_abs_error": statistics.median(abs(s.error) for s in figures) if figures else None,
-            "deepspeed_median_abs_error": statistics.median(abs(s.deepspeed_error) for s in figures) if figures else None,
-            "verdicts": len(verdicts),
-            "memdiag_verdicts_right": sum(bool(s.verdict_right) for s in verdicts),
-            "deepspeed_verdicts_right": sum(bool(s.deepspeed_verdict_right) for s in verdicts),
-        }
+        card_out = {"figures": len(figures), "verdicts": len(verdicts),
+                    "memdiag_verdicts_right": sum(bool(s.verdict_right) for s in verdicts),
+                    "deepspeed_verdicts_right": sum(bool(s.deepspeed_verdict_right) for s in verdicts)}
+        for who, error in (("memdiag", lambda s: s.error), ("deepspeed", lambda s: s.deepspeed_error)):
+            errors = [error(s) for s in figures]
+            card_out[f"{who}_median_abs_error"] = statistics.median(abs(e) for e in errors) if errors else None
+            card_out[f"{who}_p95_abs_error"] = _p95([abs(e) for e in errors]) if errors else None
+            card_out[f"{who}_under_10pct_share"] = sum(e < -0.10 for e in errors) / len(errors) if errors else None
+        out[card] = card_out
     return out
 
 
 def reserve_layers(case: PublishedCase, prediction: Prediction) -> float | None:
     """The allocator reserve a device figure implies, in gathered layers (None for others)."""
-    if case.measured_what != "device_used_peak":
-        return None
+    if case.measured_what != "device_used_peak" or str(case.settings.get("zero.stage", "3")) != "3":
+        return None  # the reserve in gathered layers is ZeRO-3's (below it, a fraction of the tensors)
     d = prediction.detail
     without = prediction.memdiag_bytes - d["allocator_reserve_bytes"]
     return (case.measured_bytes - without) / d["gathered_layer_bytes"]

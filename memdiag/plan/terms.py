@@ -36,7 +36,7 @@ class Coefficients:
     allocator_reserve_fraction: float = 0.05
     """ZeRO-1/2: the caching allocator's reserve and fragmentation over the allocated peak
     (an assumption)."""
-    allocator_reserve_layers: float = 12.4
+    allocator_reserve_layers: float = 11.2
     """ZeRO-3: what the caching allocator holds reserved above the allocated peak, in decoder
     layers' worth of gathered 16-bit parameters (each layer's all-gather buffers are freed on
     a side stream, and their blocks stay cached). Fitted on the published device figures
@@ -194,8 +194,13 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
         terms["zero3_prefetch_bucket"] = d * min(float(buffers.get("stage3_prefetch_bucket_size", 5e7)), n)
         terms["zero3_reduce_bucket"] = d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
     elif stage >= 1:
-        terms["allgather_bucket"] = d * min(float(buffers.get("allgather_bucket_size", 5e8)), n)
-        terms["reduce_bucket"] = d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
+        # stage_1_and_2.setup_buckets: with contiguous_gradients (the default) one reduce buffer
+        # of reduce_bucket_size elements in the training dtype, two with overlap_comm (off by
+        # default below stage 3); the allgather runs in place (all_gather_into_tensor) and keeps
+        # no bucket. Measured on DeepSpeed's CPU accelerator: bench/zero12_buckets.py
+        if buffers.get("contiguous_gradients", True):
+            copies = 2 if buffers.get("overlap_comm", False) else 1
+            terms["reduce_bucket"] = copies * d * float(buffers.get("reduce_bucket_size", 5e8))
     act = act if act is not None else activation_terms(arch, s, c)
     terms |= act
     if stage >= 3 and s.offload == "none":
@@ -204,6 +209,12 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
         # offload the step runs on the host)
         step_only = 4 * min(float(buffers.get("sub_group_size", 1e9)), n / world)
         terms["step_fp32_grads_above_backward"] = max(0.0, step_only - sum(act.values()))
+    elif stage in (1, 2) and s.offload == "none":
+        # stage_1_and_2.step: each group's fp32 gradient partition is made from the 16-bit one
+        # (which it then frees) before the optimizer steps; the activations and buckets are gone
+        step_only = 4 * n / world
+        replaced = sum(act.values()) + terms.get("reduce_bucket", 0.0) + (grads if stage == 2 else 0.0)
+        terms["step_fp32_grads_above_backward"] = max(0.0, step_only - replaced)
     subtotal = sum(terms.values())
     if stage >= 3:
         terms["allocator_reserve"] = c.allocator_reserve_layers * d * arch.largest_layer_params

@@ -75,7 +75,7 @@ def _memdiag(*args, cwd=REPO):
 
 def test_run_with_nothing_after_the_dashes_is_refused(tmp_path):
     result = _memdiag("run", f"reports_dir={tmp_path}", "--")
-    assert result.returncode == 2 and "nothing to run after `--`" in result.stderr
+    assert result.returncode == 2 and "nothing after `--`" in result.stderr
     assert not any(tmp_path.iterdir())
 
 
