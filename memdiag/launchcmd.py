@@ -111,33 +111,55 @@ def _hostfile_slots(path: str) -> list[int]:
         line = line.split("#", 1)[0].strip()
         if line:
             _, _, spec = line.partition("slots=")
-            slots.append(int(spec.split()[0]) if spec.strip() else 1)
+            slots.append(_whole(spec.split()[0], f"{path}: slots") if spec.strip() else 1)
     return slots
+
+
+class _Unreadable(ValueError):
+    """A launcher value memdiag cannot read: the layout becomes a gap, not an error."""
+
+
+def _whole(text: str, key: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise _Unreadable(f"{key} {text!r}: not a whole number; give --layout NxM") from None
+    if value < 1:
+        raise _Unreadable(f"{key} {value}: not a positive count; give --layout NxM")
+    return value
 
 
 def _int(options: dict, key: str) -> int | None:
     value = options.get(key)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"{key} {value!r}: not a whole number") from None
+    return None if value is None else _whole(value, key)
 
 
 def read(argv: list[str]) -> Launch:
     """The settings a launch command decides; nothing is run."""
     launch = Launch()
     launcher, lopts, script_args = _split_launcher(argv)
+    try:
+        nodes, per_node = _layout(launcher, lopts, launch)
+    except _Unreadable as exc:
+        nodes = per_node = None
+        launch.gaps.append(str(exc))
+    if nodes and per_node:
+        launch.tokens.append(f"layout={nodes}x{per_node}")
+        launch.read.append(f"{launcher} -> layout={nodes}x{per_node}")
+    _read_script_args(_options(script_args), launch)
+    return launch
+
+
+def _layout(launcher: str, lopts: dict, launch: Launch) -> tuple[int | None, int | None]:
     nodes = per_node = None
     if launcher == "torchrun":
         nnodes = lopts.get("--nnodes")
-        nodes = int(str(nnodes).split(":")[-1]) if nnodes else 1  # an elastic MIN:MAX plans the MAX
+        nodes = _whole(str(nnodes).split(":")[-1], "--nnodes") if nnodes else 1  # an elastic MIN:MAX plans the MAX
         per_node_text = lopts.get("--nproc_per_node")
         if per_node_text in (None, "gpu", "auto"):
             launch.gaps.append(f"--nproc_per_node {per_node_text or '(not given)'}: the devices of the machine it runs on; give --layout NxM")
         else:
-            per_node = int(per_node_text)
+            per_node = _whole(per_node_text, "--nproc_per_node")
     elif launcher == "deepspeed":
         hostfile = lopts.get("--hostfile")
         slots = _hostfile_slots(hostfile) if hostfile else []
@@ -156,11 +178,7 @@ def read(argv: list[str]) -> Launch:
         nodes, per_node = 1, 1
     else:
         launch.gaps.append(f"{launcher}: a launcher memdiag does not read; give --layout NxM")
-    if nodes and per_node:
-        launch.tokens.append(f"layout={nodes}x{per_node}")
-        launch.read.append(f"{launcher} -> layout={nodes}x{per_node}")
-    _read_script_args(_options(script_args), launch)
-    return launch
+    return nodes, per_node
 
 
 def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
@@ -185,6 +203,11 @@ def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
             launch.read.append(f"{arg} not given -> {key}={value} (the HF Trainer's default)")
             launch.tokens.append(f"{key}={value}")
         elif value is not None:
+            try:
+                _whole(value, arg)
+            except _Unreadable:
+                launch.gaps.append(f"{arg} {value!r}: not a whole number; give {key}=N")
+                continue
             _agrees(ds, ds_path, ds_key, arg, value)
             take(arg, f"{key}={value}")
     if "--bf16" in opts or "--fp16" in opts:
@@ -196,7 +219,9 @@ def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
     if "--gradient_checkpointing" in opts:
         take("--gradient_checkpointing", f"activation_checkpointing={str(_truthy(opts['--gradient_checkpointing'])).lower()}")
     seq = next((a for a in SEQ_LEN_ARGS if opts.get(a)), None)
-    if seq:
+    if seq and not str(opts[seq]).isdigit():
+        launch.gaps.append(f"{seq} {opts[seq]!r}: not a whole number; give seq_len=N")
+    elif seq:
         take(seq, f"seq_len={opts[seq]}")
     else:
         launch.gaps.append(f"the sequence length ({', '.join(SEQ_LEN_ARGS[:4])}, ...): not in the command, so memdiag's "

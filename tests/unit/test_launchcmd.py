@@ -71,3 +71,15 @@ def test_a_ds_config_the_command_contradicts_is_refused(tmp_path):
 def test_an_empty_command_is_one_line():
     with pytest.raises(UsageError, match="give the launch command after --"):
         launchcmd.read([])
+
+
+@pytest.mark.parametrize("text, gap", [
+    ("torchrun --nproc_per_node abc train.py", "--nproc_per_node 'abc': not a whole number"),
+    ("torchrun --nnodes x:y --nproc_per_node 2 train.py", "--nnodes 'y'"),
+    ("deepspeed --num_gpus 0 train.py", "--num_gpus 0: not a positive count"),
+    ("torchrun --nproc_per_node 8 train.py --per_device_train_batch_size lots", "give micro_batch=N"),
+    ("torchrun --nproc_per_node 8 train.py --max_seq_length long", "give seq_len=N"),
+])
+def test_a_value_that_cannot_be_read_is_a_named_gap_not_an_error(text, gap):
+    launch = read(text)
+    assert any(gap in g for g in launch.gaps), launch.gaps
