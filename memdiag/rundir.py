@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memdiag import procs
-from memdiag.files import write_atomic
+from memdiag.files import WriteFailed, write_atomic
 from memdiag.timeline import format as fmt
 
 NODES_DIR = "nodes"
@@ -64,6 +64,12 @@ def resolve_host_limit(override_bytes: int | None, profile=None, *, override_sou
     return total, "MemTotal of this machine"
 
 
+RESERVE = ".memdiag-reserve"
+RESERVE_BYTES = 1 * 2**20
+"""Space held from the start so that the end record lands even when the disk filled for good:
+released just before run.json's last write."""
+
+
 @dataclass
 class RunDir:
     path: Path
@@ -108,7 +114,17 @@ class RunDir:
             "owner": owner(),
         }
         self.write()
+        try:
+            (self.path / RESERVE).write_bytes(b"\0" * RESERVE_BYTES)
+        except OSError:
+            pass  # no room even now: the end record will say so on the console
         return self.spec
+
+    def release_reserve(self) -> None:
+        try:
+            (self.path / RESERVE).unlink()
+        except OSError:
+            pass
 
     def update(self, **fields) -> None:
         self.spec.update(fields)
@@ -121,7 +137,17 @@ class RunDir:
         """How the run ended (``fields``: signal, killed_after_grace, disk_full, nodes ...)."""
         self.spec.update(status=status, exit_code=exit_code, ended_at=utc_now(), duration_s=round(duration_s, 3))
         self.spec.update({k: v for k, v in fields.items() if v})
-        self.write()
+        still_full = [span["from"] for span in fields.get("disk_full") or [] if not span.get("to")]
+        if still_full:
+            self.spec["incomplete"] = (f"incomplete: the disk stayed full from {still_full[0]} to the end of the run; the "
+                                       "samples the ranks held from then on were lost")
+        try:
+            self.write()
+        except WriteFailed:
+            self.release_reserve()  # the room held since the start: the end record must land
+            self.write()
+        finally:
+            self.release_reserve()
 
     def node_ended(self, name: str, record: dict) -> None:
         (self.path / NODES_DIR).mkdir(exist_ok=True)

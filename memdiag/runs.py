@@ -151,8 +151,10 @@ def finish(rundir: RunDir, code: int, launcher: str, stopped: str = " the run wa
         what = f"the command failed (exit code {code})" if launcher == "command" else f"the run failed ({launcher} exit code {code})"
         print(f"memdiag: {what}; partial report: {html_path}")
         excerpt = launch.failure_excerpt(rundir.path)
-        if excerpt and launcher != "command":  # a command's stderr was already on the console
+        if excerpt and launcher != "command":
             print(excerpt)
+        elif excerpt.startswith("rank "):  # a command's stderr was on the console already: its cause, first
+            print("memdiag: " + excerpt.splitlines()[0])
         return code
     if launcher == "command":  # the command's own exit code, whatever the findings say
         print(f"memdiag: done; report {html_path}")
@@ -161,8 +163,8 @@ def finish(rundir: RunDir, code: int, launcher: str, stopped: str = " the run wa
     loss = "n/a" if summary.loss is None else f"{summary.loss:.4f}"
     print(
         f"memdiag: done. loss {loss}, "
-        f"{'n/a' if rate is None else f'{rate:,.1f}'} token/p/s, host peak per node "
-        + ", ".join(f"{h} {format_bytes(b)}" for h, b in summary.host_peak_bytes_per_node.items())
+        f"{'n/a' if rate is None else f'{rate:,.1f}'} tokens/s per device, host RAM peak per node: "
+        + ", ".join(f"{format_bytes(b)} (node {h})" for h, b in summary.host_peak_bytes_per_node.items())
     )
     print(f"memdiag: report {html_path}")
     return 1 if any(f.severity == "error" for f in findings) else 0
@@ -184,5 +186,7 @@ def build_report(rundir: RunDir):
                 print(f"memdiag: warning: {warning}")
     except WriteFailed as exc:
         print(f"memdiag: error: {exc}", flush=True)
+        if rundir.spec.get("incomplete"):
+            print(f"memdiag: warning: {rundir.spec['incomplete']}", flush=True)
         return None
     return summary, html_path, findings

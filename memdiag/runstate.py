@@ -15,6 +15,7 @@ from memdiag import procs
 from memdiag.files import WriteFailed
 from memdiag.rundir import RunDir
 from memdiag.timeline import format as fmt
+from memdiag.rundir import RESERVE
 from memdiag.timeline.reader import Run, incomplete_text
 
 STALE_S = 300.0
@@ -77,4 +78,8 @@ def settle(run: Run) -> str | None:
     )
     spec.update(status="abandoned", abandoned_at=at, abandoned_note=note)
     _write(run)
+    try:
+        (run.path / RESERVE).unlink()  # the dead run's held room
+    except OSError:
+        pass
     return note

@@ -107,8 +107,8 @@ class RunSettings:
     sample_hz: float = setting(100.0, "samples per second per rank", commands=RECORDING)
     instrument: bool = setting(True, "false: no sampler, hooks or node watcher (the overhead baseline)")
     stop_grace_s: float = setting(30.0, "on SIGTERM/SIGINT/SIGHUP: seconds between SIGTERM to the job and SIGKILL", commands=LAUNCHING)
-    guard_fraction: float = setting(0.95, "the guard stops the job when its ranks hold this fraction of host_ram",
-                                    key="guard.fraction", commands=RECORDING)
+    guard_fraction: float = setting(0.95, "the guard stops the job when its ranks hold this fraction of host_ram (the plan "
+                                    "recommends no layout past it)", key="guard.fraction", commands=RECORDING | {PLAN})
     guard_min_available_bytes: int = setting(0, "... or when MemAvailable falls below this (e.g. 2G); 0: off",
                                              key="guard.min_available", kind="size", commands=RECORDING)
     guard_grace_s: float = setting(10.0, "seconds between the guard's SIGTERM and SIGKILL", key="guard.grace_s", commands=RECORDING)

@@ -110,7 +110,7 @@ class Progress:
         memory = f"  {self.memory()}" if self.memory else ""
         self._out.write(
             f"[memdiag] step {record.step}/{self.total}  loss {loss}  "
-            f"{record.step_time_s:.2f} s/step  {rate:,.0f} token/s on rank 0{memory}  ETA {eta_s:,.0f} s\n"
+            f"{record.step_time_s:.2f} s/step  {rate:,.0f} tokens/s on rank 0{memory}  ETA {eta_s:,.0f} s\n"
         )
 
     def line(self, text: str) -> None:
@@ -229,9 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     # the case's own clock, the same with and without memdiag (bench/overhead compares them)
     if inst is not None:
         inst.set_active(True)
-    (run_dir / "logs" / f"step_times-rank-{rank}.json").write_text(
-        json.dumps({"step_time_s": step_times_s, "memdiag": step_modes})
-    )
+    try:
+        (run_dir / "logs" / f"step_times-rank-{rank}.json").write_text(
+            json.dumps({"step_time_s": step_times_s, "memdiag": step_modes})
+        )
+    except OSError as exc:  # a full disk costs this file, never the run
+        logging.getLogger(__name__).warning("step times not written: %s", exc)
 
     with tracker.phase_scope("teardown"):
         del engine, optimizer, model, leaked

@@ -7,13 +7,12 @@ node with k ranks peaks at about k x the per-rank load-phase peak (runtime inclu
 from __future__ import annotations
 
 from memdiag.checks.finding import Finding
-from memdiag.checks.loadphase import limit_of, node_forecast, run_loads
+from memdiag.checks.loadphase import limit_of, ranks_forecast, run_loads
 from memdiag.summary import node_totals, node_watcher_figures, ranks_by_host
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
 WARN_FRACTION = 0.9
-FORECAST_RANKS = (1, 2, 4, 8, 16)
 
 
 def check(run: Run) -> list[Finding]:
@@ -79,26 +78,16 @@ def fix_for(run: Run, phase: str | None) -> str:
 
 def forecast(run: Run, limit: int, source: str) -> list[Finding]:
     loads = run_loads(run)
-    node = node_forecast(run)
-    if not loads or node is None:
+    ranks = ranks_forecast(run, limit)
+    if not loads or ranks is None:
         return []
-    devices_per_node = ((run.spec.get("config") or {}).get("hardware") or {}).get("cards_per_node")
-    counts = sorted(set(FORECAST_RANKS) | ({devices_per_node} if devices_per_node else set()))
-    table = {k: node.node_bytes(k) for k in counts}
-    over = {k: v - limit for k, v in table.items() if v > limit}
-    first_over = min(over) if over else None
+    node, table, over, first_over = ranks.node, ranks.table, ranks.over, ranks.first_over
     message = (
         f"forecast: loading peaks at {format_bytes(node.load_per_rank_bytes)} a rank (a node of k ranks: k x that); "
         f"training holds {format_bytes(node.train_fixed_per_rank_bytes)} a rank"
         + (f" beside the model's {format_bytes(node.states_per_node_bytes)} of states, shared by the node's ranks"
            if node.states_per_node_bytes else "")
-        + "; "
-        + (
-            f"{first_over}+ ranks per node exceed the {format_bytes(limit)} limit "
-            f"({first_over} ranks: over by {format_bytes(over[first_over])})"
-            if over
-            else f"up to {max(counts)} ranks per node fit in {format_bytes(limit)}"
-        )
+        + "; " + ranks.sentence()
     )
     return [
         Finding(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memdiag.units import format_bytes
 from memdiag.timeline.reader import Phase, RankTimeline, Run
 
 LOAD_PHASES = ("model_build", "zero_init", "checkpoint_load")
@@ -117,6 +118,66 @@ def node_forecast(run: Run) -> NodeForecast | None:
         train_fixed_per_rank_bytes=max(0, int(train_per_rank - states / world)),
         states_per_node_bytes=int(states),
     )
+
+
+FORECAST_RANKS = (1, 2, 4, 8, 16)
+"""Local rank counts every forecast quotes (with the run's own and a full node's)."""
+
+
+def full_node_ranks(run: Run) -> int | None:
+    """Devices a node of the run's accelerator holds (None on the CPU accelerator)."""
+    hardware = (run.spec.get("config") or {}).get("hardware") or {}
+    if hardware.get("accelerator") == "cuda":
+        return int(hardware.get("devices_per_card", 1)) * int(hardware.get("cards_per_node", 1))
+    return None
+
+
+@dataclass(frozen=True)
+class RanksForecast:
+    """How many ranks a node fits: the one answer the 5290 finding and the host-limit forecast
+    both quote."""
+
+    node: NodeForecast
+    table: dict[int, int]
+    """Local ranks -> the node's host peak."""
+    limit: int | None
+
+    @property
+    def over(self) -> dict[int, int]:
+        return {k: v - self.limit for k, v in self.table.items() if self.limit and v > self.limit}
+
+    @property
+    def fit(self) -> int | None:
+        """The most local ranks of the table that fit (None: no limit known, or not even one)."""
+        fitting = [k for k, v in self.table.items() if self.limit and v <= self.limit]
+        return max(fitting) if fitting else None
+
+    @property
+    def first_over(self) -> int | None:
+        return min(self.over) if self.over else None
+
+    def sentence(self) -> str:
+        if not self.limit:
+            return "no host limit known"
+        limit = format_bytes(self.limit)
+        if self.first_over is None:
+            return f"up to {max(self.table)} ranks per node fit in {limit}"
+        over = f"{self.first_over} ranks exceed it by {format_bytes(self.over[self.first_over])}"
+        if self.fit is None:
+            return f"not even {min(self.table)} rank per node fits in {limit} ({over})"
+        return f"up to {self.fit} ranks per node fit in {limit}; {over}"
+
+
+def ranks_forecast(run: Run, limit: int | None = None) -> RanksForecast | None:
+    """The node's host peak at each local rank count, against ``limit`` (default: the run's)."""
+    node = node_forecast(run)
+    if node is None:
+        return None
+    local = max((l.local_world_size for l in run_loads(run)), default=1)
+    full = full_node_ranks(run)
+    counts = sorted(set(FORECAST_RANKS) | {local} | ({full} if full else set()))
+    return RanksForecast(node=node, table={k: node.node_bytes(k) for k in counts},
+                         limit=limit if limit is not None else limit_of(run)[0])
 
 
 def limit_of(run: Run) -> tuple[int | None, str]:

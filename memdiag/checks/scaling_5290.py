@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 from memdiag.checks.finding import Finding
-from memdiag.checks.loadphase import limit_of, model_event, node_forecast, num_parameters, run_loads
+from memdiag.checks.loadphase import (
+    RanksForecast, full_node_ranks, limit_of, model_event, num_parameters, ranks_forecast, run_loads,
+)
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
@@ -47,7 +49,6 @@ def causes(run: Run, built_under_zero_init: bool, read_checkpoint: bool) -> list
 WHOLE_MODEL_FRACTION = 0.9
 """A rank whose unpartitioned parameters come to this share of parameters x dtype bytes holds
 the whole model (buffers and tied weights make the rest)."""
-FORECAST_LOCAL_RANKS = (8, 16)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 FIX_BY_BUILDER = {
@@ -90,13 +91,6 @@ def model_inputs(run: Run) -> list[tuple[int, dict, int, str]]:
     return found
 
 
-def _full_node_ranks(run: Run) -> int | None:
-    hardware = (run.spec.get("config") or {}).get("hardware") or {}
-    if hardware.get("accelerator") == "cuda":
-        return int(hardware.get("devices_per_card", 1)) * int(hardware.get("cards_per_node", 1))
-    return None
-
-
 def check_model_input(run: Run) -> list[Finding]:
     """The pattern from what each rank handed deepspeed.initialize, whoever's code built it:
     unpartitioned under ZeRO-3, its parameters all materialised, on every rank."""
@@ -120,15 +114,13 @@ def check_model_input(run: Run) -> list[Finding]:
     n, dtype = int(event["num_parameters"]), str(event.get("dtype", "?")).removeprefix("torch.")
     copy = int(max(e["materialised_bytes"] for _, e, _, _ in inputs))
     local = max(lw for _, _, lw, _ in inputs)
-    # host_limit's forecast, so the two never disagree
-    node = node_forecast(run)
-    per_rank_peak = node.load_per_rank_bytes if node else copy
+    # the one forecast host_limit_forecast quotes too, so the two never disagree
+    ranks = ranks_forecast(run)
+    per_rank_peak = ranks.node.load_per_rank_bytes if ranks else copy
     limit, _ = limit_of(run)
-    full = _full_node_ranks(run)
-    counts = sorted(set(FORECAST_LOCAL_RANKS) | ({full} if full else set()) | {local})
-    forecast = {k: (node.node_bytes(k) if node else k * copy) for k in counts}
-    judged = full or max(FORECAST_LOCAL_RANKS[0], local)
-    over = bool(limit and (node.node_bytes(judged) if node else judged * copy) > limit)
+    forecast = ranks.table if ranks else {k: k * copy for k in sorted({1, 2, 4, 8, 16, local})}
+    judged = full_node_ranks(run) or max(8, local)
+    over = bool(limit and forecast.get(judged, judged * per_rank_peak) > limit)
     severity = "error" if local >= 2 and over else "warning"
     via = event.get("built_by", "constructor")
     cls = event.get("model_class", "Model")
@@ -138,10 +130,8 @@ def check_model_input(run: Run) -> list[Finding]:
         fix += "\n# and give the dtype you train in: an fp32 copy is twice a bf16 one"
     causes = [f"the model was {how}", f"every rank held all {n / 1e6:,.1f}M parameters in {dtype}"]
     fits = ", ".join(f"{k} ranks {format_bytes(v)}" for k, v in forecast.items())
-    verdict = (
-        f"{judged} ranks per node would exceed the {format_bytes(limit)} host limit" if over
-        else (f"{judged} ranks per node still fit in {format_bytes(limit)}" if limit else "no host limit known")
-    )
+    verdict = ranks.sentence() if ranks else ("no host limit known" if not limit else
+                                              RanksForecast(node=None, table=forecast, limit=limit).sentence())
     return [
         Finding(
             id="scaling_5290",

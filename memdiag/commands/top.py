@@ -156,6 +156,12 @@ class RunWatch:
         return [f"[{f.get('severity')}] {f.get('id')}: {f.get('message')}" for f in found if f.get("severity") in ("error", "warning")]
 
 
+def _figure(value, ended: bool) -> str:
+    if value is None:
+        return "-" if ended else "waiting"
+    return format_bytes(value)
+
+
 def render(watch: RunWatch):
     from rich.console import Group
     from rich.table import Table
@@ -166,23 +172,33 @@ def render(watch: RunWatch):
     header = Text(f"memdiag top  {watch.run_dir}  [{spec.get('status', '?')}]  {what}", style="bold")
     parts = [header]
     limit = spec.get("host_limit_bytes")
-    for host in sorted({v.host for v in watch.ranks.values()} | set(watch.nodes)):
+    ended = spec.get("status") not in (None, "running")
+    hosts = sorted({v.host for v in watch.ranks.values()} | set(watch.nodes))
+    if not hosts:
+        parts.append(Text("the run has ended without a sample" if ended else "waiting for the first sample ..."))
+    for host in hosts:
         node = watch.nodes.get(host)
-        line = f"node {host}: ranks now {format_bytes(sum(node.ranks_rss.values()))}, peak {format_bytes(node.peak_sum)}" if node else f"node {host}"
-        if node and node.available is not None:
+        if node is None:
+            line = f"node {host}"
+        elif ended:  # the processes are gone: what they held last is not "now"
+            line = f"node {host}: ended; ranks peaked at {format_bytes(node.peak_sum)}"
+        else:
+            line = f"node {host}: ranks now {format_bytes(sum(node.ranks_rss.values()))}, peak {format_bytes(node.peak_sum)}"
+        if node and node.available is not None and not ended:
             line += f"; MemAvailable {format_bytes(node.available)} of {format_bytes(node.total)}"
         if limit:
             line += f"; host limit {format_bytes(limit)}"
         parts.append(Text(line))
         table = Table(expand=False)
-        for column in ("rank", "phase", "step", "loss", "host now", "host peak", "device now", "device peak"):
+        for column in ("rank", "phase", "step", "loss", "host last" if ended else "host now", "host peak",
+                       "device last" if ended else "device now", "device peak"):
             table.add_column(column, justify="right" if column not in ("phase",) else "left", no_wrap=True)
         for view in sorted((v for v in watch.ranks.values() if v.host == host), key=lambda v: v.rank):
             table.add_row(
                 str(view.rank), "/".join(view.phases[-2:]) or "-", str(view.step),
                 "-" if view.loss is None else f"{view.loss:.4f}",
-                format_bytes(view.rss_now), format_bytes(view.rss_peak or None),
-                format_bytes(view.device_now), format_bytes(view.device_peak or None),
+                _figure(view.rss_now, ended), format_bytes(view.rss_peak or None),
+                _figure(view.device_now, ended), format_bytes(view.device_peak or None),
             )
         parts.append(table)
     forecast = watch.forecast()

@@ -45,7 +45,8 @@ def planner_settings(run: RunSettings, ds: dict, *, attention: str) -> Settings:
         dtype=run.dtype, attention=attention, activation_checkpointing=run.activation_checkpointing,
         offload=offload_in(zero) if run.offload == "auto" else run.offload, load=run.load, load_dtype=run.load_dtype,
         checkpoint_format=checkpoint_format(run), checkpoint_shards=run.checkpoint_shards, pin_memory=pin,
-        save_16bit_weights=save_16bit, save=run.save, resume=run.resume, ds_buffers=zero,
+        save_16bit_weights=save_16bit, save=run.save, resume=run.resume, guard_fraction=run.guard_fraction,
+        ds_buffers=zero,
     )
 
 

@@ -25,6 +25,8 @@ class LayoutResult:
     device_capacity_bytes: float
     host_limit_bytes: float
     devices_per_card: int
+    guard_fraction: float = 0.95
+    """memdiag's guard line, as a fraction of the host limit (``guard.fraction``)."""
     judged: tuple[str, ...] = ("load", "initialize", "training")
     """The phases the run goes through (``Settings.phases``): the host verdict is theirs. The
     others (a save or resume the run does not do) are shown, never judged."""
@@ -94,8 +96,22 @@ class LayoutResult:
         return self.host_limit_bytes - self.host_peak_bytes
 
     @property
+    def guard_line_bytes(self) -> float:
+        return self.guard_fraction * self.host_limit_bytes
+
+    @property
+    def guard_margin_bytes(self) -> float:
+        """Host RAM left under the guard's line: what a run memdiag watches can use."""
+        return self.guard_line_bytes - self.host_peak_bytes
+
+    @property
+    def guard_stops(self) -> bool:
+        """The host peak fits the limit but passes the guard's line: the guard would stop it."""
+        return self.host_margin_bytes >= 0 and self.guard_margin_bytes < 0
+
+    @property
     def fits(self) -> bool:
-        return self.device_margin_bytes >= 0 and self.host_margin_bytes >= 0
+        return self.device_margin_bytes >= 0 and self.host_margin_bytes >= 0 and not self.guard_stops
 
     @property
     def verdict(self) -> str:
@@ -104,11 +120,15 @@ class LayoutResult:
             problems.append(f"device OOM by {format_bytes(-self.device_margin_bytes)}")
         if self.host_margin_bytes < 0:
             problems.append(f"host OOM by {format_bytes(-self.host_margin_bytes)} ({self.binding_phase})")
+        elif self.guard_stops:
+            problems.append(f"stopped by memdiag's guard: host peak {self.host_peak_bytes / self.host_limit_bytes:.1%} of the limit "
+                            f"in {self.binding_phase}, past guard.fraction={self.guard_fraction:g}")
         warning = "".join(f"; with {phase}=true host OOM by {format_bytes(peak - self.host_limit_bytes)} ({phase})"
                           for phase, peak in self.unjudged_over.items())
         if problems:
             return ", ".join(problems) + warning
-        return f"fits (device margin {format_bytes(self.device_margin_bytes)}, host margin {format_bytes(self.host_margin_bytes)})" + warning
+        return (f"fits (device margin {format_bytes(self.device_margin_bytes)}, host margin {format_bytes(self.host_margin_bytes)}, "
+                f"{format_bytes(self.guard_margin_bytes)} under the guard's line)" + warning)
 
     @property
     def name(self) -> str:
@@ -143,6 +163,8 @@ class LayoutResult:
             "binding_host_phase": self.binding_phase,
             "judged_host_phases": list(self.judged),
             "host_limit_bytes": int(self.host_limit_bytes),
+            "guard_line_bytes": int(self.guard_line_bytes),
+            "stopped_by_guard": self.guard_stops,
             "fits": self.fits,
             "verdict": self.verdict,
             "terms": terms,
@@ -192,6 +214,7 @@ def evaluate(
         host_limit_bytes=host_limit_bytes,
         devices_per_card=hardware.devices_per_card,
         judged=settings.phases,
+        guard_fraction=settings.guard_fraction,
     )
 
 

@@ -106,6 +106,9 @@ class Settings:
     """The run saves a checkpoint: the ``save`` phase is judged."""
     resume: bool = False
     """The run resumes from a checkpoint: the ``resume`` phase is judged."""
+    guard_fraction: float = 0.95
+    """memdiag's guard stops a run whose ranks pass this fraction of the host limit: a layout
+    past it does not fit a run memdiag watches."""
     ds_buffers: dict = field(default_factory=dict)
     """``stage3_max_live_parameters``, ``stage3_prefetch_bucket_size``, ``reduce_bucket_size``,
     ``allgather_bucket_size``, ``sub_group_size`` from the ds_config (elements)."""

@@ -119,12 +119,12 @@ def write_markdown(run: Run, summary: Summary, findings: list[dict], pngs: list[
         + (f" ({spec['signal']})" if spec.get("signal") else ""),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v),
         f"- host limit: {format_bytes(spec.get('host_limit_bytes'))} ({spec.get('host_limit_source', '?')})",
-        "- host peak per node: " + ", ".join(f"{h} {format_bytes(b)}" for h, b in summary.host_peak_bytes_per_node.items()),
+        "- host RAM peak per node: " + ", ".join(f"{format_bytes(b)} (node {h})" for h, b in summary.host_peak_bytes_per_node.items()),
     ]
     if summary.device_peak_bytes is not None:
         lines.append(f"- device peak: {format_bytes(summary.device_peak_bytes)} of {format_bytes(summary.device_total_bytes)} ({summary.device_source})")
     if summary.loss is not None:
-        lines.append(f"- last loss {summary.loss:.4f}, {summary.tokens_per_s_per_device or 0:,.1f} token/s per device")
+        lines.append(f"- last loss {summary.loss:.4f}, {summary.tokens_per_s_per_device or 0:,.1f} tokens/s per device")
     peaks = _phase_peaks_by_node(run)
     hosts = sorted({h for per in peaks.values() for h in per})
     if peaks:

@@ -143,24 +143,23 @@ FILLER = "filler.bin"
 
 
 def fill(directory: Path, leave_bytes: int = 0) -> Path:
-    """Write a filler file until the filesystem is full (less ``leave_bytes``)."""
+    """Write a filler file until the filesystem is full (less ``leave_bytes``). Unbuffered: a
+    buffered file would try its unwritten tail again when closed, and raise there."""
     filler = directory / FILLER
     st = os.statvfs(directory)
     size = max(0, st.f_bavail * st.f_frsize - leave_bytes)
     try:
-        f = open(filler, "r+b" if filler.exists() else "wb")
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     except OSError as e:
         listing = subprocess.run(["du", "-ak", str(directory)], capture_output=True, text=True).stdout
         raise AssertionError(f"cannot open {filler} to fill the disk ({e}); {st.f_bavail} blocks free; holds:\n{listing}") from e
-    with f:
-        f.truncate(0)
-        chunk = b"\0" * 2**20
-        try:
-            while size > 0:
-                n = f.write(chunk[: min(len(chunk), size)])
-                size -= n
-            f.flush()
-            os.fsync(f.fileno())
-        except OSError:
-            pass
+    chunk = b"\0" * 2**20
+    try:
+        while size > 0:
+            size -= os.write(fd, chunk[: min(len(chunk), size)])
+        os.fsync(fd)
+    except OSError:
+        pass  # full: that is the point
+    finally:
+        os.close(fd)
     return filler

@@ -104,3 +104,24 @@ def test_a_short_write_leaves_no_torn_line(small_fs):
     assert problems == []
     assert [r["rss_bytes"][0] for r in records if r["kind"] == fmt.SAMPLES] == list(range(200))
     os.remove(path)
+
+
+def test_a_disk_that_never_returns_ends_in_a_truthful_run_json(small_fs):
+    """The disk fills during training and stays full: training ends, the room held since the
+    start takes the end record, which says what was lost; the console says it too."""
+    fs = small_fs(48)
+    memdiag = Memdiag(["case=baichuan2_13b", "steps=30", "seq_len=128", f"reports_dir={fs}"])
+    run_dir = memdiag.run_dir
+    try:
+        memdiag.wait_for(r"step 3/30")
+        fill(fs)
+        memdiag.wait_for(r"is full \(")
+        code = memdiag.wait()
+        assert code != 0 and "Traceback" not in memdiag.output, memdiag.output
+        spec = json.loads((run_dir / fmt.RUN_JSON).read_text())
+        assert spec["status"] == "completed" and spec["disk_full"][-1]["to"] is None, (spec, memdiag.output[-3000:])
+        assert "stayed full" in spec["incomplete"] and "stayed full" in memdiag.output
+        assert not (run_dir / ".memdiag-reserve").exists()
+        assert run_processes(run_dir) == []
+    finally:
+        kill_leftovers(run_dir)

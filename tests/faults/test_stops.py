@@ -110,6 +110,9 @@ def test_a_killed_rank_fails_the_run_and_stops_the_rest(tmp_path):
         assert spec["status"] == "failed" and spec["exit_code"] == code
         assert_recorded(run_dir, min_steps=2)  # the killed rank loses at most its last flush
         assert (run_dir / fmt.REPORT_HTML).exists()
+        # the cause first: the killed rank and its signal, not the survivor's "Connection closed"
+        cause = memdiag.output.index("rank 1 failed first: killed by SIGKILL (signal 9)")
+        assert "Connection closed" not in memdiag.output[cause:]
     finally:
         kill_leftovers(run_dir)
 

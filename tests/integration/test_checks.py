@@ -147,11 +147,20 @@ def test_device_headroom_fires_against_a_small_device(reports):
     assert "device_headroom" in ids(findings)
 
 
-def test_guard_stops_an_over_limit_run_with_stacks(reports):
+def test_guard_stops_an_over_limit_run_with_stacks(tmp_path):
+    """Started from the user's own directory (not the checkout) with a relative reports_dir:
+    the guard's stop, its stacks and the run directory all land there."""
+    import os
+
     # the plan refuses this layout at this limit; force=true reproduces the OOM on purpose
-    run_dir, result = run_case(reports, "steps=50", "host_ram=900M", "guard.grace_s=5", "force=true")
-    assert result.returncode == 1
-    assert "guard" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", "reports_dir=mine", "steps=50", "host_ram=900M", "guard.grace_s=5", "force=true"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
+    (run_dir,) = (tmp_path / "mine" / "baichuan2_13b").iterdir()
+    assert not (REPO / "mine").exists() and not list(REPO.glob("reports/baichuan2_13b/*/stacks"))
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "guard" in result.stdout and "[ERROR] oom_guard" in result.stdout  # a finding, on the console
     spec = json.loads((run_dir / "run.json").read_text())
     assert spec["status"] == "stopped_by_guard"
     stacks = list((run_dir / "stacks").glob("rank-*.txt"))

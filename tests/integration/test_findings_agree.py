@@ -73,3 +73,16 @@ def test_the_fix_names_only_what_the_run_shows(runs):
 def test_no_scaling_error_from_a_single_rank(runs):
     findings = findings_of(runs["reference", 1])
     assert not [f for f in findings if f["id"].startswith("scaling_5290") and f["severity"] == "error"]
+
+
+def test_the_5290_finding_and_the_forecast_quote_one_answer(runs):
+    """Was: scaling_5290 "8 ranks per node still fit" beside host_limit_forecast "up to 16 ranks
+    per node fit" for the same run: now both quote the one forecast."""
+    first = findings_of(runs["reference", 2])
+    table = next(f for f in first if f["id"] == "host_limit_forecast")["evidence"]["node_peak_bytes_by_local_ranks"]
+    limit_k = (table["4"] + table["8"]) // 2 // 1024  # 4 ranks a node fit, 8 do not
+    findings = findings_of(runs["reference", 2], extra=("--host-ram", f"{limit_k}K"))
+    forecast = next(f for f in findings if f["id"] == "host_limit_forecast")["message"]
+    pattern = next(f for f in findings if f["id"] == "scaling_5290")["message"]
+    for said in ("up to 4 ranks per node fit in", "8 ranks exceed it by"):
+        assert said in forecast and said in pattern, (forecast, pattern)

@@ -49,3 +49,23 @@ def test_top_shows_ranks_phase_step_and_memory_while_the_run_goes(tmp_path):
 
         os.killpg(run.pid, signal.SIGTERM)
         run.wait(timeout=300)
+
+
+def test_top_says_it_is_waiting_for_the_first_sample_and_what_ended(tmp_path):
+    import subprocess
+    import sys
+
+    from memdiag.rundir import RunDir
+
+    rundir = RunDir.create(tmp_path, "case", "1x2")
+    rundir.start(host_limit=(2**30, "override"), case="case", layout="1x2")
+
+    def screen() -> str:
+        result = subprocess.run([sys.executable, "-m", "memdiag", "top", "--once", str(rundir.path)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "waiting for the first sample" in screen() and "n/a" not in screen()
+    rundir.end(status="failed", exit_code=1, duration_s=1.0)
+    assert "the run has ended without a sample" in screen()

@@ -47,3 +47,22 @@ def test_a_healthy_staircase_is_not_a_leak_and_a_leak_is():
     assert not healthy.leaks  # but by ~1% a step, below the 2% that counts
     leaking = steady_growth(steps, (np.array(HEALTHY_STAIRCASE) + 64 * (steps - 20)) * mib, HOST_THRESHOLD_BYTES_PER_STEP)
     assert leaking.leaks and 55 * mib < leaking.slope < 75 * mib
+
+
+def test_a_slow_leak_over_a_long_run_is_judged_against_the_runs_noise():
+    """9 MiB a step in a 1.8 GiB rank (0.5%: under the short-window 2%) over 100 steady steps,
+    in +-40 MiB of step-to-step noise, is a leak; the same noise without the slope is not, and
+    neither is a staircase that levels off early in the window."""
+    from memdiag.checks.leak import HOST_THRESHOLD_BYTES_PER_STEP, steady_growth
+
+    rng = np.random.default_rng(1)
+    mib = 2**20
+    steps = np.arange(100, 200, dtype=float)
+    noise = rng.normal(0, 40, len(steps))
+    leaking = steady_growth(steps, (1800 + 9 * (steps - 100) + noise) * mib, HOST_THRESHOLD_BYTES_PER_STEP)
+    assert leaking.leaks and 7 * mib < leaking.slope < 11 * mib
+    assert leaking.slope > 3 * leaking.standard_error
+    flat = steady_growth(steps, (1800 + noise) * mib, HOST_THRESHOLD_BYTES_PER_STEP)
+    assert not flat.leaks
+    staircase = np.where(steps < 115, 1800 + 10 * (steps - 100), 1950) + noise
+    assert not steady_growth(steps, staircase * mib, HOST_THRESHOLD_BYTES_PER_STEP).leaks

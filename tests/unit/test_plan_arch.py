@@ -227,3 +227,14 @@ def test_the_verdict_judges_the_phases_the_run_goes_through():
     assert resumed["judged_host_phases"] == ["load", "initialize", "training", "save", "resume"]
     assert not resumed["fits"] and resumed["binding_host_phase"] == "resume"
     assert resumed["verdict"].startswith("host OOM by")
+
+
+def test_a_layout_past_the_guards_line_is_not_recommended():
+    """The seed's 2x8 peaks at 425 GiB a node: under a 440G limit it fits the limit but passes
+    the guard's 95% line, where memdiag run would stop it; without the guard it fits."""
+    guarded = _layout("--host-ram", "440G", "--layout", "2x8")["layouts"][0]
+    assert guarded["host_peak_bytes_per_node"] <= guarded["host_limit_bytes"]
+    assert guarded["host_peak_bytes_per_node"] > guarded["guard_line_bytes"] == int(0.95 * guarded["host_limit_bytes"])
+    assert guarded["stopped_by_guard"] and not guarded["fits"] and "stopped by memdiag's guard" in guarded["verdict"]
+    unguarded = _layout("--host-ram", "440G", "--layout", "2x8", "guard.fraction=1")["layouts"][0]
+    assert unguarded["fits"] and not unguarded["stopped_by_guard"]
