@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from memdiag.errors import UsageError  # noqa: E402
-from memdiag.plan.published import CARDS, CATEGORIES, Scored, in_card, fit_reserve_layers, leave_one_out, load_cases, predict, summary  # noqa: E402
+from memdiag.plan.published import CARDS, CATEGORIES, Scored, fit_reserve_layers, leave_one_out, load_cases, predict, summary  # noqa: E402
 from memdiag.plan.terms import Coefficients  # noqa: E402
 
 PUBLISHED = REPO / "bench" / "published"
@@ -109,7 +109,7 @@ def main() -> int:
         t = totals[card]
         ours, theirs = t["memdiag_median_abs_error"], t["deepspeed_median_abs_error"]
 
-        def three(who: str) -> str:
+        def three(who: str, t: dict = t) -> str:
             if t[f"{who}_median_abs_error"] is None:
                 return "-"
             return f"{t[f'{who}_median_abs_error']:.0%}/{t[f'{who}_p95_abs_error']:.0%}/{t[f'{who}_under_10pct_share']:.0%}"
