@@ -206,3 +206,16 @@ def test_the_planned_host_peak_is_within_10_percent_or_the_report_says_it_is_not
         else:
             assert "The plan misses this run" in html and "host_peak_per_node is" in html, (run_dir.name, error)
     assert within >= 3  # the fitted defaults hold for most of them
+
+
+def test_a_slow_leak_over_a_long_run_is_flagged_with_the_time_to_the_limit(reports):
+    """9 MB a step, about 1% of a rank's RSS (under the 2% a short window needs), over 200 steps:
+    judged against the run's own noise it is a leak, with when the node would reach its limit."""
+    run_dir, result = run_case(reports, "steps=200", "seq_len=64", "inject_leak_mb=9", "host_ram=8G")
+    assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]
+    _, findings = check(run_dir)
+    leak = next(f for f in findings if f["id"] == "leak_host")
+    assert 5 * 2**20 < leak["evidence"]["slope_bytes_per_step"] < 13 * 2**20, leak
+    assert leak["evidence"]["slope_bytes_per_step"] < 0.02 * leak["evidence"]["first_bytes"]  # the short-window rule misses it
+    assert leak["evidence"]["steps_to_host_limit"] > 0
+    assert "reaches its 8.00 GiB host limit in about" in leak["message"]
