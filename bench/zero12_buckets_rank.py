@@ -6,6 +6,7 @@ in its ipg buckets, each storage counted once) as JSON lines.
     torchrun --nproc_per_node 1 bench/zero12_buckets_rank.py
 """
 
+import importlib
 import json
 
 import deepspeed
@@ -35,13 +36,19 @@ def buckets_of(zero) -> int:
 
 
 def main() -> None:
+    # the CPU accelerator's shared-memory allreduce would be JIT-compiled first (a minute, and a
+    # compiler on the machine); gloo does the collectives here
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed("gloo")
     for zero_config in VARIANTS:
         torch.manual_seed(0)
         model = torch.nn.Sequential(*[torch.nn.Linear(HIDDEN, HIDDEN, bias=False) for _ in range(LAYERS)]).to(torch.bfloat16)
-        config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True},
-                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "zero_optimization": zero_config}
-        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+        # torch's AdamW as the client optimizer: DeepSpeed's own would JIT-compile FusedAdam (the
+        # buckets do not depend on the optimizer)
+        config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True,
+                  "zero_optimization": zero_config}
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        engine, *_ = deepspeed.initialize(model=model, config=config, optimizer=optimizer)
         seen = buckets_of(engine.optimizer)
         batch = torch.randn(1, 8, HIDDEN, dtype=torch.bfloat16)
         loss = engine(batch).float().pow(2).mean()
@@ -49,7 +56,7 @@ def main() -> None:
         engine.step()
         print(json.dumps({"zero_optimization": zero_config, "parameters": LAYERS * HIDDEN * HIDDEN,
                           "reduce_buffers_bytes": sum(seen.values()), "reduce_buffers": len(seen)}), flush=True)
-        del engine, model
+        del engine, model, optimizer
 
 
 if __name__ == "__main__":
