@@ -223,7 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_dir = str(run_dir / "checkpoint")
         engine.save_checkpoint(checkpoint_dir)
         if config.resume:
-            engine.load_checkpoint(checkpoint_dir)
+            # the case reads back the checkpoint it has just written (trusted); older DeepSpeed
+            # calls torch.load without weights_only, which torch >= 2.6 turns on by default
+            previous = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+            try:
+                engine.load_checkpoint(checkpoint_dir)
+            finally:
+                if previous is None:
+                    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+                else:
+                    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = previous
         if progress:
             progress.line("saved a checkpoint" + (" and resumed from it" if config.resume else ""))
     # the case's own clock, the same with and without memdiag (bench/overhead compares them)
