@@ -25,6 +25,9 @@ SETTING_KEYS = {
 """Setting field -> (the ds_config key that decides it, the TrainingArguments field that fills
 its "auto")."""
 
+TRAINER_ARGUMENTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
+"""``TrainingArguments``' defaults a launch command may leave out (memdiag.launchcmd)."""
+
 TRAINER_DEFAULTS = {
     "gradient_clipping": 1.0,  # max_grad_norm
     "optimizer.params.lr": 5e-5,  # learning_rate

@@ -9,18 +9,16 @@ Trainer script takes. What it reads becomes memdiag settings (``key=value`` toke
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from memdiag import dsconfig
 from memdiag.errors import UsageError
 
 SEQ_LEN_ARGS = ("--max_seq_length", "--max_seq_len", "--model_max_length", "--cutoff_len", "--max_length", "--seq_length",
                 "--seq_len", "--block_size", "--max_source_length")
 """Sequence-length arguments by their common names (TRL, FastChat/Alpaca, LLaMA-Factory, run_clm)."""
 
-TRAINER_DEFAULTS = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1}
-"""``TrainingArguments``' defaults, used when a Trainer script (``--output_dir``) leaves them out."""
 
 BOOL_FLAGS = {"--bf16", "--fp16", "--gradient_checkpointing", "--use_liger_kernel", "--tf32"}
 """``TrainingArguments`` booleans: bare (``--bf16``) or with a value (``--bf16 True``)."""
@@ -192,14 +190,14 @@ def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
     if ds_path:
         take("--deepspeed", f"ds_config={Path(ds_path).resolve()}")
         try:
-            ds = json.loads(Path(ds_path).read_text())
-        except (OSError, ValueError):
-            ds = None  # the ds_config reader says what is wrong with it, in one line
+            ds = dsconfig.read(ds_path)
+        except UsageError:
+            ds = None  # said in one line when the settings compose it
     for arg, key in (("--per_device_train_batch_size", "micro_batch"), ("--gradient_accumulation_steps", "grad_accum")):
         ds_key = {"micro_batch": "train_micro_batch_size_per_gpu", "grad_accum": "gradient_accumulation_steps"}[key]
         value = opts.get(arg)
         if value is None and trainer and not (isinstance(ds, dict) and ds.get(ds_key) not in (None, "auto")):
-            value = str(TRAINER_DEFAULTS[arg[2:]])
+            value = str(dsconfig.TRAINER_ARGUMENTS[arg[2:]])
             launch.read.append(f"{arg} not given -> {key}={value} (the HF Trainer's default)")
             launch.tokens.append(f"{key}={value}")
         elif value is not None:
