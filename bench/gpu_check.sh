@@ -26,9 +26,10 @@ else
 fi
 export PYTHONUNBUFFERED=1 MEMDIAG_CACHE=/tmp/memdiag-cache
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, deepspeed, transformers, pynvml; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)" 2>&1 | tail -1 | tee -a "$OUT/nvidia-smi.txt"
 
 # the case at a size one GPU trains in seconds, 1 rank (NCCL), the real hooks and probes
-python3 -m memdiag run hardware=h200 model.scale=small nproc_per_node=1 steps=10 seq_len=1024 \
+timeout 400 python3 -m memdiag run hardware=h200 model.scale=small nproc_per_node=1 steps=10 seq_len=1024 attention=plain \
   reports_dir="$OUT/reports" 2>&1 | tee "$OUT/run.log"
 run=$(ls -d "$OUT"/reports/baichuan2_13b/* | tail -1)
 python3 -m memdiag plan --profile h200 --layout 1x1 --host-ram 2T model.scale=small seq_len=1024 attention=plain \
@@ -56,9 +57,11 @@ if memory:
     last = memory[-1]
     print("categorised after the last step:", {k: fb(v) for k, v in last.items() if k.endswith("_bytes")})
 device_peak = max((p.device_peak_bytes or 0) for p in rank.phases)
+nvml = rank.columns["nvml_used_bytes"]
+nvml_max = fb(np.nanmax(nvml)) if np.any(~np.isnan(nvml)) else "n/a"
+error = f" ({(plan['device_allocated_peak_bytes'] - device_peak) / device_peak:+.1%})" if device_peak else " (no exact peak)"
 print(f"plan: allocated {fb(plan['device_allocated_peak_bytes'])}, used {fb(plan['device_used_peak_bytes'])}; "
-      f"measured: allocator peak {fb(device_peak)} ({(plan['device_allocated_peak_bytes'] - device_peak) / device_peak:+.1%}), "
-      f"NVML max {fb(np.nanmax(rank.columns['nvml_used_bytes']))}")
+      f"measured: allocator peak {fb(device_peak)}{error}, NVML max {nvml_max}")
 print("run status:", run.spec.get("status"), "| problems:", run.problems)
 EOF
 # the ZeRO-3 allocator reserve this run implies (reserved minus allocated peak, in gathered layers),

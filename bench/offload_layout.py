@@ -32,10 +32,11 @@ from memdiag.plan.terms import Settings, offload_terms  # noqa: E402
 RANK = Path(__file__).resolve().parent / "offload_layout_rank.py"
 
 
-def measure(layers: int, hidden: int, timeout_s: float = 900) -> dict:
-    """One real run (1 rank); the rank's RSS at each stage."""
+def measure(layers: int, hidden: int, timeout_s: float = 900, optimizer: str = "deepspeed") -> dict:
+    """One real run (1 rank); the rank's RSS at each stage. ``optimizer``: deepspeed (its CPU
+    Adam, JIT-compiled) or torch (AdamW as the client optimizer; the same host tensors)."""
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(RANK), str(layers), str(hidden)],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(RANK), str(layers), str(hidden), optimizer],
         cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
     )
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]

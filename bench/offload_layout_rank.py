@@ -2,10 +2,16 @@
 ZeRO-3 with the optimizer and parameters offloaded to the CPU (DeepSpeed's own offload code,
 here on its CPU accelerator with gloo), two steps; prints /proc/self/status VmRSS at each stage.
 
-    torchrun --nproc_per_node 1 bench/offload_layout_rank.py LAYERS [HIDDEN]
+    torchrun --nproc_per_node 1 bench/offload_layout_rank.py LAYERS [HIDDEN] [deepspeed|torch]
+
+The optimizer is DeepSpeed's CPU Adam (what an offloaded ds_config gets; JIT-compiled on first
+use, minutes on a small machine) or torch's AdamW as the client optimizer, which DeepSpeed steps
+on the same offloaded fp32 partitions: the host tensors are the same roles and sizes either way
+(exp_avg and exp_avg_sq in fp32), so the tests use it and compile nothing.
 """
 
 import gc
+import importlib
 import json
 import sys
 
@@ -23,6 +29,10 @@ def rss_bytes() -> int:
 
 def main() -> None:
     layers, hidden = int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 2048
+    optimizer_kind = sys.argv[3] if len(sys.argv) > 3 else "deepspeed"
+    if optimizer_kind == "torch":
+        # nor the CPU accelerator's shared-memory allreduce (another JIT build); gloo does the collectives
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed("gloo")
     # buckets far below the model, so that what grows with the model is the offload layout alone
     config = {
@@ -35,11 +45,17 @@ def main() -> None:
             "offload_param": {"device": "cpu", "pin_memory": False},
         },
     }
-    record = {"layers": layers, "hidden": hidden, "parameters": layers * hidden * hidden, "start_rss_bytes": rss_bytes()}
+    if optimizer_kind == "torch":
+        config.pop("optimizer")
+        config.update(zero_allow_untested_optimizer=True, zero_force_ds_cpu_optimizer=False)
+    record = {"optimizer": optimizer_kind, "layers": layers, "hidden": hidden, "parameters": layers * hidden * hidden, "start_rss_bytes": rss_bytes()}
     with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16):
         model = torch.nn.Sequential(*[torch.nn.Linear(hidden, hidden, bias=False) for _ in range(layers)])
     record["built_rss_bytes"] = rss_bytes()
-    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    if optimizer_kind == "torch":
+        engine, *_ = deepspeed.initialize(model=model, config=config, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-4))
+    else:
+        engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
     record["initialized_rss_bytes"] = rss_bytes()
     batch = torch.randn(1, 16, hidden, dtype=torch.bfloat16)
     for _ in range(2):
