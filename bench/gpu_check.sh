@@ -9,11 +9,12 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl hjson pydantic pydantic-core annotated-types typing-inspection hydra-core omegaconf \
-#       antlr4-python3-runtime plotly narwhals orjson nvidia-ml-py py-cpuinfo msgpack einops py-spy
+#       plotly orjson py-spy typing-extensions
+#     pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # an sdist only
 #   then:  device run  command="bash bench/gpu_check.sh"  carry=[".whl"]  timeout_s=540
 #
-# Output lands in $OUT (the device tool brings it back): nvidia-smi.txt, run.log, figures.txt,
-# report.html, summary.json, findings.json.
+# Output lands in $OUT (the device tool brings it back): nvidia-smi.txt, optimizer_temporaries.txt,
+# run.log, figures.txt, and per optimizer report-*.html and run-*.tar.gz (the run directory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/memdiag-gpu-check}
@@ -28,14 +29,21 @@ export PYTHONUNBUFFERED=1 MEMDIAG_CACHE=/tmp/memdiag-cache
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv | tee "$OUT/nvidia-smi.txt"
 python3 -c "import torch, deepspeed, transformers, pynvml; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)" 2>&1 | tail -1 | tee -a "$OUT/nvidia-smi.txt"
 
-# the case at a size one GPU trains in seconds, 1 rank (NCCL), the real hooks and probes
-timeout 400 python3 -m memdiag run hardware=h200 model.scale=small nproc_per_node=1 steps=10 seq_len=1024 attention=plain \
-  reports_dir="$OUT/reports" 2>&1 | tee "$OUT/run.log"
+# Adam's step temporaries on CUDA (fused, foreach, for-loop), beside memdiag's table
+python3 bench/optimizer_temporaries.py --device cuda 2>&1 | tee "$OUT/optimizer_temporaries.txt"
+
+# the case at a size one GPU trains in seconds, 1 rank (NCCL), the real hooks and probes; once with
+# the case's own optimizer (torch's AdamW: foreach on CUDA) and once fused (DeepSpeed's FusedAdam's way)
+for optimizer in auto fused; do
+SETTINGS="model.scale=small seq_len=1024 attention=plain optimizer=$optimizer"
+echo "=== optimizer=$optimizer" | tee -a "$OUT/figures.txt"
+timeout 300 python3 -m memdiag run hardware=h200 nproc_per_node=1 steps=10 $SETTINGS \
+  reports_dir="$OUT/reports" 2>&1 | tee -a "$OUT/run.log"
 run=$(ls -d "$OUT"/reports/baichuan2_13b/* | tail -1)
-python3 -m memdiag plan --profile h200 --layout 1x1 --host-ram 2T model.scale=small seq_len=1024 attention=plain \
+python3 -m memdiag plan --profile h200 --layout 1x1 --host-ram 2T $SETTINGS \
   --json > "$OUT/plan.json" 2>>"$OUT/run.log"
 
-python3 - "$run" "$OUT/plan.json" <<'EOF' | tee "$OUT/figures.txt"
+python3 - "$run" "$OUT/plan.json" <<'EOF' | tee -a "$OUT/figures.txt"
 import json, sys
 import numpy as np
 from memdiag.timeline import read_run
@@ -67,5 +75,8 @@ EOF
 # the ZeRO-3 allocator reserve this run implies (reserved minus allocated peak, in gathered layers),
 # beside the 11.9 fitted on published runs
 python3 -m memdiag plan --calibrate "$run" 2>&1 | tail -2 | tee -a "$OUT/figures.txt"
-cp "$run/report.html" "$run/summary.json" "$run/findings.json" "$OUT/" 2>/dev/null
+cp "$run/report.html" "$OUT/report-$optimizer.html" 2>/dev/null
+# the run directory itself (timelines, run.json, findings), for tests that read a real CUDA run
+tar -C "$(dirname "$run")" --exclude=report.html --exclude='*.png' -czf "$OUT/run-$optimizer.tar.gz" "$(basename "$run")"
+done
 rm -rf "$OUT/reports" "$OUT/plan.json"

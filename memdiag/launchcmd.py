@@ -24,6 +24,11 @@ BOOL_FLAGS = {"--bf16", "--fp16", "--gradient_checkpointing", "--use_liger_kerne
 """``TrainingArguments`` booleans: bare (``--bf16``) or with a value (``--bf16 True``)."""
 
 
+TRAINER_OPTIM = {"adamw_torch_fused": "fused", "adamw_apex_fused": "fused", "adamw_torch": "torch_foreach"}
+"""``TrainingArguments.optim`` by how its Adam steps on CUDA (``memdiag.plan.terms``): the fused
+kernels, or torch's AdamW with its default there (foreach)."""
+
+
 @dataclass
 class Launch:
     """A launch command, read."""
@@ -248,6 +253,14 @@ def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
         launch.gaps.append("no --model_name_or_path: the case's model is planned; give --model-config FILE for yours")
     if "--use_liger_kernel" in opts and _truthy(opts["--use_liger_kernel"]):
         launch.gaps.append("--use_liger_kernel: its fused linear cross-entropy is not modelled yet; the logits are counted as materialised")
+    optim = opts.get("--optim")
+    if isinstance(ds, dict) and ds.get("optimizer"):
+        pass  # DeepSpeed builds the ds_config's section; optimizer=auto reads it
+    elif optim in TRAINER_OPTIM:
+        take("--optim", f"optimizer={TRAINER_OPTIM[optim]}")
+    elif optim:
+        launch.gaps.append(f"--optim {optim}: its step's temporaries are not modelled; planned as fused Adam (none), "
+                           "give optimizer=torch_foreach to count one fp32 copy of the stepped partition")
     if "--resume_from_checkpoint" in opts:
         take("--resume_from_checkpoint", "resume=true")
 

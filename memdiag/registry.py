@@ -36,6 +36,9 @@ class CaseSpec:
     """The attention path the planner's activation count is taken on (it scales the s^2 terms)."""
     benchmark_attention: str | None = None
     """What ``attention=auto`` means for this case: the path the benchmark's model code took."""
+    optimizer: str | None = None
+    """The optimizer the case's training script builds itself, whatever the ds_config's
+    ``optimizer`` section says (``optimizer=auto``); None: DeepSpeed builds the section's."""
     runnable: dict[str, tuple] = field(default_factory=dict)
     """Setting values the case's own training can run (the planner models more)."""
     seed_measurement: dict | None = None

@@ -65,6 +65,11 @@ class RunSettings:
         "sdpa_math (SDPA with a float mask), fused (flash / memory-efficient kernels)",
         choices=("auto", "plain", "sdpa_math", "fused"), commands=PLANNED)
     activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward", commands=PLANNED)
+    optimizer: str = setting(
+        "auto", "how Adam steps a partition, which decides the step's fp32 temporaries: auto (a ds_config optimizer section "
+        "is DeepSpeed's FusedAdam, or torch's with torch_adam; the case's own: torch's AdamW default), fused (none), "
+        "torch_foreach (one: sqrt(exp_avg_sq); torch's default on CUDA), torch_for_loop (two; torch's default on CPU)",
+        choices=("auto", "fused", "torch_foreach", "torch_for_loop"), commands=PLANNED)
     offload: str = setting("auto", "ZeRO offload: auto (the ds_config's offload sections), none, optimizer (states to CPU), "
                            "params (states and parameters), nvme", choices=("auto", "none", "optimizer", "params", "nvme"), commands=PLANNED)
     pin_memory: bool | None = setting(None, "pin the offloaded states' host memory; unset: the ds_config's offload section, "

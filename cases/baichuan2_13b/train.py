@@ -65,16 +65,21 @@ def build_model(config: RunConfig, ds_config: dict, run_name: str):
         return BaichuanForCausalLM(model_cfg)  # random init: every element is written anyway
 
 
-def make_optimizer(model, ds_config: dict):
+OPTIMIZER_KWARGS = {"auto": {}, "fused": {"fused": True}, "torch_foreach": {"foreach": True}, "torch_for_loop": {"foreach": False}}
+"""``optimizer=`` as torch's AdamW takes it (auto: torch's own default for the device)."""
+
+
+def make_optimizer(model, ds_config: dict, optimizer: str = "auto"):
     """torch's AdamW with the ds_config's settings: DeepSpeed's own AdamW would JIT-compile
-    FusedAdam (~50 s on CPU) and needs a compiler on every node."""
+    FusedAdam (~50 s on CPU) and needs a compiler on every node. ``optimizer=fused`` is torch's
+    fused kernel, which updates in place as FusedAdam does."""
     import torch
 
     params = dict(ds_config.pop("optimizer", {}).get("params", {}))
     ds_config["zero_allow_untested_optimizer"] = True
     if "betas" in params:
         params["betas"] = tuple(params["betas"])
-    return torch.optim.AdamW(model.parameters(), **params)
+    return torch.optim.AdamW(model.parameters(), **params, **OPTIMIZER_KWARGS[optimizer])
 
 
 def _redirect_output(log_path: Path) -> int:
@@ -183,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             model.gradient_checkpointing_enable()
         if config.load_trim:
             release_freed_memory()
-    optimizer = make_optimizer(model, ds_config)
+    optimizer = make_optimizer(model, ds_config, config.optimizer)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if config.load_trim:
         rss_before = tracker.read_rss()

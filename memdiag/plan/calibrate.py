@@ -21,7 +21,7 @@ import numpy as np
 from memdiag.checks.loadphase import run_loads
 from memdiag.errors import UsageError
 from memdiag.plan.model import Architecture
-from memdiag.plan.terms import DTYPE_BYTES, Coefficients, Settings, activation_terms, device_terms, host_terms
+from memdiag.plan.terms import DEVICE_USED_ONLY, DTYPE_BYTES, Coefficients, Settings, activation_terms, device_terms, host_terms
 from memdiag.summary import summarize
 from memdiag.tables import render
 from memdiag.timeline import read_run
@@ -48,6 +48,12 @@ class Observation:
     world: int
     local_ranks: int
     measured: dict[str, float]
+    """Bytes, by the term ``predict`` names."""
+    cpu_accelerator: bool = True
+    """DeepSpeed's CPU accelerator: the training states live in host RAM (the steady host fit
+    reads only such runs; on CUDA they are device memory)."""
+    reserve_layers: float | None = None
+    """What the caching allocator held above the allocated peak, in gathered layers; CUDA runs only."""
 
 
 def observe(run: Run) -> Observation:
@@ -82,11 +88,13 @@ def observe(run: Run) -> Observation:
         "host_load_per_node": float(max(load_per_node.values())),
         "host_peak_per_node": float(max(summary.host_peak_bytes_per_node.values())),
     }
-    reserve = cuda_reserve_layers(run, arch, settings)
-    if reserve is not None:
-        measured["device_reserve_layers"] = reserve
     local = max(t.header.get("local_world_size", 1) for t in run.ranks.values())
-    return Observation(run.path.name, arch, settings, len(run.ranks), local, measured)
+    cpu_accelerator = (config.get("hardware") or {}).get("accelerator", "cpu") == "cpu"
+    exact = [p.device_peak_bytes for p in rank0.phases if p.device_peak_bytes is not None]
+    if not cpu_accelerator and exact:
+        measured["device_allocated_peak"] = float(max(exact))  # torch.cuda.max_memory_allocated, per phase
+    return Observation(run.path.name, arch, settings, len(run.ranks), local, measured,
+                       cpu_accelerator=cpu_accelerator, reserve_layers=cuda_reserve_layers(run, arch, settings))
 
 
 def cuda_reserve_layers(run: Run, arch: Architecture, settings: Settings) -> float | None:
@@ -110,9 +118,9 @@ def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
     act = activation_terms(obs.arch, obs.settings, c)
     load, steady = host_terms(
         obs.arch, obs.settings, local_ranks=obs.local_ranks, world=obs.world,
-        runtime_context_bytes=0, cpu_accelerator=True, c=c,
+        runtime_context_bytes=0, cpu_accelerator=obs.cpu_accelerator, c=c,
     )
-    return {
+    predicted = {
         "parameters": dev["parameters"],
         "gradients": dev["gradients"],
         "optimizer_states": dev["optimizer_states"],
@@ -121,6 +129,9 @@ def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
         "host_load_per_node": sum(load.values()),
         "host_peak_per_node": max(sum(load.values()), sum(steady.values())),
     }
+    if not obs.cpu_accelerator:
+        predicted["device_allocated_peak"] = sum(v for k, v in dev.items() if k not in DEVICE_USED_ONLY)
+    return predicted
 
 
 STEADY_FEATURES = ("host_state_factor", "host_bytes_per_model_param", "host_rank_fixed_bytes")
@@ -141,16 +152,20 @@ def fit(observations: list[Observation], c: Coefficients) -> Coefficients:
     fit of each run's peak per local rank, dropping any that would come out negative."""
     runtime = float(np.mean([o.measured["runtime_base_per_rank"] for o in observations]))
     c = replace(c, host_runtime_bytes=runtime, source=f"calibrated on {len(observations)} runs")
+    reserves = [o.reserve_layers for o in observations if o.reserve_layers is not None]
+    if reserves:
+        c = replace(c, allocator_reserve_layers=float(np.median(reserves)))
+    # the steady host coefficients describe training states held in host RAM: CPU-accelerator runs
+    on_host = [o for o in observations if o.cpu_accelerator]
+    if not on_host:
+        return c
     rows, targets = [], []
-    for obs in observations:
+    for obs in on_host:
         features, known = steady_features(obs, c)
         rows.append(features)
         targets.append(obs.measured["host_peak_per_node"] / obs.local_ranks - known)
-    reserves = [o.measured["device_reserve_layers"] for o in observations if "device_reserve_layers" in o.measured]
-    if reserves:
-        c = replace(c, allocator_reserve_layers=float(np.median(reserves)))
     x, y = np.array(rows), np.array(targets)
-    active = list(range(len(STEADY_FEATURES)))[: max(1, min(len(STEADY_FEATURES), len(observations)))]
+    active = list(range(len(STEADY_FEATURES)))[: max(1, min(len(STEADY_FEATURES), len(on_host)))]
     while active:
         solution, *_ = np.linalg.lstsq(x[:, active], y, rcond=None)
         if (solution >= 0).all():
@@ -167,8 +182,6 @@ def table(observations: list[Observation], c: Coefficients) -> list[dict]:
     for obs in observations:
         predicted = predict(obs, c)
         for term, measured in obs.measured.items():
-            if term not in predicted:  # device_reserve_layers: a count, fitted and printed on its own
-                continue
             rows.append({
                 "run": obs.name, "term": term, "predicted_bytes": int(predicted[term]), "measured_bytes": int(measured),
                 "error": (predicted[term] - measured) / measured if measured else 0.0,
@@ -194,7 +207,8 @@ def calibrate_main(run_dirs: list[Path], coefficients: Coefficients, out: Path |
           f"host_state_factor={fitted.host_state_factor:.3f}, host_bytes_per_model_param={fitted.host_bytes_per_model_param:.2f}, "
           f"host_rank_fixed_bytes={fitted.host_rank_fixed_bytes / 2**20:.1f} MiB, "
           f"allocator_reserve_layers={fitted.allocator_reserve_layers:.2f}"
-          + ("" if any("device_reserve_layers" in o.measured for o in observations) else " (no CUDA run: the published fit kept)")
+          + ("" if any(o.reserve_layers is not None for o in observations) else " (no CUDA run: the published fit kept)")
+          + ("" if any(o.cpu_accelerator for o in observations) else "; host state coefficients kept (no CPU-accelerator run holds its states in host RAM)")
           + f"; worst error {worst:.1%} (in sample)")
     if out:
         out.write_text(json.dumps(fitted.to_dict(), indent=2))

@@ -29,9 +29,31 @@ def checkpoint_format(run: RunSettings) -> str:
     return "safetensors" if any(Path(run.checkpoint).glob("*.safetensors")) else "bin"
 
 
-def planner_settings(run: RunSettings, ds: dict, *, attention: str) -> Settings:
+def optimizer_path(run: RunSettings, ds: dict, *, own: str | None, accelerator: str) -> str:
+    """How the run's Adam steps (``Settings.optimizer``). ``own``: the optimizer the training
+    script builds whatever the ds_config says (the case: ``torch_default``, torch's AdamW with
+    the section's params); None: DeepSpeed builds the ds_config's section
+    (engine._configure_basic_optimizer: FusedAdam, torch's Adam/AdamW with ``torch_adam``, CPU
+    Adam when offloaded) and without one the script's own is HF Trainer's default
+    (``adamw_torch_fused``)."""
+    if run.optimizer != "auto":
+        return run.optimizer
+    if own is None:
+        section = ds.get("optimizer") or {}
+        params = section.get("params") or {}
+        if not section or not params.get("torch_adam"):
+            return "fused"
+        own = {True: "torch_foreach", False: "torch_for_loop"}.get(params.get("foreach"), "torch_default")
+    if own == "torch_default":
+        # torch's _default_to_fused_or_foreach: foreach where every tensor is on CUDA, else the loop
+        return "torch_foreach" if accelerator == "cuda" else "torch_for_loop"
+    return own
+
+
+def planner_settings(run: RunSettings, ds: dict, *, attention: str, optimizer: str = "fused") -> Settings:
     """The planner's settings of a run: its own settings, and what it leaves to the ds_config
-    (offload, pinning, the 16-bit save, the buffers). ``attention`` is already resolved."""
+    (offload, pinning, the 16-bit save, the buffers). ``attention`` and ``optimizer`` are
+    already resolved (``optimizer_path``)."""
     zero = ds.get("zero_optimization", {})
     sections = [zero.get("offload_optimizer") or {}, zero.get("offload_param") or {}]
     pin = run.pin_memory
@@ -42,7 +64,7 @@ def planner_settings(run: RunSettings, ds: dict, *, attention: str) -> Settings:
         save_16bit = bool(zero.get("stage3_gather_16bit_weights_on_model_save", False))
     return Settings(
         zero_stage=run.zero_stage, micro_batch=run.micro_batch, seq_len=run.seq_len, grad_accum=run.grad_accum,
-        dtype=run.dtype, attention=attention, activation_checkpointing=run.activation_checkpointing,
+        dtype=run.dtype, attention=attention, activation_checkpointing=run.activation_checkpointing, optimizer=optimizer,
         offload=offload_in(zero) if run.offload == "auto" else run.offload, load=run.load, load_dtype=run.load_dtype,
         checkpoint_format=checkpoint_format(run), checkpoint_shards=run.checkpoint_shards, pin_memory=pin,
         save_16bit_weights=save_16bit, save=run.save, resume=run.resume, guard_fraction=run.guard_fraction,
@@ -62,6 +84,7 @@ def for_run(config, model_config: Path | None = None) -> tuple[Architecture, Set
     ``model_config``: plan an HF model instead of the case's (``attention=auto`` is then plain)."""
     from memdiag import dsconfig
     from memdiag.config import load_ds_config
+    from memdiag.registry import get_case
 
     if model_config is not None:
         counted_on = "plain" if config.attention == "auto" else config.attention
@@ -73,4 +96,6 @@ def for_run(config, model_config: Path | None = None) -> tuple[Architecture, Set
     ds = load_ds_config(config, hidden_size=arch.hidden_size)  # HF's "auto" buckets follow the planned model
     if config.ds_config_is_users:
         dsconfig.check_zero_section(ds, config.ds_config)
-    return arch, planner_settings(config, ds, attention=attention)
+    own = None if model_config is not None else get_case(config.case).optimizer
+    optimizer = optimizer_path(config, ds, own=own, accelerator=config.hardware.accelerator)
+    return arch, planner_settings(config, ds, attention=attention, optimizer=optimizer)

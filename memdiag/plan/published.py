@@ -158,7 +158,7 @@ def generic_gpu(device_memory_bytes: int) -> HardwareProfile:
 def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Prediction:
     """memdiag's figure (or verdict) for the case and DeepSpeed's estimator's, on the same counts."""
     from memdiag.config import compose
-    from memdiag.plan.inputs import auto_attention, for_run, planner_settings
+    from memdiag.plan.inputs import auto_attention, for_run, optimizer_path, planner_settings
     from memdiag.plan.model import Architecture
     from memdiag.plan.search import deepspeed_estimate, evaluate
     from memdiag.plan.terms import DTYPE_BYTES, Coefficients
@@ -168,6 +168,10 @@ def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Predict
 
     coefficients = coefficients or Coefficients()
     overrides = [f"{k}={v}" for k, v in case.settings.items()]
+    if case.model.startswith("case:") and "optimizer" not in case.settings:
+        # the published run's script handed its ds_config's AdamW section to DeepSpeed (FusedAdam);
+        # torch's AdamW is the case's own training script, memdiag's reproduction
+        overrides.append("optimizer=fused")
     # a published ds_config file is read as `memdiag plan --ds-config` reads the user's
     ds_file = (models_dir.parent / case.ds_config_file).resolve() if case.ds_config_file else None
     case_config = None
@@ -200,7 +204,8 @@ def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Predict
         dsconfig.fill_auto(ds, micro_batch=run.micro_batch, grad_accum=run.grad_accum, dtype=run.dtype, hidden_size=arch.hidden_size)
         if ds_file is not None:
             dsconfig.check_zero_section(ds, ds_file)
-        settings = planner_settings(run, ds, attention=attention)
+        optimizer = optimizer_path(run, ds, own=None, accelerator="cuda")
+        settings = planner_settings(run, ds, attention=attention, optimizer=optimizer)
     hardware = case_config.hardware if case_config is not None else generic_gpu(case.device_memory_bytes)
     host_limit = case.host_ram_bytes or float("inf")
     layout = evaluate(arch, settings, hardware, case.nodes, case.devices_per_node, coefficients,

@@ -6,11 +6,10 @@ from dataclasses import dataclass, replace
 
 from memdiag.config import HardwareProfile
 from memdiag.plan.model import Architecture
-from memdiag.plan.terms import Coefficients, Settings, activation_terms, device_terms, host_phase_terms
+from memdiag.plan.terms import DEVICE_USED_ONLY, Coefficients, Settings, activation_terms, device_terms, host_phase_terms
 from memdiag.units import format_bytes
 
 
-DEVICE_USED_ONLY = ("allocator_reserve", "runtime_context", "nccl_buffers")
 """Device terms that are not tensors: in the "used" figure, not in the allocated one."""
 
 

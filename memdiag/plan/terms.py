@@ -85,6 +85,9 @@ class Settings:
     (``F.scaled_dot_product_attention`` with a float mask, no fused kernel) or ``fused``
     (flash / memory-efficient kernels: no s^2 tensor kept)."""
     activation_checkpointing: bool = False
+    optimizer: str = "fused"
+    """How Adam steps a partition (``OPTIMIZER_STEP_TEMPORARIES``): ``fused``, ``torch_foreach``
+    or ``torch_for_loop``; ``memdiag.plan.inputs.optimizer_path`` resolves ``auto``."""
     offload: str = "none"
     """``none``, ``optimizer`` (states to CPU) or ``params`` (states and parameters to CPU)."""
     load: str = "reference"
@@ -124,6 +127,18 @@ class Settings:
 
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+DEVICE_USED_ONLY = ("allocator_reserve", "runtime_context", "nccl_buffers")
+"""Device terms that are not tensors: in nvidia-smi's "used", not in torch's ``max_memory_allocated``."""
+
+
+OPTIMIZER_STEP_TEMPORARIES = {"fused": 0, "torch_foreach": 1, "torch_for_loop": 2}
+"""fp32 tensors of the stepped partition's size that Adam allocates while it steps (torch
+2.x ``optim/adam.py``): the fused kernels (DeepSpeed's FusedAdam, torch's ``fused=True``) update
+in place; ``_multi_tensor_adam`` makes ``exp_avg_sq_sqrt = _foreach_sqrt(exp_avg_sqs)`` and works
+in place on it; ``_single_tensor_adam`` makes ``exp_avg_sq.sqrt()`` and its quotient by
+``bias_correction2_sqrt`` before the in-place ``add_(eps)``. Measured: bench/optimizer_temporaries.py."""
 
 
 SCORE_TENSORS = {"plain": 1.0, "sdpa_math": 0.5, "fused": 0.0}
@@ -206,16 +221,19 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
             terms["reduce_bucket"] = copies * d * float(buffers.get("reduce_bucket_size", 5e8))
     act = act if act is not None else activation_terms(arch, s, c)
     terms |= act
+    # while the optimizer steps, each stepped partition has an fp32 gradient and Adam's
+    # temporaries of its size on top of the states
+    per_stepped = 4 * (1 + OPTIMIZER_STEP_TEMPORARIES[s.optimizer])
     if stage >= 3 and s.offload == "none":
-        # the optimizer step runs one sub-group at a time with fp32 gradients, after the
+        # the optimizer step runs one sub-group at a time (stage3._optimizer_step), after the
         # activations are gone: it counts only when it is larger than what it replaces (with
         # offload the step runs on the host)
-        step_only = 4 * min(float(buffers.get("sub_group_size", 1e9)), n / world)
+        step_only = per_stepped * min(float(buffers.get("sub_group_size", 1e9)), n / world)
         terms["step_fp32_grads_above_backward"] = max(0.0, step_only - sum(act.values()))
     elif stage in (1, 2) and s.offload == "none":
         # stage_1_and_2.step: each group's fp32 gradient partition is made from the 16-bit one
         # (which it then frees) before the optimizer steps; the activations and buckets are gone
-        step_only = 4 * n / world
+        step_only = per_stepped * n / world
         replaced = sum(act.values()) + terms.get("reduce_bucket", 0.0) + (grads if stage == 2 else 0.0)
         terms["step_fp32_grads_above_backward"] = max(0.0, step_only - replaced)
     subtotal = sum(terms.values())

@@ -211,7 +211,8 @@ def _plan_html(run: Run) -> str:
         + _table(rows)
         + "<p class='note'>planned: <code>memdiag plan</code>'s terms for this run's model, ranks and settings "
         "(default coefficients; <code>memdiag plan --calibrate</code> fits the empirical ones); measured: categorised "
-        "memory of rank 0 (states after a step, saved activations after a forward), RSS before the model build, "
+        "memory of rank 0 (states after a step, saved activations after a forward), the allocator's peak (CUDA runs), "
+        "RSS before the model build, "
         "the node's load-phase and whole-run host peaks</p>"
     )
 

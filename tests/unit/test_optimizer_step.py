@@ -1,0 +1,81 @@
+"""Adam's temporaries during the optimizer step: torch's real AdamW measured on this machine,
+how a run's optimizer is resolved (the case's own, a ds_config's section, a Trainer's --optim),
+and the step peak the planner adds for it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from memdiag import launchcmd
+from memdiag.config import compose
+from memdiag.plan.inputs import for_run, optimizer_path
+from memdiag.plan.model import Architecture
+from memdiag.plan.terms import OPTIMIZER_STEP_TEMPORARIES, Coefficients, Settings, device_terms
+from memdiag.settings import PLAN, RunSettings
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("optimizer_temporaries", REPO / "bench" / "optimizer_temporaries.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZER_STEP_TEMPORARIES))
+def test_torchs_adamw_allocates_the_temporaries_memdiag_counts(kind):
+    # 25M fp32 elements (100 MB): far above glibc's mmap threshold, so each temporary is in the RSS peak
+    measured = _bench().step_temporaries(kind, 25_000_000, "cpu")
+    assert measured == pytest.approx(OPTIMIZER_STEP_TEMPORARIES[kind], abs=0.15)
+
+
+@pytest.mark.parametrize("ds, own, accelerator, expected", [
+    ({"optimizer": {"type": "AdamW"}}, None, "cuda", "fused"),  # DeepSpeed's FusedAdam
+    ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}}, None, "cuda", "torch_foreach"),
+    ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True, "foreach": False}}}, None, "cuda", "torch_for_loop"),
+    ({}, None, "cuda", "fused"),  # no section: the HF Trainer's default optim, adamw_torch_fused
+    ({"optimizer": {"type": "AdamW"}}, "torch_default", "cuda", "torch_foreach"),  # the case's own AdamW
+    ({"optimizer": {"type": "AdamW"}}, "torch_default", "cpu", "torch_for_loop"),
+])
+def test_the_runs_optimizer_is_resolved_from_who_builds_it(ds, own, accelerator, expected):
+    assert optimizer_path(RunSettings(), ds, own=own, accelerator=accelerator) == expected
+    assert optimizer_path(RunSettings(optimizer="fused"), ds, own=own, accelerator=accelerator) == "fused"
+
+
+def test_the_case_is_planned_with_its_own_optimizer_and_a_setting_wins():
+    _, on_gpu = for_run(compose(["hardware=h200", "model.scale=small"], command=PLAN, detect_accelerator=False))
+    _, fused = for_run(compose(["hardware=h200", "model.scale=small", "optimizer=fused"], command=PLAN, detect_accelerator=False))
+    assert (on_gpu.optimizer, fused.optimizer) == ("torch_foreach", "fused")
+
+
+def test_a_trainers_optim_becomes_the_setting_unless_the_ds_config_names_one(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    read = lambda extra: launchcmd.read(shlex.split(f"torchrun --nproc_per_node 8 train.py --deepspeed {ds} {extra}"))  # noqa: E731
+    assert "optimizer=torch_foreach" in read("--optim adamw_torch").tokens
+    assert "optimizer=fused" in read("--optim adamw_torch_fused").tokens
+    assert any("--optim adafactor" in gap for gap in read("--optim adafactor").gaps)
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}))
+    assert not any(t.startswith("optimizer=") for t in read("--optim adamw_torch").tokens)
+
+
+def test_the_step_peak_counts_one_fp32_partition_per_temporary_above_the_activations():
+    # one rank, a model whose sub-group is far larger than its activations: the step binds
+    arch = Architecture.for_case("baichuan2_13b", {"scale": "small", "vocab_size": 125696, "hidden_size": 2048,
+                                                   "intermediate_size": 5504, "num_hidden_layers": 12,
+                                                   "num_attention_heads": 16, "model_max_length": 4096,
+                                                   "rms_norm_eps": 1e-6}, dtype="bf16", attention="plain")
+    sub_group = 8e8
+    steps = {}
+    for kind in OPTIMIZER_STEP_TEMPORARIES:
+        s = Settings(seq_len=128, optimizer=kind, ds_buffers={"sub_group_size": sub_group})
+        steps[kind] = device_terms(arch, s, world=1, c=Coefficients())["step_fp32_grads_above_backward"]
+    # each temporary is one more fp32 copy of the sub-group; the activations it replaces are the same
+    assert steps["torch_foreach"] - steps["fused"] == pytest.approx(4 * sub_group)
+    assert steps["torch_for_loop"] - steps["torch_foreach"] == pytest.approx(4 * sub_group)
