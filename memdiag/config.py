@@ -126,7 +126,8 @@ class RunConfig(RunSettings):
             value = getattr(self, name)
             if value != "auto" and value not in values:
                 raise UsageError(
-                    f"{schema.key_of(name)}={value}: the {self.case} case's training runs {', '.join(values)} "
+                    f"{schema.key_of(name)}={str(value).lower()}: the {self.case} case's training runs "
+                    f"{', '.join(str(v).lower() for v in values)} "
                     f"(`memdiag plan` models {value} too)"
                 )
 

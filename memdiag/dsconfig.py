@@ -11,9 +11,12 @@ gives is refused with the key to give.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 from pathlib import Path
 
+from memdiag.cache import cache_root
 from memdiag.errors import UsageError
 
 SETTING_KEYS = {
@@ -164,6 +167,15 @@ def check_zero_section(ds: dict, path: str | Path) -> None:
     zero = ds.get("zero_optimization")
     if not isinstance(zero, dict):
         return
+    try:
+        version = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        return  # planning for another machine: no DeepSpeed here to ask
+    # importing DeepSpeed to ask costs seconds; its answer for the same section and version does not change
+    key = hashlib.sha256(json.dumps({"deepspeed": version, "zero": zero}, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    accepted = cache_root() / "zero_checked" / key
+    if accepted.exists():
+        return
     import logging
 
     logging.disable(logging.WARNING)  # DeepSpeed logs its accelerator choice on import: not the plan's business
@@ -186,3 +198,8 @@ def check_zero_section(ds: dict, path: str | Path) -> None:
             f"ds_config={path}: zero_optimization is not what DeepSpeed {deepspeed.__version__} reads ({problems}): "
             "fix or remove the key"
         ) from None
+    try:
+        accepted.parent.mkdir(parents=True, exist_ok=True)
+        accepted.touch()
+    except OSError:
+        pass  # a read-only cache: asked again next time

@@ -251,8 +251,8 @@ def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
             launch.gaps.append(f"--model_name_or_path {model}: not a local directory with a config.json; give --model-config FILE")
     else:
         launch.gaps.append("no --model_name_or_path: the case's model is planned; give --model-config FILE for yours")
-    if "--use_liger_kernel" in opts and _truthy(opts["--use_liger_kernel"]):
-        launch.gaps.append("--use_liger_kernel: its fused linear cross-entropy is not modelled yet; the logits are counted as materialised")
+    if "--use_liger_kernel" in opts:
+        take("--use_liger_kernel", f"fused_cross_entropy={str(_truthy(opts['--use_liger_kernel'])).lower()}")
     optim = opts.get("--optim")
     if isinstance(ds, dict) and ds.get("optimizer"):
         pass  # DeepSpeed builds the ds_config's section; optimizer=auto reads it

@@ -65,6 +65,9 @@ class RunSettings:
         "sdpa_math (SDPA with a float mask), fused (flash / memory-efficient kernels)",
         choices=("auto", "plain", "sdpa_math", "fused"), commands=PLANNED)
     activation_checkpointing: bool = setting(False, "recompute each decoder layer in backward", commands=PLANNED)
+    fused_cross_entropy: bool = setting(
+        False, "the loss is a fused linear cross-entropy (Liger's, the HF Trainer's use_liger_kernel): the logits and their "
+        "gradient exist one chunk at a time", commands=PLANNED)
     optimizer: str = setting(
         "auto", "how Adam steps a partition, which decides the step's fp32 temporaries: auto (a ds_config optimizer section "
         "is DeepSpeed's FusedAdam, or torch's with torch_adam; the case's own: torch's AdamW default), fused (none), "

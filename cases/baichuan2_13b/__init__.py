@@ -50,6 +50,7 @@ SPEC = register_case(CaseSpec(
     # our model implements upstream's two paths (without and with xformers importable); the
     # planner also models offload to NVMe and rank-0 broadcast loading, which this case cannot run
     optimizer="torch_default",
-    runnable={"attention": ("plain", "sdpa_math"), "load": ("reference", "zero_init"), "offload": ("none", "optimizer", "params")},
+    runnable={"attention": ("plain", "sdpa_math"), "load": ("reference", "zero_init"), "offload": ("none", "optimizer", "params"),
+              "fused_cross_entropy": (False,)},
     seed_measurement=SEED_MEASUREMENT,
 ))

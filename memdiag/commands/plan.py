@@ -373,6 +373,7 @@ def print_table(arch, settings, hardware, results, best, full_node, fixes, host_
         f"attention={settings.attention}, activation_checkpointing={str(settings.activation_checkpointing).lower()}, "
         f"offload={settings.offload}" + (f" (pin_memory={str(settings.pin_memory).lower()})" if settings.offload != "none" else "")
         + f", load={settings.load}" + (f" (load.dtype={settings.load_dtype})" if settings.load_dtype else "")
+        + f", optimizer={settings.optimizer}" + (", fused_cross_entropy=true" if settings.fused_cross_entropy else "")
         + f"; judged phases: {', '.join(settings.phases)}"
     )
     if ds_config:

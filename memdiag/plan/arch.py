@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from memdiag.cache import cache_root
 from memdiag.errors import UsageError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 PROBE_SEQ = (256, 512)
 """Sequence lengths the forward is run at; two points fit the s and s^2 terms exactly."""
 ATTN_IMPLEMENTATION = {"plain": "eager", "sdpa_math": "sdpa", "fused": "sdpa"}
@@ -67,6 +67,9 @@ class ModelFacts:
     vocab_size: int
     supports_sdpa: bool = False
     """transformers picks SDPA for this model when ``attn_implementation`` is not given (else eager)."""
+    tensor_numels: tuple[int, ...] = ()
+    """Elements of each parameter in ``named_parameters()`` order, tied ones once (the order
+    ZeRO-3's ``mark_persistent_parameters`` walks)."""
     saved: SavedBytes | None = None
 
     def to_dict(self) -> dict:
@@ -76,12 +79,12 @@ class ModelFacts:
     def from_dict(cls, data: dict) -> ModelFacts:
         data = dict(data)
         saved = data.pop("saved", None)
+        data["tensor_numels"] = tuple(data.get("tensor_numels") or ())
         return cls(**data, saved=SavedBytes(**saved) if saved else None)
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("MEMDIAG_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "memdiag")
-    return Path(base) / "arch"
+    return cache_root() / "arch"
 
 
 def _key(config: dict, model_class: str | None, dtype: str, attention: str) -> str:
@@ -275,6 +278,7 @@ def count(config: dict, *, dtype: str, attention: str, model_class=None, trust_r
         intermediate_size=int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 0),
         vocab_size=int(getattr(text, "vocab_size", 0) or 0),
         supports_sdpa=bool(getattr(type(model), "_supports_sdpa", False)),
+        tensor_numels=tuple(p.numel() for _, p in model.named_parameters()),
         saved=saved_bytes(config, hf_config_for=lambda **c: _hf_config(config, model_class, remote, **c),
                           layers_key=layers_key, model_class=model_class, remote=remote, dtype=dtype, attention=attention),
     )

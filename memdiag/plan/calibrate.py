@@ -21,7 +21,7 @@ import numpy as np
 from memdiag.checks.loadphase import run_loads
 from memdiag.errors import UsageError
 from memdiag.plan.model import Architecture
-from memdiag.plan.terms import DEVICE_USED_ONLY, DTYPE_BYTES, Coefficients, Settings, activation_terms, device_terms, host_terms
+from memdiag.plan.terms import DEVICE_USED_ONLY, DTYPE_BYTES, Coefficients, Settings, activation_terms, device_terms, host_terms, saved_bytes
 from memdiag.summary import summarize
 from memdiag.tables import render
 from memdiag.timeline import read_run
@@ -124,7 +124,7 @@ def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
         "parameters": dev["parameters"],
         "gradients": dev["gradients"],
         "optimizer_states": dev["optimizer_states"],
-        "saved_activations": act["activations"] + act["attention_scores"] + act["logits_and_loss"],
+        "saved_activations": saved_bytes(act),
         "runtime_base_per_rank": c.host_runtime_bytes,
         "host_load_per_node": sum(load.values()),
         "host_peak_per_node": max(sum(load.values()), sum(steady.values())),
@@ -143,7 +143,7 @@ def steady_features(obs: Observation, c: Coefficients) -> tuple[np.ndarray, floa
     dev = device_terms(obs.arch, obs.settings, obs.world, c)
     act = activation_terms(obs.arch, obs.settings, c)
     states = dev["parameters"] + dev["gradients"] + dev["optimizer_states"]
-    known = c.host_runtime_bytes + act["activations"] + act["attention_scores"] + act["logits_and_loss"]
+    known = c.host_runtime_bytes + saved_bytes(act)
     return np.array([states, float(obs.arch.num_parameters), 1.0]), known
 
 

@@ -57,6 +57,17 @@ class Architecture:
             return self.facts.largest_tensor_elements
         return max(self.vocab_size * self.hidden_size, 3 * self.hidden_size * self.hidden_size, self.hidden_size * self.intermediate_size)
 
+    @property
+    def tensor_numels(self) -> tuple[int, ...]:
+        """Each parameter's elements in ``named_parameters()`` order: counted, or the dense
+        decoder's (embedding; per layer norm, q, k, v, o, norm, gate, up, down; norm; head)."""
+        if self.facts is not None and self.facts.tensor_numels:
+            return self.facts.tensor_numels
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        kv = self.num_kv_heads * self.head_dim
+        layer = (h, h * h, h * kv, h * kv, h * h, h, h * i, h * i, h * i)
+        return (v * h, *layer * self.num_layers, h) + (() if self.tied_embeddings else (v * h,))
+
     @classmethod
     def from_case_model(cls, model: dict) -> Architecture:
         return cls(

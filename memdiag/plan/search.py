@@ -245,7 +245,7 @@ FIXES = (
     ("load=zero_init", {"load": "zero_init", "checkpoint_format": "safetensors"}),
     ("load.dtype=bf16", {"load_dtype": "bf16"}),
     ("activation_checkpointing=true", {"activation_checkpointing": True}),
-    ("flash_attn=true", {"attention": "fused"}),
+    ("attention=fused", {"attention": "fused"}),
     ("offload=optimizer", {"offload": "optimizer"}),
 )
 

@@ -85,6 +85,8 @@ class Settings:
     (``F.scaled_dot_product_attention`` with a float mask, no fused kernel) or ``fused``
     (flash / memory-efficient kernels: no s^2 tensor kept)."""
     activation_checkpointing: bool = False
+    fused_cross_entropy: bool = False
+    """A fused linear cross-entropy (Liger's): no full logits or logits gradient (``activation_terms``)."""
     optimizer: str = "fused"
     """How Adam steps a partition (``OPTIMIZER_STEP_TEMPORARIES``): ``fused``, ``torch_foreach``
     or ``torch_for_loop``; ``memdiag.plan.inputs.optimizer_path`` resolves ``auto``."""
@@ -161,6 +163,20 @@ def _measured_layer(arch: Architecture, s: Settings) -> tuple[float, float, floa
     return saved.layer_per_token * seq * b * scale, squared * b * scale, (saved.head_per_token * seq * b + saved.head_fixed) * scale
 
 
+def persistent_elements(arch: Architecture, param_threshold: float, model_threshold: float = float("inf")) -> int:
+    """Elements ZeRO-3 keeps gathered on every rank after their first use (``ds_persist``):
+    ``DeepSpeedZeRoOffload.mark_persistent_parameters`` walks the parameters in order and marks
+    each of at most ``stage3_param_persistence_threshold`` elements while the total stays within
+    ``stage3_model_persistence_threshold``. Measured: bench/zero3_persistence.py."""
+    total = 0
+    for numel in arch.tensor_numels:
+        if numel + total > model_threshold:
+            continue
+        if numel <= param_threshold:
+            total += numel
+    return total
+
+
 def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[str, float]:
     """Saved-for-backward bytes at the end of the forward, plus the backward's transient.
     Counted from the model's forward when ``arch.facts`` has them, else the formula above."""
@@ -178,12 +194,37 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
     else:
         layers, all_scores = arch.num_layers * layer, arch.num_layers * scores
     transient_scores = 0.0 if s.flash_attn else c.backward_transient_as2b * a * seq * seq * b * scale
+    if s.fused_cross_entropy:
+        return {
+            "activations": layers,
+            "attention_scores": all_scores,
+            "fused_linear_cross_entropy": fused_linear_ce_bytes(b * seq, h, v, DTYPE_BYTES[s.dtype]),
+            "backward_transient": transient_scores,
+        }
     return {
         "activations": layers,
         "attention_scores": all_scores,
         "logits_and_loss": head,
         "backward_transient": max(transient_scores, c.backward_transient_sbv * seq * b * v),
     }
+
+
+def saved_bytes(act: dict[str, float]) -> float:
+    """What the forward keeps for the backward: the activation terms but the backward's transient."""
+    return sum(v for k, v in act.items() if k != "backward_transient")
+
+
+def fused_linear_ce_bytes(tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> float:
+    """Liger's ``fused_linear_cross_entropy_forward`` (liger_kernel/ops/fused_linear_cross_entropy.py):
+    the forward computes the loss and the gradients, one chunk of rows at a time, and keeps for the
+    backward the gradient of its input (tokens x hidden) and of the head's weight (vocab x hidden),
+    beside the input itself; one chunk's logits (``next_power_of_2(tokens / ceil(vocab / hidden))``
+    rows x vocab) exist at a time and are overwritten by their gradient. Read from Liger's source:
+    its Triton kernels need a GPU, so this term is not measured on the CPU accelerator."""
+    inc_factor = -(-vocab // max(hidden, 1))
+    rows = -(-tokens // inc_factor)
+    chunk = 1 << max(rows - 1, 0).bit_length()
+    return dtype_bytes * (2 * tokens * hidden + vocab * hidden + chunk * vocab)
 
 
 def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, act: dict[str, float] | None = None) -> dict[str, float]:
@@ -211,6 +252,9 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
         # buckets are sized by the ds_config but never larger than what they hold
         terms["zero3_prefetch_bucket"] = d * min(float(buffers.get("stage3_prefetch_bucket_size", 5e7)), n)
         terms["zero3_reduce_bucket"] = d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
+        terms["zero3_persistent_parameters"] = d * persistent_elements(
+            arch, float(buffers.get("stage3_param_persistence_threshold", 1e5)),
+            float(buffers.get("stage3_model_persistence_threshold", float("inf"))))
     elif stage >= 1:
         # stage_1_and_2.setup_buckets: with contiguous_gradients (the default) one reduce buffer
         # of reduce_bucket_size elements in the training dtype, two with overlap_comm (off by
@@ -292,7 +336,7 @@ def host_terms(
         act = activation_terms(arch, s, c)
         steady["training_states"] = local_ranks * c.host_state_factor * states
         steady["model_sized_buffers"] = local_ranks * c.host_bytes_per_model_param * n
-        steady["activations"] = local_ranks * (act["activations"] + act["attention_scores"] + act["logits_and_loss"])
+        steady["activations"] = local_ranks * saved_bytes(act)
         steady["rank_fixed"] = local_ranks * c.host_rank_fixed_bytes
     return load, steady
 

@@ -57,7 +57,8 @@ def test_what_a_trainer_leaves_out_is_its_default_and_what_cannot_be_read_is_nam
     assert "micro_batch=8" in launch.tokens and "grad_accum=1" in launch.tokens  # TrainingArguments' defaults
     gaps = " | ".join(launch.gaps)
     assert "--nproc_per_node gpu" in gaps and "give --layout" in gaps
-    assert "seq_len=N" in gaps and "--model-config" in gaps and "--use_liger_kernel" in gaps
+    assert "seq_len=N" in gaps and "--model-config" in gaps
+    assert "fused_cross_entropy=true" in launch.tokens  # Liger's fused linear cross-entropy
     assert not any(t.startswith("layout=") for t in launch.tokens)
 
 

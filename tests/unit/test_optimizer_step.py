@@ -79,3 +79,16 @@ def test_the_step_peak_counts_one_fp32_partition_per_temporary_above_the_activat
     # each temporary is one more fp32 copy of the sub-group; the activations it replaces are the same
     assert steps["torch_foreach"] - steps["fused"] == pytest.approx(4 * sub_group)
     assert steps["torch_for_loop"] - steps["torch_foreach"] == pytest.approx(4 * sub_group)
+
+
+def test_a_fused_linear_cross_entropy_keeps_no_logits():
+    from memdiag.plan.terms import activation_terms, fused_linear_ce_bytes
+
+    arch = Architecture(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336, vocab_size=128256)
+    plain = activation_terms(arch, Settings(seq_len=8192, attention="fused"), Coefficients())
+    fused = activation_terms(arch, Settings(seq_len=8192, attention="fused", fused_cross_entropy=True), Coefficients())
+    assert "logits_and_loss" not in fused and fused["activations"] == plain["activations"]
+    # Liger's chunk: next_power_of_2(8192 rows / ceil(128256 / 4096) = 32) = 256 rows of logits at a time
+    assert fused["fused_linear_cross_entropy"] == 2 * (2 * 8192 * 4096 + 128256 * 4096 + 256 * 128256)
+    assert fused_linear_ce_bytes(8192, 4096, 128256, 2) < plain["logits_and_loss"] / 2
+    assert fused["backward_transient"] < plain["backward_transient"]

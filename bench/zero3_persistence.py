@@ -1,0 +1,60 @@
+"""ZeRO-3's persistent parameters: what DeepSpeed keeps gathered on every rank after first use,
+beside memdiag's ``zero3_persistent_parameters`` term, for its defaults, no persistence, a
+threshold over every weight, and a model-wide cap.
+
+Runs bench/zero3_persistence_rank.py (real DeepSpeed stage 3, its CPU accelerator, gloo, 1 rank),
+which reports the elements of every ``ds_persist`` parameter whose full data is still there after
+a step.
+
+    python bench/zero3_persistence.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from memdiag.plan.arch import ModelFacts  # noqa: E402
+from memdiag.plan.model import Architecture  # noqa: E402
+from memdiag.plan.terms import Coefficients, Settings, device_terms  # noqa: E402
+
+RANK = Path(__file__).resolve().parent / "zero3_persistence_rank.py"
+
+
+def measure(timeout_s: float = 900) -> list[dict]:
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(RANK)],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not records:
+        raise RuntimeError(f"zero3_persistence_rank.py failed ({done.returncode}): {done.stderr[-2000:]}")
+    return records
+
+
+def memdiag_persistent_bytes(row: dict) -> float:
+    numels = tuple(row["tensor_numels"])
+    arch = Architecture.from_facts(ModelFacts(
+        name="stack", model_class="Sequential", num_parameters=sum(numels), num_layers=3, largest_layer_params=max(numels),
+        largest_tensor_elements=max(numels), tied_parameters=0, hidden_size=512, num_heads=1, num_kv_heads=1,
+        intermediate_size=512, vocab_size=0, tensor_numels=numels,
+    ))
+    return device_terms(arch, Settings(ds_buffers=row["zero_optimization"]), 1, Coefficients(), act={})["zero3_persistent_parameters"]
+
+
+def main() -> int:
+    print("ZeRO-3 persistent parameters, bf16, 3 x (Linear 512 + LayerNorm 512): bytes kept gathered per rank")
+    print(f"  {'param threshold':>15} {'model threshold':>15} {'DeepSpeed':>10} {'memdiag':>10}")
+    for row in measure():
+        zero = row["zero_optimization"]
+        print(f"  {zero.get('stage3_param_persistence_threshold', '1e5 (default)')!s:>15} "
+              f"{zero.get('stage3_model_persistence_threshold', 'none')!s:>15} "
+              f"{2 * row['persistent_elements']:10.0f} {memdiag_persistent_bytes(row):10.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""One rank of bench/zero3_persistence.py: ZeRO-3 (DeepSpeed's own stage 3 on its CPU
+accelerator, gloo) for each persistence setting, one forward, backward and step each; prints,
+per setting, the parameters' elements in ``named_parameters()`` order and the elements DeepSpeed
+keeps gathered after the step (``ds_persist`` parameters whose full data is still there).
+
+    torchrun --nproc_per_node 1 bench/zero3_persistence_rank.py
+"""
+
+import importlib
+import json
+
+import deepspeed
+import torch
+
+HIDDEN, LAYERS = 512, 3
+VARIANTS = [
+    {},  # DeepSpeed's defaults: 1e5 elements per parameter, no model cap
+    {"stage3_param_persistence_threshold": 0},
+    {"stage3_param_persistence_threshold": 3e5},  # every weight too (512 x 512 = 262,144)
+    {"stage3_param_persistence_threshold": 3e5, "stage3_model_persistence_threshold": 6e5},
+]
+
+
+def model() -> torch.nn.Module:
+    layers = []
+    for _ in range(LAYERS):
+        layers += [torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.LayerNorm(HIDDEN)]
+    return torch.nn.Sequential(*layers)
+
+
+def main() -> None:
+    # the CPU accelerator's shared-memory allreduce would be JIT-compiled first; gloo does the collectives
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed("gloo")
+    for persistence in VARIANTS:
+        zero = {"stage": 3, "stage3_prefetch_bucket_size": 0, **persistence}
+        config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_allow_untested_optimizer": True,
+                  "zero_optimization": zero}
+        with deepspeed.zero.Init(config_dict_or_path=config, dtype=torch.bfloat16):
+            net = model()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        engine, *_ = deepspeed.initialize(model=net, config=config, optimizer=optimizer)
+        loss = engine(torch.randn(1, 8, HIDDEN, dtype=torch.bfloat16)).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        params = list(engine.module.named_parameters())
+        gathered = sum(p.ds_numel for _, p in params if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel)
+        print(json.dumps({"zero_optimization": zero, "tensor_numels": [p.ds_numel for _, p in params],
+                          "persistent_elements": gathered}), flush=True)
+        del engine, net, optimizer
+
+
+if __name__ == "__main__":
+    main()
