@@ -35,24 +35,35 @@ def measure(timeout_s: float = 900) -> list[dict]:
     return records
 
 
-def memdiag_persistent_bytes(row: dict) -> float:
+def memdiag_terms(row: dict) -> dict[str, float]:
     numels = tuple(row["tensor_numels"])
     arch = Architecture.from_facts(ModelFacts(
         name="stack", model_class="Sequential", num_parameters=sum(numels), num_layers=3, largest_layer_params=max(numels),
         largest_tensor_elements=max(numels), tied_parameters=0, hidden_size=512, num_heads=1, num_kv_heads=1,
         intermediate_size=512, vocab_size=0, tensor_numels=numels,
     ))
-    return device_terms(arch, Settings(ds_buffers=row["zero_optimization"]), 1, Coefficients(), act={})["zero3_persistent_parameters"]
+    return device_terms(arch, Settings(ds_buffers=row["zero_optimization"]), 1, Coefficients(), act={})
+
+
+def memdiag_persistent_bytes(row: dict) -> float:
+    return memdiag_terms(row)["zero3_persistent_parameters"]
 
 
 def main() -> int:
+    rows = measure()
     print("ZeRO-3 persistent parameters, bf16, 3 x (Linear 512 + LayerNorm 512): bytes kept gathered per rank")
     print(f"  {'param threshold':>15} {'model threshold':>15} {'DeepSpeed':>10} {'memdiag':>10}")
-    for row in measure():
+    for row in rows[:4]:
         zero = row["zero_optimization"]
         print(f"  {zero.get('stage3_param_persistence_threshold', '1e5 (default)')!s:>15} "
               f"{zero.get('stage3_model_persistence_threshold', 'none')!s:>15} "
               f"{2 * row['persistent_elements']:10.0f} {memdiag_persistent_bytes(row):10.0f}")
+    print("ZeRO-3 gradient-reduction buffer, reduce_bucket_size 3e5: bytes")
+    print(f"  {'overlap_comm':>12} {'contiguous':>10} {'DeepSpeed':>10} {'memdiag':>10}")
+    for row in rows[4:]:
+        zero = row["zero_optimization"]
+        print(f"  {str(zero.get('overlap_comm', False)).lower():>12} {str(zero.get('contiguous_gradients', True)).lower():>10} "
+              f"{row['reduce_buffers_bytes']:10.0f} {memdiag_terms(row)['zero3_reduce_bucket']:10.0f}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """One rank of bench/zero3_persistence.py: ZeRO-3 (DeepSpeed's own stage 3 on its CPU
 accelerator, gloo) for each persistence setting, one forward, backward and step each; prints,
-per setting, the parameters' elements in ``named_parameters()`` order and the elements DeepSpeed
-keeps gathered after the step (``ds_persist`` parameters whose full data is still there).
+per setting, the parameters' elements in ``named_parameters()`` order, the elements DeepSpeed
+keeps gathered after the step (``ds_persist`` parameters whose full data is still there) and the
+bytes of its gradient-reduction buffers (the IPG buckets' ``buffer``).
 
     torchrun --nproc_per_node 1 bench/zero3_persistence_rank.py
 """
@@ -18,6 +19,10 @@ VARIANTS = [
     {"stage3_param_persistence_threshold": 0},
     {"stage3_param_persistence_threshold": 3e5},  # every weight too (512 x 512 = 262,144)
     {"stage3_param_persistence_threshold": 3e5, "stage3_model_persistence_threshold": 6e5},
+    # the reduce bucket: overlap_comm moves the reduction to its own stream, not to a second buffer
+    {"reduce_bucket_size": 3e5, "overlap_comm": True},
+    {"reduce_bucket_size": 3e5, "overlap_comm": False},
+    {"reduce_bucket_size": 3e5, "contiguous_gradients": False},
 ]
 
 
@@ -45,8 +50,10 @@ def main() -> None:
         engine.step()
         params = list(engine.module.named_parameters())
         gathered = sum(p.ds_numel for _, p in params if getattr(p, "ds_persist", False) and p.data.numel() == p.ds_numel)
+        buffers = {b.buffer.untyped_storage().data_ptr(): b.buffer.untyped_storage().nbytes()
+                   for b in engine.optimizer.ipg_buckets.values() if getattr(b, "buffer", None) is not None and b.buffer.numel()}
         print(json.dumps({"zero_optimization": zero, "tensor_numels": [p.ds_numel for _, p in params],
-                          "persistent_elements": gathered}), flush=True)
+                          "persistent_elements": gathered, "reduce_buffers_bytes": sum(buffers.values())}), flush=True)
         del engine, net, optimizer
 
 

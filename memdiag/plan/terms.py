@@ -251,7 +251,11 @@ def device_terms(arch: Architecture, s: Settings, world: int, c: Coefficients, a
         terms["zero3_gathered_parameters"] = d * live  # the layer computing and the one prefetched
         # buckets are sized by the ds_config but never larger than what they hold
         terms["zero3_prefetch_bucket"] = d * min(float(buffers.get("stage3_prefetch_bucket_size", 5e7)), n)
-        terms["zero3_reduce_bucket"] = d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
+        # stage3.py: one reduction buffer per communication dtype, made when contiguous_gradients
+        # (the default); overlap_comm reduces on another stream from the same buffer (measured:
+        # bench/zero3_persistence.py)
+        terms["zero3_reduce_bucket"] = (d * min(float(buffers.get("reduce_bucket_size", 5e8)), n)
+                                        if buffers.get("contiguous_gradients", True) else 0.0)
         terms["zero3_persistent_parameters"] = d * persistent_elements(
             arch, float(buffers.get("stage3_param_persistence_threshold", 1e5)),
             float(buffers.get("stage3_model_persistence_threshold", float("inf"))))
