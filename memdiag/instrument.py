@@ -26,6 +26,9 @@ from memdiag.timeline.writer import TimelineWriter
 log = logging.getLogger(__name__)
 
 NODE_ENV = "MEMDIAG_NODE"
+RANK_PID_ENV = "MEMDIAG_RANK_PID"
+"""Set by the instrumented rank for everything it starts: a child, grandchild or re-exec that
+inherits the rank's ``RANK`` and run directory is not the rank (memdiag.inject.sitecustomize)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,8 +143,22 @@ _ACTIVE: list[Instrumentation] = []
 def start(run_dir: str | Path, sample_hz: float = 100.0) -> Instrumentation:
     """Start memdiag in this process (once; a second call returns the running one)."""
     if not _ACTIVE:
+        os.environ[RANK_PID_ENV] = str(os.getpid())
         _ACTIVE.append(Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz).start())
     return _ACTIVE[0]
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker, a pool) shares the rank's memory but is not the
+    rank: its copy of memdiag writes nothing, and its exit flushes nothing of the parent's. The
+    node watcher counts it among the rank's children."""
+    for active in _ACTIVE:
+        active._stopped = True
+        active.writer.abandon_in_child()
+    hooks.set_active(False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def stop_all() -> None:

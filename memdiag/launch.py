@@ -204,6 +204,7 @@ def run_command(settings: RunSettings, run_dir: Path, command: list[str], limit_
     import subprocess
 
     env = dict(os.environ)
+    env.pop("MEMDIAG_RANK_PID", None)  # a new job: its ranks are to be instrumented, whoever started memdiag
     env["PYTHONPATH"] = python_path(INJECT_DIR, REPO_ROOT)
     env["MEMDIAG_RUN_DIR"] = str(run_dir.resolve())
     env["MEMDIAG_SAMPLE_HZ"] = str(settings.sample_hz)

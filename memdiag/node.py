@@ -17,7 +17,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import memdiag
@@ -49,6 +49,8 @@ class RankProcesses:
     pid: int
     children: list[int]
     start_ticks: int | None = None
+    roles: dict[int, str] = field(default_factory=dict)
+    """child PID -> ``procs.child_role``."""
 
 
 def _rank_of(pid: int) -> int | None:
@@ -73,6 +75,10 @@ def find_ranks(root_pid: int) -> dict[int, RankProcesses]:
         ranks[rank] = RankProcesses(rank, pid, procs.descendants(pid, children), procs.start_ticks(pid))
     if not ranks and (rank := _rank_of(root_pid)) is not None:
         ranks[rank] = RankProcesses(rank, root_pid, procs.descendants(root_pid, children), procs.start_ticks(root_pid))
+    for found in ranks.values():
+        if found.children:
+            own = procs.read_cmdline(found.pid)
+            found.roles = {c: procs.child_role(procs.read_cmdline(c), procs.read_name(c), own) for c in found.children}
     return ranks
 
 
@@ -168,28 +174,41 @@ class NodeWatcher:
 
     @staticmethod
     def _read_rank(rank: RankProcesses, with_pss: bool) -> dict | None:
+        """The rank's own RSS and its children's (every tick); at PSS ticks ``pss_bytes`` (the
+        rank and its children, shared pages split between them), ``children_pss_bytes`` and the
+        children by role. A child that exits between two reads, or cannot be read, is skipped."""
         try:
             entry = {"pid": rank.pid, "rss_bytes": read_proc_status(rank.pid).rss_bytes}
         except OSError:
             return None  # the rank has exited
-        children_rss = 0
+        children_rss, read = 0, []
         for child in rank.children:
             try:
                 children_rss += read_proc_status(child).rss_bytes
+                read.append(child)
             except OSError:
                 pass
         entry["children_rss_bytes"] = children_rss
+        entry["children"] = len(read)
         if with_pss:
             try:
-                pss = read_pss_bytes(rank.pid)
-                for child in rank.children:
-                    try:
-                        pss += read_pss_bytes(child)
-                    except OSError:
-                        pass
-                entry["pss_bytes"] = pss
+                own = read_pss_bytes(rank.pid)
             except OSError:
-                pass
+                return entry
+            children_pss, roles = 0, {}
+            for child in read:
+                try:
+                    pss = read_pss_bytes(child)
+                except OSError:
+                    continue
+                children_pss += pss
+                role = roles.setdefault(rank.roles.get(child, "other"), {"count": 0, "pss_bytes": 0})
+                role["count"] += 1
+                role["pss_bytes"] += pss
+            entry["pss_bytes"] = own + children_pss
+            entry["children_pss_bytes"] = children_pss
+            if roles:
+                entry["children_roles"] = roles
         return entry
 
     def enforce_guard(self, sample: dict) -> None:

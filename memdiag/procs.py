@@ -102,6 +102,42 @@ def descendants(root: int, children: dict[int, list[int]] | None = None) -> list
     return found
 
 
+COMPILERS = frozenset({"cc1", "cc1plus", "c++", "g++", "gcc", "clang", "clang++", "nvcc", "cicc", "ptxas", "ninja", "ld", "as"})
+
+
+def child_role(cmdline: list[str], name: str, rank_cmdline: list[str]) -> str:
+    """What a rank's child is, from its command line: a spawned multiprocessing worker (a
+    DataLoader's with the spawn or forkserver method), a forked worker (fork keeps the parent's
+    command line: DataLoader's default method on Linux), torch.compile's compile workers, a
+    compiler (DeepSpeed's and torch's JIT op builds) or another program."""
+    text = " ".join(cmdline)
+    if "torch._inductor" in text and "compile_worker" in text:
+        return "compile worker"
+    if "multiprocessing.spawn" in text or "multiprocessing.forkserver" in text or "multiprocessing.resource_tracker" in text:
+        return "spawned worker"
+    if cmdline and cmdline == rank_cmdline:
+        return "forked worker"
+    if name in COMPILERS or (cmdline and os.path.basename(cmdline[0]) in COMPILERS):
+        return "compiler"
+    return "other"
+
+
+def read_cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [part.decode("utf-8", "replace") for part in f.read().split(b"\0") if part]
+    except OSError:
+        return []
+
+
+def read_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def alive(pid: int, start_ticks: int | None = None) -> bool:
     """Running and not a zombie; with ``start_ticks``, still the same process (no PID reuse)."""
     return _process(pid, start_ticks) is not None

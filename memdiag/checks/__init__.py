@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from memdiag.checks import device_headroom, guard, host_limit, leak, not_released, scaling_5290
+from memdiag.checks import children, device_headroom, guard, host_limit, leak, not_released, scaling_5290
 from memdiag.checks.finding import Finding
 from memdiag.files import write_atomic
 from memdiag.timeline.reader import Run
@@ -25,6 +25,7 @@ CHECKS: dict[str, Callable[[Run], list[Finding]]] = {
     "not_released": not_released.check,
     "leak": leak.check,
     "device_headroom": device_headroom.check,
+    "children_memory": children.check,
 }
 MULTI_RUN_CHECKS: dict[str, Callable[[list[Run]], list[Finding]]] = {
     "scaling_5290_fit": scaling_5290.check_many,

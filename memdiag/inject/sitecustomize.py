@@ -1,7 +1,8 @@
 """Started by Python in every process of a ``memdiag run -- CMD`` job (memdiag puts this
 directory first on PYTHONPATH). It instruments the training processes only: those a launcher
-gave a ``RANK``, or the single process of a plain ``python script.py`` job. Then it hands over
-to the user's own sitecustomize, if one exists further down the path."""
+gave a ``RANK``, or the single process of a plain ``python script.py`` job, and never a process
+an instrumented rank started (it inherits the rank's ``RANK``; ``MEMDIAG_RANK_PID`` says whose
+it is). Then it hands over to the user's own sitecustomize, if one exists further down the path."""
 
 import os
 import sys
@@ -11,6 +12,8 @@ def _memdiag_start() -> None:
     run_dir = os.environ.get("MEMDIAG_RUN_DIR")
     if not run_dir:
         return
+    if os.environ.get("MEMDIAG_RANK_PID"):
+        return  # started by an instrumented rank (a spawned worker, an op build, a re-exec): not a rank
     single = os.environ.pop("MEMDIAG_SINGLE_PROCESS", None) == "1"
     if "RANK" not in os.environ and not single:
         return  # a launcher (torchrun's agent, deepspeed's runner) or a helper process

@@ -392,9 +392,16 @@ def node_figures(run: Run, summary: Summary) -> dict[str, go.Figure]:
         x = seconds(node.t_ns[keep], t0)
         fig = go.Figure()
         for rank, rss in sorted(node.rank_rss.items()):
+            children = node.rank_children_rss.get(rank)
+            has_children = children is not None and np.nansum(children) > 0
+            own = rss - np.nan_to_num(children) if has_children else rss
             fig.add_trace(
-                go.Scatter(x=x, y=gib(np.nan_to_num(rss[keep])), mode="lines", stackgroup="ranks", name=f"rank {rank} RSS")
+                go.Scatter(x=x, y=gib(np.nan_to_num(own[keep])), mode="lines", stackgroup="ranks", name=f"rank {rank} RSS")
             )
+            if has_children:  # DataLoader workers, compilers: the rank's too, stacked on it
+                roles = ", ".join(sorted(node.rank_children_roles.get(rank) or {})) or "children"
+                fig.add_trace(go.Scatter(x=x, y=gib(np.nan_to_num(children[keep])), mode="lines", stackgroup="ranks",
+                                         line={"dash": "dot"}, name=f"rank {rank} children RSS ({roles})"))
         pss = node.pss_total()
         has_pss = ~np.isnan(pss)
         fig.add_trace(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FORMAT_VERSION = "1.1"
-"""major.minor: readers refuse an unknown major version and accept any minor."""
+FORMAT_VERSION = "1.2"
+"""major.minor: readers refuse an unknown major version and accept any minor. 1.2: a node
+sample's rank entries carry their children (``children``, ``children_pss_bytes``, ``children_roles``)."""
 
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"

@@ -107,6 +107,12 @@ class NodeTimeline:
     rank_pss: dict[int, np.ndarray]
     """Rank -> PSS of the rank and its children; NaN on samples without a PSS read."""
     events: list[dict]
+    rank_children_rss: dict[int, np.ndarray] = field(default_factory=dict)
+    """Rank -> RSS of its children alone (DataLoader workers, compilers); included in ``rank_rss``."""
+    rank_children_pss: dict[int, np.ndarray] = field(default_factory=dict)
+    """Rank -> PSS of its children alone; included in ``rank_pss``."""
+    rank_children_roles: dict[int, dict[str, int]] = field(default_factory=dict)
+    """Rank -> the most children of each role seen at once (``memdiag.procs.child_role``)."""
 
     def pss_total(self) -> np.ndarray:
         """Sum of the ranks' PSS on the samples where every live rank had a PSS read."""
@@ -267,7 +273,7 @@ def record_shape_problem(record) -> str | None:
             isinstance(ranks, dict)
             and all(
                 isinstance(e, dict) and _is_int(e.get("rss_bytes")) and str(k).isdigit()
-                and all(_is_number_or_none(v) for v in e.values())
+                and all(_is_number_or_none(v) if name != "children_roles" else _is_roles(v) for name, v in e.items())
                 for k, e in ranks.items()
             )
         ):
@@ -275,6 +281,14 @@ def record_shape_problem(record) -> str | None:
     elif kind in (fmt.PHASE_BEGIN, fmt.PHASE_END) and not isinstance(record.get("phase"), str):
         return "phase is not a string"
     return None
+
+
+def _is_roles(value) -> bool:
+    """A node sample's ``children_roles``: role -> {count, pss_bytes}."""
+    return isinstance(value, dict) and all(
+        isinstance(role, str) and isinstance(seen, dict) and all(_is_number_or_none(v) for v in seen.values())
+        for role, seen in value.items()
+    )
 
 
 def _summarise(path: Path, causes: dict[str, int]) -> list[str]:
@@ -459,8 +473,23 @@ def read_node_file(path: Path) -> tuple[NodeTimeline | None, list[str]]:
         rank_rss={rank: rank_column(rank, "rss_bytes") for rank in ranks},
         rank_pss={rank: rank_column(rank, "pss_bytes") for rank in ranks},
         events=[r for r in records[1:] if r.get("kind") != fmt.SAMPLE],
+        rank_children_rss={rank: rank_column(rank, "children_rss_bytes") for rank in ranks},
+        rank_children_pss={rank: rank_column(rank, "children_pss_bytes") for rank in ranks},
+        rank_children_roles={rank: _roles(samples, rank) for rank in ranks},
     )
     return timeline, problems
+
+
+def _roles(samples: list[dict], rank: int) -> dict[str, int]:
+    most: dict[str, int] = {}
+    for sample in samples:
+        entry = sample.get("ranks", {}).get(str(rank))
+        roles = entry.get("children_roles") if isinstance(entry, dict) else None
+        if isinstance(roles, dict):
+            for role, seen in roles.items():
+                count = seen.get("count", 0) if isinstance(seen, dict) else 0
+                most[role] = max(most.get(role, 0), int(count))
+    return most
 
 
 PARALLEL_MIN_BYTES = 64 * 2**20

@@ -76,6 +76,8 @@ class TimelineWriter:
         return (t[0] if isinstance(t, list) and t else t if isinstance(t, int) else 0), samples, line
 
     def write(self, record: dict) -> None:
+        if self.closed:
+            return
         item = self._encode(record)
         with self._lock:
             self._pending.append(item)
@@ -171,6 +173,20 @@ class TimelineWriter:
     @property
     def held_bytes(self) -> int:
         return self._held_bytes + len(self._partial)
+
+    def abandon_in_child(self) -> None:
+        """In a forked child: this file is the parent's. Drop the copied buffer unwritten (the
+        parent writes it) and close the copied descriptor; the lock may have been copied while
+        another thread of the parent held it, so it is replaced, never taken."""
+        self._lock = threading.Lock()
+        self._pending, self._partial = [], b""
+        self._held.clear()
+        self._held_bytes = 0
+        self.closed = True
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
 
     def close(self) -> None:
         self.flush(force=True)
