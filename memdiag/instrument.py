@@ -17,6 +17,7 @@ from pathlib import Path
 
 import memdiag
 from memdiag import hooks
+from memdiag.failure import exception_record
 from memdiag.phases import PhaseTracker
 from memdiag.probes.device import DeviceProbe
 from memdiag.sampler import Sampler
@@ -97,7 +98,18 @@ class Instrumentation:
         self.sampler.start()
         atexit.register(self.stop)
         _chain_sigterm(self.stop)
+        _chain_excepthook(self.record_exception)
         return self
+
+    def record_exception(self, exc_type, exc, tb) -> None:
+        """The uncaught exception that ends this rank, for the findings and the report."""
+        if self._stopped or issubclass(exc_type, KeyboardInterrupt):
+            return
+        try:
+            self.writer.write({"kind": fmt.EXCEPTION, "t": time.time_ns(), **exception_record(exc_type, exc, tb)})
+            self.writer.flush()
+        except Exception:  # never in the way of the user's own traceback
+            log.debug("could not record the exception", exc_info=True)
 
     def record_malloc(self, after: str, **extra) -> None:
         """glibc's heap figures now (e.g. after a malloc_trim, to show its effect)."""
@@ -117,6 +129,19 @@ class Instrumentation:
         self._stopped = True
         self.sampler.stop()
         self.writer.close()
+
+
+def _chain_excepthook(record) -> None:
+    """Record an uncaught exception, then print it as the previous hook would."""
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        record(exc_type, exc, tb)
+        previous(exc_type, exc, tb)
+
+    sys.excepthook = hook
 
 
 def _chain_sigterm(stop) -> None:

@@ -178,6 +178,9 @@ def build_report(rundir: RunDir):
     try:
         summary, html_path, findings = build(rundir.path, with_checks=True)
         settled = rundir.read()
+        status = next((f for f in findings if f.id == "run_status"), None)
+        if status is not None and status.evidence.get("error"):
+            rundir.update(error=status.evidence["error"])  # what the failing rank raised, where
         if settled.get("incomplete"):  # a full disk cost samples (runstate.settle said so)
             print(f"memdiag: warning: {settled['incomplete']}")
         if summary.warnings:

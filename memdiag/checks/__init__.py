@@ -11,6 +11,8 @@ from typing import Callable
 
 from memdiag.checks import children, device_headroom, guard, host_limit, leak, not_released, scaling_5290
 from memdiag.checks.finding import Finding
+from memdiag.failure import describe, parse_traceback
+from memdiag.timeline import format as fmt
 from memdiag.files import write_atomic
 from memdiag.timeline.reader import Run
 
@@ -39,6 +41,25 @@ def with_host_limit(run: Run, limit_bytes: int, source: str) -> Run:
     return replace(run, spec=run.spec | {"host_limit_bytes": limit_bytes, "host_limit_source": source})
 
 
+def run_error(run: Run) -> dict | None:
+    """What the first failing rank raised: the earliest ``exception`` event of any rank, else the
+    last traceback in a rank's log (``logs/rank-N.log``, a command's ``logs/stderr.log``)."""
+    raised = [(e["t"], rank, e) for rank, timeline in run.ranks.items() for e in timeline.events if e.get("kind") == fmt.EXCEPTION]
+    if raised:
+        _, rank, event = min(raised, key=lambda item: item[0])
+        return {"rank": rank, **{k: event[k] for k in ("type", "message", "file", "line", "function") if k in event}}
+    logs = Path(run.path) / "logs"
+    for log_file in [*sorted(logs.glob("rank-*.log")), logs / "stderr.log"]:
+        try:
+            found = parse_traceback(log_file.read_text(errors="replace"))
+        except OSError:
+            continue
+        if found:
+            rank = log_file.stem.split("-", 1)[1] if log_file.stem.startswith("rank-") else None
+            return ({"rank": int(rank)} if rank and rank.isdigit() else {}) | found | {"log": str(log_file)}
+    return None
+
+
 def run_checks(run: Run) -> list[Finding]:
     """Every check on one run. A check that fails on odd data becomes a finding, not a crash."""
     findings = []
@@ -54,11 +75,15 @@ def run_checks(run: Run) -> list[Finding]:
         findings.append(Finding(id="incomplete_run", severity="info", message=problem))
     status = run.spec.get("status")
     if status and status != "completed":
+        error = run_error(run) if status == "failed" else None
         findings.append(
             Finding(
                 id="run_status",
                 severity="error" if status in ("failed", "stopped_by_guard") else "warning",
-                message=f"the run ended as {status!r} (exit code {run.spec.get('exit_code')}); findings use what was recorded",
+                message=f"the run ended as {status!r} (exit code {run.spec.get('exit_code')})"
+                + (f": {describe(error)}" if error else "") + "; findings use what was recorded",
+                evidence={"error": error} if error else {},
+                ranks=[error["rank"]] if error and "rank" in error else [],
             )
         )
     return sorted(findings, key=lambda f: SEVERITY_ORDER[f.severity])

@@ -100,6 +100,13 @@ def _status_html(run: Run) -> str:
     }.get(status, status)
     if run.spec.get("signal"):
         text += f" (stopped by {run.spec['signal']})"
+    if status == "failed":
+        from memdiag.checks import run_error
+        from memdiag.failure import describe
+
+        error = run_error(run)
+        if error:
+            text += f": {describe(error)}"
     return f"<p class='status'>Status: <b>{html.escape(status)}</b>: {html.escape(text)}</p>"
 
 

@@ -84,3 +84,24 @@ def test_the_run_reads_whole_and_a_check_names_the_children(run):
     # two 64 MiB workers and a Python beside a rank that holds little: well over the share
     assert finding["evidence"]["measure"] == "PSS" and finding["evidence"]["children_peak_bytes"] >= 2 * 64 * 2**20
     assert "forked worker" in finding["message"] and "num_workers" in finding["fix"]
+
+
+def test_a_failed_run_says_what_the_rank_raised_and_where(tmp_path):
+    script = Path(__file__).resolve().parent / "scripts" / "raise_at_step.py"
+    raise_line = next(i for i, line in enumerate(script.read_text().splitlines(), 1) if "raise ValueError" in line)
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", f"reports_dir={tmp_path / 'reports'}", "--",
+         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
+    said = f"rank 1 raised ValueError: bad batch at step 2 at {script}:{raise_line} (in train_step)"
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["status"] == "failed"
+    assert spec["error"] == {"rank": 1, "type": "ValueError", "message": "bad batch at step 2", "file": str(script),
+                             "line": raise_line, "function": "train_step"}
+    status = next(f for f in json.loads((run_dir / "findings.json").read_text()) if f["id"] == "run_status")
+    assert said in status["message"] and status["ranks"] == [1]
+    assert said in (run_dir / "report.html").read_text()
+    assert said in result.stdout  # the console's last lines name it too

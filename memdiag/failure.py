@@ -1,0 +1,81 @@
+"""What a failed rank raised: the exception's type and message, and the line in the user's own
+code it came through. Taken in the rank by a ``sys.excepthook`` (recorded as an ``exception``
+event in its timeline), or read back from a rank's log when only the log has it."""
+
+from __future__ import annotations
+
+import os
+import re
+import sysconfig
+import traceback
+
+LIBRARY_DIRS = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")} if p
+)
+MEMDIAG_DIR = os.path.dirname(os.path.realpath(__file__)) + os.sep
+
+
+def is_users(filename: str) -> bool:
+    """A frame in the user's code: not the standard library, an installed package or memdiag."""
+    if not filename or filename.startswith("<"):
+        return False
+    path = os.path.realpath(filename)
+    return not path.startswith(MEMDIAG_DIR) and not path.startswith(LIBRARY_DIRS) and "site-packages" not in path
+
+
+def _user_frame(frames: list[tuple[str, int, str]]) -> tuple[str, int, str] | None:
+    """The deepest frame in the user's code (where their line called into what raised); else the deepest."""
+    users = [f for f in frames if is_users(f[0])]
+    return (users or frames or [None])[-1]
+
+
+def exception_record(exc_type, exc, tb) -> dict:
+    """The ``exception`` event a rank writes for what ended it."""
+    frames = [(f.filename, f.lineno or 0, f.name) for f in traceback.extract_tb(tb)]
+    where = _user_frame(frames)
+    record = {"type": exc_type.__name__, "message": str(exc)[:2000]}
+    if where:
+        record.update(file=where[0], line=where[1], function=where[2])
+    record["traceback"] = "".join(traceback.format_exception(exc_type, exc, tb))[-4000:]
+    return record
+
+
+_FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<function>.+?)\s*$')
+_RAISED = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning|[A-Z]\w*))(?::\s?(?P<message>.*))?$")
+
+
+def parse_traceback(text: str) -> dict | None:
+    """The last Python traceback in a log's text, as ``exception_record`` gives it (None without one)."""
+    start = text.rfind("Traceback (most recent call last):")
+    if start < 0:
+        return None
+    frames, raised = [], None
+    for line in text[start:].splitlines()[1:]:
+        match = _FRAME.match(line)
+        if match:
+            frames.append((match["file"], int(match["line"]), match["function"]))
+            continue
+        if line.startswith((" ", "\t")) or not line.strip():
+            continue
+        found = _RAISED.match(line.strip())
+        if found:
+            raised = found
+            break
+    if raised is None:
+        return None
+    record = {"type": raised["type"].rsplit(".", 1)[-1], "message": (raised["message"] or "").strip()}
+    where = _user_frame(frames)
+    if where:
+        record.update(file=where[0], line=where[1], function=where[2])
+    return record
+
+
+def describe(error: dict) -> str:
+    """``rank 1 raised ValueError: bad batch at train.py:42 (in step)``."""
+    text = f"{error['type']}: {error['message']}" if error.get("message") else error["type"]
+    if "rank" in error:
+        text = f"rank {error['rank']} raised {text}"
+    if error.get("file"):
+        text += f" at {error['file']}:{error['line']}" + (f" (in {error['function']})" if error.get("function") else "")
+    return text
