@@ -253,6 +253,14 @@ def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
         launch.gaps.append("no --model_name_or_path: the case's model is planned; give --model-config FILE for yours")
     if "--use_liger_kernel" in opts:
         take("--use_liger_kernel", f"fused_cross_entropy={str(_truthy(opts['--use_liger_kernel'])).lower()}")
+    workers = opts.get("--dataloader_num_workers")
+    if workers is not None:
+        if str(workers).isdigit():
+            take("--dataloader_num_workers", f"dataloader.num_workers={workers}")
+            launch.gaps.append("the dataset's size in Python objects, which each forked worker copies as it reads: give "
+                               "dataloader.dataset_bytes=SIZE (0, the default, for memory-mapped or Arrow datasets)")
+        else:
+            launch.gaps.append(f"--dataloader_num_workers {workers!r}: not a whole number; give dataloader.num_workers=N")
     optim = opts.get("--optim")
     if isinstance(ds, dict) and ds.get("optimizer"):
         pass  # DeepSpeed builds the ds_config's section; optimizer=auto reads it

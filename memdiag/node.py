@@ -108,7 +108,8 @@ class NodeWatcher:
         self.root_pid = root_pid
         self.interval_s = interval_s
         self.pss_interval_s = pss_interval_s
-        self.cgroup_files = cgroup.locate(root_pid)
+        # a command that already ended leaves no /proc entry: the watcher shares its cgroup
+        self.cgroup_files = cgroup.locate(root_pid) or cgroup.locate(os.getpid())
         self.writer = TimelineWriter(
             fmt.node_path(run_dir, self.host),
             {

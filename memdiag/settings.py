@@ -68,6 +68,13 @@ class RunSettings:
     fused_cross_entropy: bool = setting(
         False, "the loss is a fused linear cross-entropy (Liger's, the HF Trainer's use_liger_kernel): the logits and their "
         "gradient exist one chunk at a time", commands=PLANNED)
+    dataloader_workers: int = setting(
+        0, "DataLoader worker processes per rank (forked): each holds memory of its own and, over the run, a copy of "
+        "every Python object of the dataset it reads", key="dataloader.num_workers", commands=PLANNED)
+    dataloader_dataset_bytes: int = setting(
+        0, "bytes of the dataset each rank holds as Python objects (lists, dicts of token ids), e.g. 2G; 0 for "
+        "memory-mapped, numpy or Arrow data, which forked workers share", key="dataloader.dataset_bytes", kind="size",
+        commands=PLANNED)
     optimizer: str = setting(
         "auto", "how Adam steps a partition, which decides the step's fp32 temporaries: auto (a ds_config optimizer section "
         "is DeepSpeed's FusedAdam, or torch's with torch_adam; the case's own: torch's AdamW default), fused (none), "
@@ -132,7 +139,8 @@ class RunSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{key_of(name)}={value!r} must be a positive integer")
-        for name in ("load_concurrency", "overhead_ab", "inject_leak_mb", "guard_min_available_bytes"):
+        for name in ("load_concurrency", "overhead_ab", "inject_leak_mb", "guard_min_available_bytes", "dataloader_workers",
+                     "dataloader_dataset_bytes"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{key_of(name)}={getattr(self, name)!r} must be >= 0")
         if self.nproc_per_node is not None and self.nproc_per_node < 1:

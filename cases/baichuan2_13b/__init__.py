@@ -51,6 +51,6 @@ SPEC = register_case(CaseSpec(
     # planner also models offload to NVMe and rank-0 broadcast loading, which this case cannot run
     optimizer="torch_default",
     runnable={"attention": ("plain", "sdpa_math"), "load": ("reference", "zero_init"), "offload": ("none", "optimizer", "params"),
-              "fused_cross_entropy": (False,)},
+              "fused_cross_entropy": (False,), "dataloader_workers": (0,)},
     seed_measurement=SEED_MEASUREMENT,
 ))

@@ -65,7 +65,8 @@ def planner_settings(run: RunSettings, ds: dict, *, attention: str, optimizer: s
     return Settings(
         zero_stage=run.zero_stage, micro_batch=run.micro_batch, seq_len=run.seq_len, grad_accum=run.grad_accum,
         dtype=run.dtype, attention=attention, activation_checkpointing=run.activation_checkpointing, optimizer=optimizer,
-        fused_cross_entropy=run.fused_cross_entropy,
+        fused_cross_entropy=run.fused_cross_entropy, dataloader_workers=run.dataloader_workers,
+        dataloader_dataset_bytes=run.dataloader_dataset_bytes,
         offload=offload_in(zero) if run.offload == "auto" else run.offload, load=run.load, load_dtype=run.load_dtype,
         checkpoint_format=checkpoint_format(run), checkpoint_shards=run.checkpoint_shards, pin_memory=pin,
         save_16bit_weights=save_16bit, save=run.save, resume=run.resume, guard_fraction=run.guard_fraction,

@@ -46,6 +46,10 @@ class Coefficients:
     """NCCL's communication buffers per device (channels x peers x NCCL_BUFFSIZE; an assumption)."""
     host_runtime_bytes: float = 0.35 * 2**30
     """One rank's host RAM before the model: Python, torch, DeepSpeed, transformers."""
+    host_dataloader_worker_bytes: float = 12 * 2**20
+    """What a forked DataLoader worker of a torch process holds of its own (USS) with a dataset it
+    shares (numpy): its stack, batches and the interpreter pages it writes. Measured by
+    bench/dataloader_workers.py (torch 2.13, CPU)."""
     # The three CPU-accelerator coefficients below default to what bench/plan_accuracy.py
     # fitted on six recorded runs (tiny and base, 1, 2 and 4 ranks; docs/DESIGN.md,
     # "Calibration"): without them the planned host peak of a CPU run was 41-52% low.
@@ -85,6 +89,10 @@ class Settings:
     (``F.scaled_dot_product_attention`` with a float mask, no fused kernel) or ``fused``
     (flash / memory-efficient kernels: no s^2 tensor kept)."""
     activation_checkpointing: bool = False
+    dataloader_workers: int = 0
+    """Forked DataLoader workers per rank (``host_terms``: ``dataloader_workers``)."""
+    dataloader_dataset_bytes: float = 0.0
+    """The dataset's Python objects per rank, which each worker copies as it reads them."""
     fused_cross_entropy: bool = False
     """A fused linear cross-entropy (Liger's): no full logits or logits gradient (``activation_terms``)."""
     optimizer: str = "fused"
@@ -342,7 +350,21 @@ def host_terms(
         steady["model_sized_buffers"] = local_ranks * c.host_bytes_per_model_param * n
         steady["activations"] = local_ranks * saved_bytes(act)
         steady["rank_fixed"] = local_ranks * c.host_rank_fixed_bytes
+    if s.dataloader_workers:
+        per_worker = c.host_dataloader_worker_bytes + worker_copied_bytes(s.dataloader_dataset_bytes, s.dataloader_workers)
+        steady["dataloader_workers"] = local_ranks * s.dataloader_workers * per_worker
     return load, steady
+
+
+def worker_copied_bytes(dataset_bytes: float, workers: int, epochs: float | None = None) -> float:
+    """What one forked DataLoader worker has copied of a dataset held as Python objects: reading
+    an object updates its reference count, which writes (so copies) its page. Each epoch a worker
+    reads 1/workers of the samples (the sampler's batches are dealt round-robin); after ``epochs``
+    shuffled epochs it has read 1 - (1 - 1/workers)^epochs of them, and over a long run (None) all.
+    Measured: bench/dataloader_workers.py."""
+    if epochs is None:
+        return float(dataset_bytes)
+    return float(dataset_bytes) * (1 - (1 - 1 / max(workers, 1)) ** epochs)
 
 
 def _pow2_ceil(size: float) -> float:

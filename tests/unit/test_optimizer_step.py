@@ -92,3 +92,19 @@ def test_a_fused_linear_cross_entropy_keeps_no_logits():
     assert fused["fused_linear_cross_entropy"] == 2 * (2 * 8192 * 4096 + 128256 * 4096 + 256 * 128256)
     assert fused_linear_ce_bytes(8192, 4096, 128256, 2) < plain["logits_and_loss"] / 2
     assert fused["backward_transient"] < plain["backward_transient"]
+
+
+def test_dataloader_workers_are_planned_per_rank_from_the_command_or_the_settings(tmp_path):
+    from memdiag.plan.terms import host_terms, worker_copied_bytes
+
+    arch = Architecture(hidden_size=1024, num_layers=4, num_heads=8, num_kv_heads=8, intermediate_size=2816, vocab_size=32000)
+    c = Coefficients()
+    s = Settings(dataloader_workers=4, dataloader_dataset_bytes=2 * 2**30)
+    _, steady = host_terms(arch, s, local_ranks=8, world=16, runtime_context_bytes=0, cpu_accelerator=False, c=c)
+    assert steady["dataloader_workers"] == 8 * 4 * (c.host_dataloader_worker_bytes + 2 * 2**30)
+    _, none = host_terms(arch, Settings(), local_ranks=8, world=16, runtime_context_bytes=0, cpu_accelerator=False, c=c)
+    assert "dataloader_workers" not in none
+    # one epoch: each of 4 workers read a quarter; the long run: all of it
+    assert worker_copied_bytes(100.0, 4, 1) == pytest.approx(25.0) and worker_copied_bytes(100.0, 4) == 100.0
+    launch = launchcmd.read(shlex.split("torchrun --nproc_per_node 8 train.py --output_dir o --dataloader_num_workers 4"))
+    assert "dataloader.num_workers=4" in launch.tokens and any("dataloader.dataset_bytes" in g for g in launch.gaps)
