@@ -113,7 +113,7 @@ def child_role(cmdline: list[str], name: str, rank_cmdline: list[str]) -> str:
     text = " ".join(cmdline)
     if "torch._inductor" in text and "compile_worker" in text:
         return "compile worker"
-    if "multiprocessing.spawn" in text or "multiprocessing.forkserver" in text or "multiprocessing.resource_tracker" in text:
+    if "multiprocessing.spawn" in text or "multiprocessing.forkserver" in text:
         return "spawned worker"
     if cmdline and cmdline == rank_cmdline:
         return "forked worker"

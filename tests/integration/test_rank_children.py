@@ -1,5 +1,5 @@
-"""A rank and its children under `memdiag run -- torchrun`: a forked and a spawned worker (as
-DataLoader workers are) and a Python subprocess (as DeepSpeed's op builder) inherit the rank's
+"""A rank and its children under `memdiag run -- torchrun`: DataLoader workers, forked and
+spawned, and a Python subprocess (as DeepSpeed's op builder) inherit the rank's
 RANK and run directory, but only the rank is recorded as the rank; the node watcher counts the
 children as the rank's, RSS and PSS equal to what /proc says of them at the same moment."""
 
