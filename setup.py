@@ -19,7 +19,8 @@ setup(
         "psutil>=5.9",
         # version ranges checked against memdiag's own metadata (memdiag.versions)
         "packaging>=23",
-        "nvidia-ml-py>=12",
+        # 12.535.77 reads current drivers' process lists right (earlier releases misread them)
+        "nvidia-ml-py>=12.535.77",
         "py-spy>=0.3.14",
         "plotly>=5.20",
         # reading hour-long 16-rank timelines inside the report's 10 s budget

@@ -7,6 +7,11 @@ Categories: ``parameters`` (ZeRO-3 partitions, or whole parameters below stage 3
 through ``torch.autograd.graph.saved_tensors_hooks``), and ``other`` = the allocator's total
 minus all of those. Every tensor is counted by its underlying storage, once, in the first
 category that claims it, so views and flat buffers are never counted twice.
+
+Only tensors on the rank's device are counted against its allocator (``device_type``): under
+ZeRO offload the fp32 masters, Adam's moments and gradient partitions are CPU tensors, which
+go to a host ledger of the same categories (``host_<category>``) instead of being subtracted
+from the CUDA figure.
 """
 
 from __future__ import annotations
@@ -35,10 +40,21 @@ def _storage(tensor: Any) -> tuple[int, int] | None:
     return (storage.data_ptr(), nbytes) if nbytes else None
 
 
+def _device_type(tensor: Any) -> str | None:
+    try:
+        return tensor.device.type
+    except AttributeError:
+        return None
+
+
 @dataclass
 class _Ledger:
+    device_type: str | None = None
+    """Count only tensors of this device type here; the others go to ``host``. None: all here."""
     seen: set[int] = field(default_factory=set)
     totals: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    host: dict[str, int] = field(default_factory=dict)
+    """Bytes per category of tensors off the device (offloaded to host RAM)."""
 
     def claim(self, category: str, tensors: Iterable[Any]) -> None:
         for tensor in tensors:
@@ -48,7 +64,10 @@ class _Ledger:
             if found is None or found[0] in self.seen:
                 continue
             self.seen.add(found[0])
-            self.totals[category] += found[1]
+            if self.device_type is None or _device_type(tensor) == self.device_type:
+                self.totals[category] += found[1]
+            else:
+                self.host[category] = self.host.get(category, 0) + found[1]
 
 
 def _optimizer_parts(engine: Any) -> tuple[list, list, list, Any]:
@@ -68,9 +87,10 @@ def _optimizer_parts(engine: Any) -> tuple[list, list, list, Any]:
     return partitions, grads, masters, inner
 
 
-def measure(engine: Any, activations_bytes: int) -> dict[str, int]:
-    """Bytes per category for ``engine`` (a DeepSpeedEngine, or anything with ``.module``)."""
-    ledger = _Ledger()
+def measure(engine: Any, activations_bytes: int, device_type: str | None = None) -> dict[str, int]:
+    """Bytes per category for ``engine`` (a DeepSpeedEngine, or anything with ``.module``) on
+    ``device_type`` (None: wherever they are); tensors elsewhere as ``host_<category>``."""
+    ledger = _Ledger(device_type)
     module = getattr(engine, "module", engine)
     params = list(module.parameters())
     partitions, grads, masters, inner = _optimizer_parts(engine)
@@ -88,7 +108,7 @@ def measure(engine: Any, activations_bytes: int) -> dict[str, int]:
             ledger.claim(name, [value] if hasattr(value, "untyped_storage") else [])
     totals = ledger.totals
     totals["activations"] = activations_bytes
-    return totals
+    return totals | {f"host_{name}": value for name, value in ledger.host.items()}
 
 
 class SavedTensorCounter:

@@ -121,11 +121,17 @@ class _Hooks:
             self.micro_losses.append(loss.detach())
 
     def record_memory(self, engine: Any, phase: str) -> None:
-        totals = categories.measure(engine, self.activations_bytes)
         device = self.tracker.device
+        on_device = "cuda" if device is not None and not device.is_host_memory else None
+        totals = categories.measure(engine, self.activations_bytes, on_device)
+        reconciliation = {}
         if device is not None:
-            allocator = device.read(with_nvml=False).allocated_bytes
+            figures = device.read(with_nvml=True)
+            allocator = figures.allocated_bytes
             source = device.source
+            if on_device:  # what nvidia-smi shows beside torch: the cache, and memory outside torch
+                reconciliation = {"reserved_bytes": figures.reserved_bytes, "nvml_used_bytes": figures.nvml_used_bytes,
+                                  "alloc_retries": figures.alloc_retries, "ooms": figures.ooms}
         else:
             allocator = self.tracker.read_rss()
             source = "process RSS"
@@ -137,12 +143,17 @@ class _Hooks:
             "allocator_bytes": allocator,
             "allocator_source": source,
         }
+        on = {name: value for name, value in totals.items() if not name.startswith("host_")}
         record.update({f"{name}_bytes": value for name, value in totals.items()})
-        record["other_bytes"] = allocator - sum(totals.values())
+        record["other_bytes"] = allocator - sum(on.values())
+        record.update(reconciliation)
         self.tracker.emit(record)
 
     def record_model(self, engine: Any) -> None:
         """What was built: true parameter count (ZeRO-3 partitioned ones by ``ds_numel``)."""
+        device = self.tracker.device
+        if device is not None:  # the device the engine runs on, once it exists
+            device.bind(getattr(getattr(engine, "device", None), "index", None))
         params = list(engine.module.parameters())
         self.tracker.emit(
             {

@@ -78,10 +78,14 @@ class Instrumentation:
             "device_source": self.device.source if self.device else None,
             "device_total_bytes": self.device.total_bytes if self.device else None,
         }
+        if self.device is not None and not self.device.is_host_memory:
+            header["nvml_module"] = _nvml_module()
         self.writer = TimelineWriter(fmt.rank_path(run_dir, identity.rank), header)
         self.tracker = PhaseTracker(self.writer.write, self.device, self.warn_once)
-        if self.device is not None and self.device.nvml_error:
-            self.warn_once("nvml", self.device.nvml_error)
+        if self.device is not None:
+            self.device.warn = self.warn_once
+            if self.device.nvml_error:
+                self.warn_once("nvml", self.device.nvml_error)
         self.sampler = Sampler(self.writer, self.tracker, self.device, 1.0 / sample_hz)
         self._stopped = False
 
@@ -129,6 +133,23 @@ class Instrumentation:
         self._stopped = True
         self.sampler.stop()
         self.writer.close()
+
+
+def _nvml_module() -> str | None:
+    """Which pynvml answers, and its version: an old ``pynvml`` package shadows nvidia-ml-py's
+    module of the same name, and releases before 12.535.77 misread current drivers' process lists."""
+    try:
+        import importlib.metadata
+
+        import pynvml
+
+        try:
+            version = importlib.metadata.version("nvidia-ml-py")
+        except importlib.metadata.PackageNotFoundError:
+            version = "not nvidia-ml-py"
+        return f"{pynvml.__file__} ({version})"
+    except Exception as exc:
+        return f"unavailable ({exc})"
 
 
 def _chain_excepthook(record) -> None:

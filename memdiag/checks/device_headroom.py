@@ -12,6 +12,10 @@ FRAGMENTATION_FRACTION = 0.2
 
 
 def capacity_of(run: Run, header: dict) -> tuple[int | None, str]:
+    """The device's capacity: what the device reported (a real device's usable total is below
+    its datasheet figure, e.g. an H200's about 140 GiB of 141), else the hardware profile's."""
+    if "torch.cuda" in str(header.get("device_source") or "") and header.get("device_total_bytes"):
+        return header["device_total_bytes"], "reported by the device (torch.cuda)"
     hardware = (run.spec.get("config") or {}).get("hardware") or {}
     if hardware.get("device_memory_bytes"):
         return hardware["device_memory_bytes"], f"hardware profile {hardware.get('name')}"
@@ -57,7 +61,7 @@ def check(run: Run) -> list[Finding]:
                         ranks=[rank],
                     )
                 )
-        retries = max((e.get("alloc_retries", 0) for e in timeline.events if e["kind"] == "memory"), default=0)
+        retries = max((e.get("alloc_retries") or 0 for e in timeline.events if e["kind"] == "memory"), default=0)
         if retries:
             findings.append(
                 Finding(

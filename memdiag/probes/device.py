@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,10 @@ class DeviceMem:
     reserved_bytes: int
     nvml_used_bytes: int | None = None
     """This process's memory on the device as NVML sees it (driver context included)."""
+    alloc_retries: int | None = None
+    """cudaMalloc failures the caching allocator recovered from by freeing its cache (CUDA)."""
+    ooms: int | None = None
+    """Out-of-memory errors the allocator raised (CUDA)."""
 
 
 class DeviceProbe:
@@ -34,10 +39,21 @@ class DeviceProbe:
         self._nvml_handle = None
         self._status_reader = None
         self.nvml_error: str | None = None
+        self.nvml_scope = "process"
+        """``process`` (NVML's figure for this PID) or ``device`` (the device's used memory, when
+        NVML cannot show this process: said once in a warning)."""
+        self.warn: Callable[[str, str], None] = lambda key, message: log.warning(message)
+        """Set by the instrumentation to its warn-once (recorded in the timeline)."""
+        self._ledger: PeakLedger | None = None
 
     @classmethod
     def detect(cls, local_rank: int = 0) -> DeviceProbe | None:
-        """CUDA when torch sees a device, DeepSpeed's CPU accelerator when selected, else None."""
+        """DeepSpeed's CPU accelerator when selected (``DS_ACCELERATOR=cpu``, honoured first: a
+        CPU run on a GPU machine starts no CUDA or NVML), else CUDA when torch sees a device, else None."""
+        if os.environ.get("DS_ACCELERATOR") == "cpu":
+            from memdiag.probes.host import read_meminfo
+
+            return cls(SOURCE_CPU_ACCEL, read_meminfo().total_bytes)
         import torch
 
         if torch.cuda.is_available():
@@ -46,34 +62,53 @@ class DeviceProbe:
             probe = cls(SOURCE_CUDA, total, index)
             probe._init_nvml()
             return probe
-        if os.environ.get("DS_ACCELERATOR") == "cpu":
-            from memdiag.probes.host import read_meminfo
-
-            return cls(SOURCE_CPU_ACCEL, read_meminfo().total_bytes)
         return None
 
     def _init_nvml(self) -> None:
+        """The NVML handle of this rank's device, by PCI bus id or UUID: never by the logical
+        CUDA index, which CUDA_VISIBLE_DEVICES renumbers."""
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            bus_id = _cuda_pci_bus_id(self.index)
-            self._nvml_handle = (
-                pynvml.nvmlDeviceGetHandleByPciBusId(bus_id)
-                if bus_id
-                else pynvml.nvmlDeviceGetHandleByIndex(self.index)
-            )
         except Exception as exc:  # NVML missing or refusing: one warning per run
-            self.nvml_error = f"NVML unavailable: {exc}"
+            self.nvml_error = f"NVML unavailable ({exc}); NVML's per-process figure is not recorded"
+            return
+        self._nvml_handle, self.nvml_error = None, None
+        for how, key in (("PCI bus id", _cuda_pci_bus_id(self.index)), ("UUID", _cuda_uuid(self.index))):
+            if not key:
+                continue
+            try:
+                getter = pynvml.nvmlDeviceGetHandleByPciBusId if how == "PCI bus id" else pynvml.nvmlDeviceGetHandleByUUID
+                self._nvml_handle = getter(key)
+                return
+            except Exception as exc:
+                self.nvml_error = f"NVML has no device with this rank's {how} {key} ({exc})"
+        self.nvml_error = (self.nvml_error or "torch gives neither a PCI bus id nor a UUID for this device") + \
+            "; NVML's per-process figure is not recorded"
+
+    def bind(self, index: int | None) -> None:
+        """The device the training process chose (the engine's, once it exists): the probe
+        follows it when it differs from the one guessed from the local rank."""
+        if self.source != SOURCE_CUDA or index is None or index == self.index:
+            return
+        import torch
+
+        self.index = index
+        self.total_bytes = torch.cuda.get_device_properties(index).total_memory
+        self._init_nvml()
+        if self.nvml_error:
+            self.warn("nvml", self.nvml_error)
 
     def read(self, *, with_nvml: bool = True) -> DeviceMem:
         if self.source == SOURCE_CUDA:
             import torch
 
-            allocated = torch.cuda.memory_allocated(self.index)
-            reserved = torch.cuda.memory_reserved(self.index)
+            # one call of the nested stats: memory_allocated() and memory_reserved() each build,
+            # flatten and sort the whole dictionary under the allocator's lock
+            allocated, reserved, retries, ooms = allocator_figures(torch.cuda.memory_stats_as_nested_dict(self.index))
             nvml = self._nvml_process_used() if with_nvml else None
-            return DeviceMem(allocated, reserved, nvml)
+            return DeviceMem(allocated, reserved, nvml, retries, ooms)
         # DeepSpeed's CPU accelerator answers memory_allocated() with psutil's RSS (~40 us with
         # psutil.Process() built per call); the same figure from /proc/self/status costs ~9 us
         used = self._status().read().rss_bytes
@@ -92,14 +127,15 @@ class DeviceProbe:
         return self.source == SOURCE_CPU_ACCEL
 
     def read_and_reset_peak(self) -> int | None:
-        """Peak allocated bytes since the last reset, then reset (exact on CUDA)."""
+        """Peak allocated bytes since the last call (exact on CUDA), through a ledger that keeps
+        it across anyone else's reset and keeps theirs across this one."""
         if self.source != SOURCE_CUDA:
             return None
-        import torch
+        if self._ledger is None:
+            import torch
 
-        peak = torch.cuda.max_memory_allocated(self.index)
-        torch.cuda.reset_peak_memory_stats(self.index)
-        return peak
+            self._ledger = PeakLedger.over_torch_cuda(torch, self.index, self.warn)
+        return self._ledger.take()
 
     def _nvml_process_used(self) -> int | None:
         if self._nvml_handle is None:
@@ -107,14 +143,72 @@ class DeviceProbe:
         try:
             import pynvml
 
-            pid = os.getpid()
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(self._nvml_handle):
-                if proc.pid == pid:
-                    return proc.usedGpuMemory
+            if self.nvml_scope == "device":
+                return int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used)
+            used, why = process_used(_running_processes(pynvml, self._nvml_handle), os.getpid())
+            if why is None:
+                return used
+            if why.startswith("NVML lists no process"):
+                return None  # this process has not touched the device yet
+            # the device's own figure stands in, labelled: with one rank per device it is this
+            # rank's plus whatever else runs there
+            self.nvml_scope = "device"
+            self.warn("nvml_scope", why + "; recording the device's used memory (nvmlDeviceGetMemoryInfo) instead, "
+                      "which counts every process on this device")
+            return int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used)
         except Exception as exc:
-            if self.nvml_error is None:
-                self.nvml_error = f"NVML read failed: {exc}"
+            self.warn("nvml_failed", f"NVML stopped answering ({exc}); NVML's figure is not recorded from here on")
             self._nvml_handle = None
+        return None
+
+
+def allocator_figures(nested: dict) -> tuple[int, int, int, int]:
+    """(allocated, reserved, alloc retries, OOMs) from ``torch.cuda.memory_stats_as_nested_dict``."""
+    def current(name: str) -> int:
+        return int(((nested.get(name) or {}).get("all") or {}).get("current", 0))
+
+    return current("allocated_bytes"), current("reserved_bytes"), int(nested.get("num_alloc_retries", 0)), \
+        int(nested.get("num_ooms", 0))
+
+
+def _running_processes(pynvml, handle) -> list:
+    """The compute processes on a device: the newest query the driver has (nvidia-ml-py's
+    unversioned call is the newest, _v3), then the older ones."""
+    for name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetComputeRunningProcesses_v2"):
+        query = getattr(pynvml, name, None)
+        if query is None:
+            continue
+        try:
+            return list(query(handle))
+        except pynvml.NVMLError_FunctionNotFound:
+            continue
+    raise RuntimeError("this driver answers no compute-process query")
+
+
+def process_used(processes: Iterable, pid: int) -> tuple[int | None, str | None]:
+    """This PID's device memory from NVML's process list: (bytes, None), or (None, why)."""
+    listed = list(processes)
+    for proc in listed:
+        if proc.pid == pid:
+            used = getattr(proc, "usedGpuMemory", None)
+            if used is None:
+                return None, (f"NVML lists this process (PID {pid}) without a memory figure (a MIG device, or a "
+                              "driver that hides it from unprivileged users)")
+            return int(used), None
+    if listed:
+        pids = ", ".join(str(p.pid) for p in listed[:4])
+        return None, (f"NVML lists {len(listed)} process(es) on this device ({pids}) but not this one (PID {pid}): a "
+                      "container without the host's PID namespace shows host PIDs")
+    return None, "NVML lists no process on this device"
+
+
+def _cuda_uuid(index: int | None) -> str | None:
+    try:
+        import torch
+
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        return uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
+    except Exception:
         return None
 
 
@@ -126,3 +220,86 @@ def _cuda_pci_bus_id(index: int | None) -> str | None:
         return f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
     except Exception:
         return None
+
+
+class PeakLedger:
+    """Per-phase allocator peaks over one global counter that others reset too.
+
+    torch keeps one peak counter per device; DeepSpeed's ``see_memory_usage(force=True)`` and
+    ``runtime.utils.empty_cache`` reset it (ZeRO-3's optimizer calls them during
+    ``deepspeed.initialize``), and a user may. memdiag wraps the reset and the two readers:
+    a foreign reset first folds the counter into memdiag's pending phase peak (and is counted,
+    ``foreign_resets``); memdiag's own reset at a phase boundary first folds the counter into what
+    the user's readers answer, so ``max_memory_allocated``/``max_memory_reserved`` give what they
+    would have without memdiag. ``read_peaks()`` gives (allocated, reserved) peaks of the counter;
+    ``reset()`` resets it.
+    """
+
+    def __init__(self, read_peaks: Callable[[], tuple[int, int]], reset: Callable[[], None]) -> None:
+        self._read_peaks = read_peaks
+        self._reset = reset
+        self._pending = 0
+        """The highest allocated peak of the counter's periods that others ended, since memdiag's last take."""
+        self._user = (0, 0)
+        """The highest (allocated, reserved) of the periods memdiag ended, since the user's last reset."""
+        self.foreign_resets = 0
+
+    def take(self) -> int:
+        """memdiag's phase boundary: the allocated peak since the last one, then reset."""
+        allocated, reserved = self._read_peaks()
+        peak = max(self._pending, allocated)
+        self._user = (max(self._user[0], allocated), max(self._user[1], reserved))
+        self._pending = 0
+        self._reset()
+        return peak
+
+    def foreign_reset(self) -> None:
+        """Someone else resets the counter: keep its peak for memdiag, and their view restarts."""
+        self._pending = max(self._pending, self._read_peaks()[0])
+        self._user = (0, 0)
+        self.foreign_resets += 1
+
+    def users_max_allocated(self, counter: int) -> int:
+        return max(self._user[0], counter)
+
+    def users_max_reserved(self, counter: int) -> int:
+        return max(self._user[1], counter)
+
+    @classmethod
+    def over_torch_cuda(cls, torch, index: int, warn: Callable[[str, str], None]) -> PeakLedger:
+        """The ledger of CUDA device ``index``, its wrappers installed on ``torch.cuda`` and
+        ``torch.cuda.memory`` (DeepSpeed's accelerator calls through them). Calls for another
+        device pass through untouched."""
+        memory = torch.cuda.memory
+        original_reset = memory.reset_peak_memory_stats
+        original_allocated = memory.max_memory_allocated
+        original_reserved = memory.max_memory_reserved
+        ledger = cls(lambda: (original_allocated(index), original_reserved(index)), lambda: original_reset(index))
+
+        def ours(device) -> bool:
+            try:
+                return torch.cuda._utils._get_device_index(device, optional=True) == index
+            except Exception:
+                return False
+
+        def reset_peak_memory_stats(device=None):
+            if ours(device):
+                ledger.foreign_reset()
+                if ledger.foreign_resets == 1:
+                    warn("foreign_peak_reset", "something reset the device's peak counter (DeepSpeed's see_memory_usage or "
+                         "empty_cache, or the script): memdiag kept its phase peaks across it")
+            return original_reset(device)
+
+        def max_memory_allocated(device=None):
+            value = original_allocated(device)
+            return ledger.users_max_allocated(value) if ours(device) else value
+
+        def max_memory_reserved(device=None):
+            value = original_reserved(device)
+            return ledger.users_max_reserved(value) if ours(device) else value
+
+        for module in (torch.cuda, memory):
+            module.reset_peak_memory_stats = reset_peak_memory_stats
+            module.max_memory_allocated = max_memory_allocated
+            module.max_memory_reserved = max_memory_reserved
+        return ledger

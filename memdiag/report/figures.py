@@ -322,10 +322,24 @@ def categories_figure(run: Run) -> go.Figure | None:
                 hovertemplate="%{y:.4f} GiB<br>%{text}",
             )
         )
+    # on CUDA, what nvidia-smi shows above torch's tensors: the caching allocator's reserve and
+    # the memory outside torch (CUDA context, NCCL, cuBLAS workspaces)
+    beyond = (
+        ("allocator cache (reserved - allocated)", lambda r: r.get("reserved_bytes"), lambda r: r["allocator_bytes"]),
+        ("outside torch (NVML used - reserved)", lambda r: r.get("nvml_used_bytes"), lambda r: r.get("reserved_bytes")),
+    )
+    reconciled = False
+    for name, top, below in beyond:
+        values = [(top(r) - below(r)) / GIB if top(r) is not None and below(r) is not None else None for r in records]
+        if any(v is not None for v in values):
+            reconciled = True
+            fig.add_trace(go.Scatter(x=x, y=[v or 0.0 for v in values], mode="lines", stackgroup="memory", name=name,
+                                     line={"dash": "dot"}, text=labels, hovertemplate="%{y:.4f} GiB<br>%{text}"))
     source = records[0].get("allocator_source", "")
     fig.update_layout(
         title=f"Categorised memory, rank {rank}<br><sup>stack sums to the allocator total ({source}); "
-        "other = total minus counted tensors</sup>",
+        "other = total minus counted tensors" + ("; above it the allocator's cache and memory outside torch, up to "
+                                                 "NVML's figure for this process" if reconciled else "") + "</sup>",
         xaxis_title="time since start (s)",
         yaxis_title="GiB",
         hovermode="x unified",

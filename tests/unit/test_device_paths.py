@@ -1,0 +1,106 @@
+"""The CUDA and NVML paths on literal inputs (CI has no GPU): NVML's process lists, the nested
+allocator stats, the peak ledger across foreign resets, the categories' device filter."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from memdiag import categories
+from memdiag.probes.device import PeakLedger, allocator_figures, process_used
+
+Proc = namedtuple("Proc", "pid usedGpuMemory")
+
+
+def test_nvmls_process_list_with_our_pid_host_pids_or_no_figure():
+    assert process_used([Proc(7, 1), Proc(42, 5 * 2**30)], 42) == (5 * 2**30, None)
+    used, why = process_used([Proc(42, None)], 42)
+    assert used is None and "without a memory figure" in why and "MIG" in why
+    used, why = process_used([Proc(1234567, 2**30), Proc(1234568, 2**30)], 42)
+    assert used is None and "host's PID namespace" in why and "1234567" in why
+    assert process_used([], 42)[1] == "NVML lists no process on this device"
+
+
+def test_one_nested_stats_read_gives_allocated_reserved_retries_and_ooms():
+    nested = {"allocated_bytes": {"all": {"current": 3 * 2**30, "peak": 5 * 2**30}, "large_pool": {"current": 1}},
+              "reserved_bytes": {"all": {"current": 4 * 2**30}}, "num_alloc_retries": 2, "num_ooms": 0}
+    assert allocator_figures(nested) == (3 * 2**30, 4 * 2**30, 2, 0)
+    assert allocator_figures({}) == (0, 0, 0, 0)  # a device the process has not touched
+
+
+class Counter:
+    """torch's per-device peak counter semantics: peaks since the last reset."""
+
+    def __init__(self) -> None:
+        self.allocated = self.peak = 0
+
+    def set(self, allocated: int) -> None:
+        self.allocated = allocated
+        self.peak = max(self.peak, allocated)
+
+    def reset(self) -> None:
+        self.peak = self.allocated
+
+
+def test_phase_peaks_survive_a_foreign_reset_and_the_users_view_survives_ours():
+    counter = Counter()
+    ledger = PeakLedger(lambda: (counter.peak, counter.peak), counter.reset)
+    counter.set(10)
+    counter.set(90)  # the phase's real peak ...
+    counter.set(20)
+    ledger.foreign_reset()  # ... then DeepSpeed's see_memory_usage(force=True) resets the counter
+    counter.reset()
+    counter.set(30)
+    assert ledger.take() == 90  # memdiag's phase peak kept the pre-reset 90
+    counter.set(25)
+    # the user's max_memory_allocated since their own reset: 30, though memdiag reset in between
+    assert ledger.users_max_allocated(counter.peak) == 30
+    counter.set(70)
+    assert ledger.take() == 70 and ledger.users_max_allocated(counter.peak) == 70
+    ledger.foreign_reset()
+    counter.reset()
+    assert ledger.users_max_allocated(counter.peak) == 70  # their view restarts at what is allocated now
+    assert ledger.foreign_resets == 2
+
+
+def test_the_ledgers_wrappers_on_a_torch_like_module_pass_other_devices_through():
+    counters = {0: Counter(), 1: Counter()}
+    memory = SimpleNamespace(
+        reset_peak_memory_stats=lambda d=None: counters[d or 0].reset(),
+        max_memory_allocated=lambda d=None: counters[d or 0].peak,
+        max_memory_reserved=lambda d=None: counters[d or 0].peak,
+    )
+    cuda = SimpleNamespace(memory=memory, _utils=SimpleNamespace(_get_device_index=lambda d, optional=True: d or 0),
+                           **vars(memory))
+    fake_torch = SimpleNamespace(cuda=cuda)
+    warned = []
+    ledger = PeakLedger.over_torch_cuda(fake_torch, 0, lambda key, message: warned.append(key))
+    counters[0].set(50)
+    counters[1].set(80)
+    cuda.reset_peak_memory_stats(0)  # foreign, ours: folded
+    cuda.reset_peak_memory_stats(1)  # another device: untouched
+    counters[0].set(5)
+    assert ledger.take() == 50 and warned == ["foreign_peak_reset"]
+    assert cuda.max_memory_allocated(1) == 80 and memory.max_memory_allocated(0) == 50
+
+
+def test_categories_count_only_the_devices_tensors_and_ledger_the_offloaded_ones():
+    layer = torch.nn.Linear(64, 64, bias=False)
+    engine = SimpleNamespace(module=layer, optimizer=None)
+    on_cpu = categories.measure(engine, 0, "cpu")
+    assert on_cpu["parameters"] == 64 * 64 * 4 and "host_parameters" not in on_cpu
+    elsewhere = categories.measure(engine, 0, "cuda")  # a CUDA rank whose states were offloaded
+    assert elsewhere["parameters"] == 0 and elsewhere["host_parameters"] == 64 * 64 * 4
+    assert categories.measure(engine, 0)["parameters"] == 64 * 64 * 4  # no device given: all counted
+
+
+@pytest.mark.parametrize("value", ["cpu"])
+def test_ds_accelerator_cpu_is_honoured_before_cuda(monkeypatch, value):
+    from memdiag.probes.device import SOURCE_CPU_ACCEL, DeviceProbe
+
+    monkeypatch.setenv("DS_ACCELERATOR", value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
+    assert DeviceProbe.detect(0).source == SOURCE_CPU_ACCEL
