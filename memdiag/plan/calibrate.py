@@ -109,7 +109,11 @@ def cuda_reserve_layers(run: Run, arch: Architecture, settings: Settings) -> flo
         reserved, allocated = track.columns.get("device_reserved_bytes"), track.columns.get("device_allocated_bytes")
         if reserved is None or allocated is None or not len(reserved) or np.isnan(reserved).all():
             continue
-        found.append((float(np.nanmax(reserved)) - float(np.nanmax(allocated))) / layer_bytes)
+        # the allocated peak exactly (the phases' allocator peaks: a polled sample misses a short
+        # spike); reserved memory only grows between empty_cache calls, so its samples hold its peak
+        exact = [p.device_peak_bytes for p in track.phases if p.device_peak_bytes is not None]
+        allocated_peak = max([*exact, float(np.nanmax(allocated))])
+        found.append((float(np.nanmax(reserved)) - allocated_peak) / layer_bytes)
     return float(np.median(found)) if found else None
 
 
