@@ -29,6 +29,8 @@ setup(
         "kaleido>=1.0",
         # memdiag top's terminal view
         "rich>=13",
+        # which lines held the host memory at a phase's peak (stacks=); Linux and macOS wheels
+        "memray>=1.11; sys_platform != 'win32'",
     ],
     extras_require={"test": ["pytest>=8", "accelerate>=1.0"]},
     entry_points={"console_scripts": ["memdiag=memdiag.cli:main"]},

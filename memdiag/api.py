@@ -45,7 +45,7 @@ class Recording:
                 host_limit=self.limit, case=None, command=[os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]],
                 layout="api", world_size=self.identity.world_size, hosts=[self.identity.host], recorded_by="memdiag.record",
             )
-        self.instrumentation = instrument.start(self.run_dir, settings.sample_hz)
+        self.instrumentation = instrument.start(self.run_dir, settings.sample_hz, settings.stacks)
         if self.identity.local_rank == 0:
             self.watcher = self._start_watcher()
 

@@ -21,6 +21,7 @@ from memdiag.failure import exception_record
 from memdiag.phases import PhaseTracker
 from memdiag.probes.device import DeviceProbe
 from memdiag.sampler import Sampler
+from memdiag.stacks import HostStacks, parse_phases
 from memdiag.timeline import format as fmt
 from memdiag.timeline.writer import TimelineWriter
 
@@ -62,7 +63,7 @@ class RankIdentity:
 class Instrumentation:
     """Everything memdiag runs inside one rank; ``stop`` is idempotent."""
 
-    def __init__(self, run_dir: Path, identity: RankIdentity, sample_hz: float) -> None:
+    def __init__(self, run_dir: Path, identity: RankIdentity, sample_hz: float, stacks: str = "load") -> None:
         self.identity = identity
         self._warned: set[str] = set()
         self.device = DeviceProbe.detect(identity.local_rank)
@@ -87,6 +88,10 @@ class Instrumentation:
             if self.device.nvml_error:
                 self.warn_once("nvml", self.device.nvml_error)
         self.sampler = Sampler(self.writer, self.tracker, self.device, 1.0 / sample_hz)
+        self.stacks = HostStacks(run_dir, identity.rank, parse_phases(stacks), self.warn_once)
+        if not self.stacks.off:
+            self.tracker.phase_listeners.append(
+                lambda event, phase: self.stacks.begin(phase) if event == "begin" else self.stacks.end(phase))
         self._stopped = False
 
     def warn_once(self, key: str, message: str) -> None:
@@ -131,6 +136,7 @@ class Instrumentation:
         if self._stopped:
             return
         self._stopped = True
+        self.stacks.close()  # a captured phase still open at exit (a failed or short run)
         self.sampler.stop()
         self.writer.close()
 
@@ -186,11 +192,13 @@ def _chain_sigterm(stop) -> None:
 _ACTIVE: list[Instrumentation] = []
 
 
-def start(run_dir: str | Path, sample_hz: float = 100.0) -> Instrumentation:
-    """Start memdiag in this process (once; a second call returns the running one)."""
+def start(run_dir: str | Path, sample_hz: float = 100.0, stacks: str | None = None) -> Instrumentation:
+    """Start memdiag in this process (once; a second call returns the running one). ``stacks``:
+    the phases whose host allocation stacks memray records (None: ``MEMDIAG_STACKS``, else the load phase)."""
     if not _ACTIVE:
         os.environ[RANK_PID_ENV] = str(os.getpid())
-        _ACTIVE.append(Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz).start())
+        stacks = stacks if stacks is not None else os.environ.get("MEMDIAG_STACKS", "load")
+        _ACTIVE.append(Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz, stacks).start())
     return _ACTIVE[0]
 
 

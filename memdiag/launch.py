@@ -208,6 +208,7 @@ def run_command(settings: RunSettings, run_dir: Path, command: list[str], limit_
     env["PYTHONPATH"] = python_path(INJECT_DIR, REPO_ROOT)
     env["MEMDIAG_RUN_DIR"] = str(run_dir.resolve())
     env["MEMDIAG_SAMPLE_HZ"] = str(settings.sample_hz)
+    env["MEMDIAG_STACKS"] = settings.stacks
     env["PYTHONUNBUFFERED"] = "1"  # its output goes through memdiag's pipe: keep it live
     if not is_launcher(command):
         env["MEMDIAG_SINGLE_PROCESS"] = "1"

@@ -86,6 +86,8 @@ class PhaseTracker:
         self._stack: list[_Frame] = []
         self.step = 0
         self.step_listeners: list[Callable[[StepRecord], None]] = []
+        self.phase_listeners: list[Callable[[str, str], None]] = []
+        """Called with ("begin" | "end", phase) after the phase's record is written."""
         self.peak_resets = True
         self._reset()
 
@@ -133,6 +135,8 @@ class PhaseTracker:
                 begin["rss_bytes"] if self.device.is_host_memory else self.device.read(with_nvml=False).allocated_bytes
             )
         self.emit(begin)
+        for listener in self.phase_listeners:
+            listener("begin", name)
 
     def end(self, name: str) -> None:
         self._fold_peaks()
@@ -143,6 +147,8 @@ class PhaseTracker:
         record = {"kind": fmt.PHASE_END, "t": time.time_ns(), "phase": name, "step": self.step}
         record.update(frame.end_fields())
         self.emit(record)
+        for listener in self.phase_listeners:
+            listener("end", name)
 
     def end_if_innermost(self, name: str) -> bool:
         """End ``name`` when it is the innermost open phase (a phase that may or may not be

@@ -120,6 +120,8 @@ class RunSettings:
     run_dir: str | None = setting(None, "the run directory to write (node parts: the one to join)", kind="path", commands=RECORDING)
     name: str | None = setting(None, "the folder under reports_dir (a case's runs: the case name)", kind="str", commands=frozenset({CMD, API}))
     sample_hz: float = setting(100.0, "samples per second per rank", commands=RECORDING)
+    stacks: str = setting("load", "phases whose host allocation stacks memray records in every rank (what was live at the "
+                          "phase's peak, by line): load, a comma list (load,ds_initialize), all, or off", commands=RECORDING)
     instrument: bool = setting(True, "false: no sampler, hooks or node watcher (the overhead baseline)")
     stop_grace_s: float = setting(30.0, "on SIGTERM/SIGINT/SIGHUP: seconds between SIGTERM to the job and SIGKILL", commands=LAUNCHING)
     guard_fraction: float = setting(0.95, "the guard stops the job when its ranks hold this fraction of host_ram (the plan "

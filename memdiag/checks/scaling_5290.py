@@ -14,8 +14,20 @@ from memdiag.checks.finding import Finding
 from memdiag.checks.loadphase import (
     RanksForecast, full_node_ranks, limit_of, model_event, num_parameters, ranks_forecast, run_loads,
 )
+from memdiag.stacks import built_at, phase_table
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
+
+
+def _where_built(run: Run) -> tuple[str, dict]:
+    """`` (built at FILE:LINE, in FUNCTION: X live at the load peak on rank R)`` from the load
+    phase's allocation stacks, when they were captured."""
+    table = phase_table(run.path, "load")
+    where = built_at(table) if table else None
+    if not where:
+        return "", {}
+    return (f"; built at {where['file']}:{where['line']} (in {where['function']}): {format_bytes(where['bytes'])} "
+            f"live at rank {where['rank']}'s load peak"), {"built_at": where}
 
 FULL_COPY_FRACTION = 0.5
 """A rank whose load cost is at least half a bf16 copy of the model holds the whole model."""
@@ -132,12 +144,13 @@ def check_model_input(run: Run) -> list[Finding]:
     fits = ", ".join(f"{k} ranks {format_bytes(v)}" for k, v in forecast.items())
     verdict = ranks.sentence() if ranks else ("no host limit known" if not limit else
                                               RanksForecast(node=None, table=forecast, limit=limit).sentence())
+    where, where_evidence = _where_built(run)
     return [
         Finding(
             id="scaling_5290",
             severity=severity,
             message=f"each rank handed deepspeed.initialize the whole model: {format_bytes(copy)} "
-            f"({n / 1e6:,.1f}M parameters in {dtype}) on every one of {len(inputs)} rank(s), {how}; the "
+            f"({n / 1e6:,.1f}M parameters in {dtype}) on every one of {len(inputs)} rank(s), {how}{where}; the "
             f"DeepSpeed issue 5290 pattern: node host RAM grows by a whole copy per local rank. "
             f"Load peak per rank {format_bytes(per_rank_peak)}, so a node needs about {fits}; {verdict}"
             + ("" if local >= 2 else " (one local rank here: a forecast)"),
@@ -152,7 +165,7 @@ def check_model_input(run: Run) -> list[Finding]:
                 "node_load_peak_bytes_by_local_ranks": {str(k): v for k, v in forecast.items()},
                 "limit_bytes": limit,
                 "causes": causes,
-            },
+            } | where_evidence,
             fix=fix,
             ranks=whole,
             moments=[{"t": event["t"], "label": "whole model at deepspeed.initialize (5290)"}],
@@ -187,6 +200,7 @@ def check(run: Run) -> list[Finding]:
     if not found and model_bytes < 4 * n:
         return []  # partitioned at build and no whole fp32 copy's worth of growth: not 5290
     local = evidence["local_ranks"]
+    where, where_evidence = _where_built(run)
     return [
         Finding(
             id="scaling_5290",
@@ -195,8 +209,8 @@ def check(run: Run) -> list[Finding]:
             f"({model_bytes / (4 * n):.2f}x an fp32 copy of {n / 1e6:,.1f}M parameters) instead of a "
             f"1/{world} share, so node host RAM grows by that much per local rank ({local} here: "
             f"{format_bytes(model_bytes * local)}); the DeepSpeed issue 5290 pattern. Cause: "
-            + ("; ".join(found) if found else "the whole model was materialised on every rank"),
-            evidence=evidence | {"causes": found},
+            + ("; ".join(found) if found else "the whole model was materialised on every rank") + where,
+            evidence=evidence | {"causes": found} | where_evidence,
             fix=FIX_CODE,
             ranks=[l.rank for l in loads],
             moments=[{"t": max(l.load_end_ns for l in loads), "label": "load peak (5290)"}],

@@ -72,6 +72,7 @@ def write_page(out: Path, runs: dict[tuple[str, int], Path], ranks: list[int], s
     from memdiag.checks.scaling_5290 import check_many
     from memdiag.files import write_atomic
     from memdiag.report.html import RENDER_CHECK, STYLE
+    from memdiag.stacks import read_tables
     from memdiag.timeline import read_run
     from memdiag.units import format_bytes
 
@@ -86,11 +87,23 @@ def write_page(out: Path, runs: dict[tuple[str, int], Path], ranks: list[int], s
         figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] / 2**30 for p in points], mode="lines+markers",
                                     name=f"load={load}"))
         print(f"memdiag demo: [{finding.severity}] {finding.message}")
+        # which line held the memory at each rank's load peak (memray): the whole model's build, or not
+        stacks = []
+        for count in ranks:
+            for table in sorted((t for t in read_tables(runs[load, count]) if t.get("phase") == "load"), key=lambda t: t["rank"]):
+                top = (table.get("stacks") or [None])[0]
+                if top:
+                    line = top.get("user_frame") or top["frames"][0]
+                    stacks.append(f"<tr><td>{count}</td><td>{table['rank']}</td><td>{format_bytes(top['bytes'])}</td>"
+                                  f"<td>{html.escape(f'{line[1]}:{line[2]} ({line[0]})')}</td></tr>")
+        stack_table = ("<table><tr><th>ranks per node</th><th>rank</th><th>top stack at the load peak</th><th>its line</th></tr>"
+                       + "".join(stacks) + "</table>") if stacks else ""
         rows = "".join(f"<tr><td>{r}</td><td>{format_bytes(b)}</td></tr>" for r, b in points)
         fix = f"<pre class='fix'>{html.escape(finding.fix)}</pre>" if finding.fix else ""
         sections.append(
             f"<h2>load={load}</h2><p class='finding {finding.severity}'><b>[{finding.severity}] {finding.id}</b>: "
             f"{html.escape(finding.message)}</p>{fix}<table><tr><th>ranks per node</th><th>node load-phase host RAM</th></tr>{rows}</table>"
+            + stack_table
             + "<p class='note'>runs: " + ", ".join(html.escape(str(runs[load, c])) for c in ranks) + "</p>"
         )
     figure.update_layout(title=f"Node host RAM while loading, against ranks per node (model.scale={scale})",

@@ -239,6 +239,21 @@ def _findings_html(findings: list[dict]) -> str:
     return "<h2>Findings</h2><ul class='findings'>" + "".join(items) + "</ul>"
 
 
+def _stacks_html(run: Run) -> str:
+    """Which lines held the host memory at each captured phase's peak (memray, ``stacks=``)."""
+    from memdiag.stacks import STACKS_DIR, lowest_rank_tables, stack_rows
+
+    parts = []
+    for table in lowest_rank_tables(run.path):
+        parts.append(
+            f"<h3>{html.escape(str(table.get('phase')))} phase: live at its host peak "
+            f"({format_bytes(table.get('peak_bytes'))}, rank {table.get('rank')})</h3>" + _table(stack_rows(table))
+            + f"<p class='note'>memray's capture: {html.escape(STACKS_DIR + '/' + str(table.get('capture')))} "
+            "(<code>memray flamegraph</code>, <code>memray summary</code>); the other ranks' beside it</p>"
+        )
+    return "<h2>Allocation stacks</h2>" + "".join(parts) if parts else ""
+
+
 def write_report(
     run: Run,
     summary: Summary,
@@ -260,6 +275,7 @@ def write_report(
         _summary_html(run, summary),
         _findings_html(findings or []),
         _plan_html(run),
+        _stacks_html(run),
     ]
     for index, (name, figure) in enumerate(figures.items()):
         parts.append(

@@ -138,6 +138,13 @@ def write_markdown(run: Run, summary: Summary, findings: list[dict], pngs: list[
         lines.append(f"- **[{finding['severity']}] {finding['id']}**: {finding['message']}")
         if finding.get("fix"):
             lines += ["  ```python", *("  " + line for line in finding["fix"].splitlines()), "  ```"]
+    from memdiag.stacks import lowest_rank_tables, stack_rows
+
+    for table in lowest_rank_tables(run.path):
+        rows = stack_rows(table, top=5)
+        lines += ["", f"**Live at the {table.get('phase')} phase's host peak** (rank {table.get('rank')}, "
+                  f"{format_bytes(table.get('peak_bytes'))}; memray)", ""]
+        lines += _table(list(rows[0]), [list(r.values()) for r in rows]) if rows else []
     plan = _plan_rows(run)
     if plan:
         lines += ["", "**Plan versus measured** (memdiag plan's terms for this run)", ""]

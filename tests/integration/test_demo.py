@@ -19,6 +19,9 @@ def test_demo_5290_shows_the_copy_per_rank_and_lean_loading_without_it(tmp_path)
     (page,) = tmp_path.glob("demo-5290-*/demo-5290.html")
     html = page.read_text()
     assert "data-figure='demo-5290'" in html and html.count("<h2>load=") == 2
+    # each section names the line at every rank's load peak (memray): the reference loading's is the model's build
+    reference = html.split("<h2>load=reference</h2>", 1)[1].split("<h2>load=", 1)[0]
+    assert html.count("top stack at the load peak") == 2 and reference.count("modeling_baichuan.py") >= 3
 
 
 def test_demo_needs_two_rank_counts(tmp_path):

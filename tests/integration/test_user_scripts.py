@@ -76,6 +76,13 @@ def test_5290_from_what_each_rank_handed_deepspeed(tmp_path, checkpoint, mode, r
     finding = by_id["scaling_5290"]
     via = FIRES[mode]
     assert finding["evidence"]["built_by"] == via and finding["evidence"]["dtype"] == "float32"
+    # the load phase's allocation stacks name the script's own line that built the model, and what
+    # it held there is the fp32 model (memray, stacks=load by default)
+    where = finding["evidence"]["built_at"]
+    assert where["file"] == str(SCRIPT) and f"{SCRIPT}:{where['line']}" in finding["message"]
+    assert where["bytes"] == pytest.approx(4 * finding["evidence"]["num_parameters"], rel=0.10)
+    if mode == "constructor":
+        assert "LlamaForCausalLM(CONFIG)" in SCRIPT.read_text().splitlines()[where["line"] - 1]
     assert FIX_SAYS[via] in finding["fix"] and "dtype" in finding["fix"]
     assert finding["severity"] == "warning" and code == 0  # fits this machine's RAM: a warning
     assert sorted(finding["ranks"]) == list(range(ranks))

@@ -1,0 +1,194 @@
+"""Which lines allocated the host memory at a phase's peak: memray records a rank's allocations
+during the phases asked for (``stacks=``), and memdiag keeps the ones live at the phase's
+high-water mark, grouped by stack, the largest first.
+
+Per rank and phase, ``stacks/host-rank-<R>-<phase>.bin`` is memray's own capture (``memray
+stats``, ``memray flamegraph`` open it) and ``.json`` the reduced table the findings and the
+report read. Without memray (another platform, another version), one warning says stack capture
+is off; every other figure is recorded as before.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from memdiag.failure import is_users
+
+log = logging.getLogger(__name__)
+
+STACKS_DIR = "stacks"
+TOP = 20
+"""Stacks kept per phase in the reduced table."""
+FRAMES = 12
+"""Frames kept per stack, innermost first."""
+
+
+def parse_phases(text: str | None) -> frozenset[str] | None:
+    """``stacks=`` as phases to capture: None for all, an empty set for none."""
+    text = (text or "").strip()
+    if text == "all":
+        return None
+    if text in ("", "off", "none", "false"):
+        return frozenset()
+    return frozenset(part.strip() for part in text.split(",") if part.strip())
+
+
+def table_path(run_dir: Path, rank: int, phase: str) -> Path:
+    return Path(run_dir) / STACKS_DIR / f"host-rank-{rank}-{phase}.json"
+
+
+class HostStacks:
+    """memray around the chosen phases of one rank (one capture at a time: an inner phase of
+    a captured one is inside its capture)."""
+
+    def __init__(self, run_dir: Path, rank: int, phases: frozenset[str] | None, warn: Callable[[str, str], None]) -> None:
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.phases = phases
+        self.warn = warn
+        self._tracker = None
+        self._phase: str | None = None
+        self._started = 0.0
+        self.off = phases is not None and not phases
+
+    def wanted(self, phase: str) -> bool:
+        return not self.off and (self.phases is None or phase in self.phases)
+
+    def begin(self, phase: str) -> None:
+        if self._tracker is not None or not self.wanted(phase):
+            return
+        try:
+            import memray
+
+            path = self.run_dir / STACKS_DIR / f"host-rank-{self.rank}-{phase}.bin"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.unlink(missing_ok=True)
+            tracker = memray.Tracker(path, file_format=memray.FileFormat.AGGREGATED_ALLOCATIONS, follow_fork=False)
+            tracker.__enter__()
+        except Exception as exc:  # no memray, or one tracker already running (the user's own)
+            self.off = True
+            self.warn("stacks", f"host allocation stacks are off: {exc!r}")
+            return
+        self._tracker, self._phase, self._started = tracker, phase, time.monotonic()
+
+    def end(self, phase: str) -> None:
+        if self._tracker is None or phase != self._phase:
+            return
+        tracker, self._tracker, self._phase = self._tracker, None, None
+        try:
+            tracker.__exit__(None, None, None)
+            captured_s = time.monotonic() - self._started
+            reduce_capture(tracker_path(self.run_dir, self.rank, phase), table_path(self.run_dir, self.rank, phase),
+                           rank=self.rank, phase=phase, captured_s=captured_s)
+        except Exception as exc:
+            self.warn("stacks_reduce", f"the {phase} phase's allocation stacks could not be reduced: {exc!r}")
+
+
+    def close(self) -> None:
+        """End the capture still open (the run ended inside a captured phase)."""
+        if self._phase is not None:
+            self.end(self._phase)
+
+
+def tracker_path(run_dir: Path, rank: int, phase: str) -> Path:
+    return Path(run_dir) / STACKS_DIR / f"host-rank-{rank}-{phase}.bin"
+
+
+def reduce_capture(capture: Path, out: Path, *, rank: int, phase: str, captured_s: float | None = None) -> dict:
+    """memray's allocations live at the capture's high-water mark, grouped by stack, the largest
+    first, each with the deepest frame in the user's own code."""
+    import memray
+
+    with memray.FileReader(capture) as reader:
+        peak = int(reader.metadata.peak_memory)
+        records = sorted(reader.get_high_watermark_allocation_records(merge_threads=True), key=lambda r: -r.size)
+        rows = []
+        for record in records[:TOP]:
+            frames = [[function, filename, int(line)] for function, filename, line in record.stack_trace(max_stacks=FRAMES)]
+            users = next((f for f in frames if is_users(f[1])), None)
+            rows.append({"bytes": int(record.size), "count": int(record.n_allocations), "frames": frames, "user_frame": users})
+    table = {"rank": rank, "phase": phase, "peak_bytes": peak, "captured_s": captured_s, "capture": capture.name,
+             "stacks": rows}
+    out.write_text(json.dumps(table, indent=1))
+    return table
+
+
+def read_tables(run_dir: Path) -> list[dict]:
+    """Every reduced table of a run (rank, phase order as found); unreadable ones skipped."""
+    tables = []
+    for path in sorted((Path(run_dir) / STACKS_DIR).glob("host-rank-*.json")):
+        try:
+            tables.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            log.debug("skipping %s", path)
+    return tables
+
+
+COVER = 0.5
+"""A line "built" the phase's peak when the stacks through it hold at least this share of it."""
+
+
+def built_at(table: dict) -> dict | None:
+    """The deepest line of the user's own code that the allocations live at the phase's peak
+    came through, holding at least ``COVER`` of them: the constructor or ``from_pretrained``
+    call of a model built there (the stacks below it differ tensor by tensor)."""
+    stacks = table.get("stacks") or []
+    total = sum(s["bytes"] for s in stacks)
+    if not total:
+        return None
+    covered: dict[tuple, int] = {}
+    depth: dict[tuple, int] = {}
+    for stack in stacks:
+        outermost_first = list(reversed(stack["frames"]))
+        seen = set()
+        for position, (function, filename, line) in enumerate(outermost_first):
+            key = (filename, line, function)
+            if key in seen or not is_users(filename):
+                continue
+            seen.add(key)
+            covered[key] = covered.get(key, 0) + stack["bytes"]
+            depth[key] = max(depth.get(key, 0), position)
+    held = [key for key, nbytes in covered.items() if nbytes >= COVER * total]
+    if not held:
+        return None
+    filename, line, function = max(held, key=lambda key: depth[key])
+    return {"file": filename, "line": line, "function": function, "bytes": covered[(filename, line, function)],
+            "rank": table.get("rank"), "phase": table.get("phase")}
+
+
+def phase_table(run_dir: Path, phase: str, rank: int | None = None) -> dict | None:
+    """The reduced table of ``phase`` for ``rank`` (None: the lowest rank that has one)."""
+    tables = [t for t in read_tables(run_dir) if t.get("phase") == phase and (rank is None or t.get("rank") == rank)]
+    return min(tables, key=lambda t: t.get("rank", 0)) if tables else None
+
+
+def stack_rows(table: dict, top: int = 10) -> list[dict[str, str]]:
+    """The reduced table as rows a report prints: bytes, allocations, the user's line, where the
+    bytes were allocated (the innermost frame)."""
+    from memdiag.units import format_bytes
+
+    rows = []
+    for stack in (table.get("stacks") or [])[:top]:
+        inner = stack["frames"][0] if stack["frames"] else None
+        users = stack.get("user_frame")
+        rows.append({
+            "bytes": format_bytes(stack["bytes"]),
+            "allocations": f"{stack['count']:,}",
+            "your line": f"{users[1]}:{users[2]} ({users[0]})" if users else "-",
+            "allocated in": f"{inner[1]}:{inner[2]} ({inner[0]})" if inner else "-",
+        })
+    return rows
+
+
+def lowest_rank_tables(run_dir: Path) -> list[dict]:
+    """One table per captured phase: the lowest rank's."""
+    chosen: dict[str, dict] = {}
+    for table in read_tables(run_dir):
+        phase = table.get("phase", "?")
+        if phase not in chosen or table.get("rank", 0) < chosen[phase].get("rank", 0):
+            chosen[phase] = table
+    return list(chosen.values())

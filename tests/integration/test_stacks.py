@@ -1,0 +1,50 @@
+"""Which line held the memory at a phase's peak (memray, `stacks=`), on real runs: a known buffer
+in a known function is the top stack with its size, and the raw capture opens with memray."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).resolve().parent / "scripts" / "known_buffer.py"
+
+
+def test_a_known_buffer_is_the_top_stack_at_the_load_peak(tmp_path):
+    pytest.importorskip("memray")
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", f"reports_dir={tmp_path / 'reports'}", "--", sys.executable, str(SCRIPT)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
+    table = json.loads((run_dir / "stacks" / "host-rank-0-load.json").read_text())
+    top = table["stacks"][0]
+    line = next(i for i, text in enumerate(SCRIPT.read_text().splitlines(), 1) if "the line the stacks must name" in text)
+    assert top["bytes"] == pytest.approx(64 * 2**20, rel=0.01) and top["count"] == 1
+    assert top["user_frame"] == ["load_known_buffer", str(SCRIPT), line]
+    assert table["peak_bytes"] >= top["bytes"]
+    # memray's own tools open the raw capture
+    import memray
+
+    with memray.FileReader(run_dir / "stacks" / table["capture"]) as reader:
+        assert reader.metadata.peak_memory == table["peak_bytes"]
+    flamegraph = subprocess.run([sys.executable, "-m", "memray", "flamegraph", "-f", "-o", str(tmp_path / "flame.html"),
+                                 str(run_dir / "stacks" / table["capture"])], capture_output=True, text=True, timeout=300)
+    assert flamegraph.returncode == 0 and (tmp_path / "flame.html").stat().st_size > 0, flamegraph.stderr
+    # and the report shows it, the line named
+    assert f"{SCRIPT}:{line} (load_known_buffer)" in (run_dir / "report.html").read_text()
+
+
+def test_stacks_off_captures_nothing(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", "stacks=off", f"reports_dir={tmp_path / 'reports'}", "--", sys.executable, str(SCRIPT)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
+    assert not (run_dir / "stacks").exists() or not any((run_dir / "stacks").glob("host-*"))
