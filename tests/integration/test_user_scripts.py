@@ -63,6 +63,7 @@ def test_5290_from_what_each_rank_handed_deepspeed(tmp_path, checkpoint, mode, r
     # the load phase exists without our case code, with its exact peak, and is forecast from
     for rank in range(ranks):
         records = [json.loads(line) for line in (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()]
+        assert sum(r["kind"] == "header" for r in records) == 1  # no process the rank started recorded as it
         load_end = next(r for r in records if r["kind"] == "phase_end" and r["phase"] == "load")
         assert load_end["host_peak_bytes"] > 0
         # every way of training is recorded the same: DeepSpeed's phases and each step's loss
