@@ -93,9 +93,10 @@ def write_page(out: Path, runs: dict[tuple[str, int], Path], ranks: list[int], s
             for table in sorted((t for t in read_tables(runs[load, count]) if t.get("phase") == "load"), key=lambda t: t["rank"]):
                 top = (table.get("stacks") or [None])[0]
                 if top:
-                    line = top.get("user_frame") or top["frames"][0]
+                    line = top.get("user_frame") or (top["frames"][0] if top["frames"] else None)
+                    where = f"{line[1]}:{line[2]} ({line[0]})" if line else "(no Python frame)"
                     stacks.append(f"<tr><td>{count}</td><td>{table['rank']}</td><td>{format_bytes(top['bytes'])}</td>"
-                                  f"<td>{html.escape(f'{line[1]}:{line[2]} ({line[0]})')}</td></tr>")
+                                  f"<td>{html.escape(where)}</td></tr>")
         stack_table = ("<table><tr><th>ranks per node</th><th>rank</th><th>top stack at the load peak</th><th>its line</th></tr>"
                        + "".join(stacks) + "</table>") if stacks else ""
         rows = "".join(f"<tr><td>{r}</td><td>{format_bytes(b)}</td></tr>" for r, b in points)
