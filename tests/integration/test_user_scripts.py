@@ -81,7 +81,11 @@ def test_5290_from_what_each_rank_handed_deepspeed(tmp_path, checkpoint, mode, r
     # it held there is the fp32 model (memray, stacks=load by default)
     where = finding["evidence"]["built_at"]
     assert where["file"] == str(SCRIPT) and f"{SCRIPT}:{where['line']}" in finding["message"]
-    assert where["bytes"] == pytest.approx(4 * finding["evidence"]["num_parameters"], rel=0.10)
+    fp32_model = 4 * finding["evidence"]["num_parameters"]
+    if via == "from_pretrained":  # the fp32 model and the fp32 checkpoint's tensors read into it: both live at the peak
+        assert 0.9 * fp32_model <= where["bytes"] <= 2.2 * fp32_model
+    else:
+        assert where["bytes"] == pytest.approx(fp32_model, rel=0.10)
     if mode == "constructor":
         assert "LlamaForCausalLM(CONFIG)" in SCRIPT.read_text().splitlines()[where["line"] - 1]
     assert FIX_SAYS[via] in finding["fix"] and "dtype" in finding["fix"]
