@@ -64,7 +64,7 @@ def main() -> int:
         users = Path(cache) / "ds_config.json"
         users.write_text('{"train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": "auto"}, '
                          '"zero_optimization": {"stage": 3, "overlap_comm": true, "reduce_bucket_size": "auto"}}')
-        for extra in ([], ["--ds-config", str(users)]):
+        for extra in ([], ["--ds-config", str(users), "micro_batch=1", "dtype=bf16"]):  # what its "auto" leaves to the Trainer
             for label in ("cold cache", "warm cache", "warm cache"):
                 started = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "memdiag", "plan", "--host-ram", "500G", *extra], cwd=repo, env=env,

@@ -176,13 +176,18 @@ def persistent_elements(arch: Architecture, param_threshold: float, model_thresh
     ``DeepSpeedZeRoOffload.mark_persistent_parameters`` walks the parameters in order and marks
     each of at most ``stage3_param_persistence_threshold`` elements while the total stays within
     ``stage3_model_persistence_threshold``. Measured: bench/zero3_persistence.py."""
-    total = 0
-    for numel in arch.tensor_numels:
-        if numel + total > model_threshold:
-            continue
-        if numel <= param_threshold:
-            total += numel
-    return total
+    # the same for every layout: kept on the architecture (the search asks ~10^5 times)
+    cache = arch.__dict__.setdefault("_persistent_elements", {})
+    key = (param_threshold, model_threshold)
+    if key not in cache:
+        total = 0
+        for numel in arch.tensor_numels:
+            if numel + total > model_threshold:
+                continue
+            if numel <= param_threshold:
+                total += numel
+        cache[key] = total
+    return cache[key]
 
 
 def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[str, float]:
