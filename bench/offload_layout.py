@@ -16,8 +16,6 @@ default 1.5 buffer factor).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from memdiag.plan.arch import ModelFacts  # noqa: E402
 from memdiag.plan.estimator import estimate_zero3_model_states_mem_needs  # noqa: E402
+from bench.one_rank import json_lines  # noqa: E402
 from memdiag.plan.model import Architecture  # noqa: E402
 from memdiag.plan.terms import Settings, offload_terms  # noqa: E402
 
@@ -35,14 +34,7 @@ RANK = Path(__file__).resolve().parent / "offload_layout_rank.py"
 def measure(layers: int, hidden: int, timeout_s: float = 900, optimizer: str = "deepspeed") -> dict:
     """One real run (1 rank); the rank's RSS at each stage. ``optimizer``: deepspeed (its CPU
     Adam, JIT-compiled) or torch (AdamW as the client optimizer; the same host tensors)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(RANK), str(layers), str(hidden), optimizer],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-    )
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not records:
-        raise RuntimeError(f"offload_layout_rank.py {layers} {hidden} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return records[-1]
+    return json_lines(RANK, str(layers), str(hidden), optimizer, timeout_s=timeout_s)[-1]
 
 
 def stack(layers: int, hidden: int) -> Architecture:

@@ -20,24 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memdiag.plan.terms import OPTIMIZER_STEP_TEMPORARIES  # noqa: E402
+from memdiag.probes.host import read_proc_status, reset_peak_rss  # noqa: E402
 
 KWARGS = {"fused": {"fused": True}, "torch_foreach": {"foreach": True}, "torch_for_loop": {"foreach": False}}
 
-
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def step_temporaries(kind: str, elements: int, device: str) -> float:
@@ -54,11 +40,10 @@ def step_temporaries(kind: str, elements: int, device: str) -> float:
         torch.cuda.synchronize()
         above = torch.cuda.max_memory_allocated() - before
     else:
-        before = _rss_bytes()
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # VmHWM := VmRSS
+        before = read_proc_status().rss_bytes
+        reset_peak_rss()  # VmHWM := VmRSS
         optimizer.step()
-        above = _hwm_bytes() - before
+        above = read_proc_status().hwm_bytes - before
     del optimizer, param
     return above / (4 * elements)
 

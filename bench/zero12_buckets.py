@@ -11,14 +11,13 @@ allgather_bucket_size and reduce_bucket_size values").
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.one_rank import json_lines  # noqa: E402
 from memdiag.plan.model import Architecture  # noqa: E402
 from memdiag.plan.terms import Coefficients, Settings, device_terms  # noqa: E402
 
@@ -26,12 +25,7 @@ RANK = Path(__file__).resolve().parent / "zero12_buckets_rank.py"
 
 
 def measure(timeout_s: float = 900) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(RANK)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not records:
-        raise RuntimeError(f"zero12_buckets_rank.py failed ({done.returncode}): {done.stderr[-2000:]}")
-    return records
+    return json_lines(RANK, timeout_s=timeout_s)
 
 
 def memdiag_bucket_bytes(zero: dict) -> float:

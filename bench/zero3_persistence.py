@@ -11,8 +11,6 @@ a step.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from memdiag.plan.arch import ModelFacts  # noqa: E402
+from bench.one_rank import json_lines  # noqa: E402
 from memdiag.plan.model import Architecture  # noqa: E402
 from memdiag.plan.terms import Coefficients, Settings, device_terms  # noqa: E402
 
@@ -27,12 +26,7 @@ RANK = Path(__file__).resolve().parent / "zero3_persistence_rank.py"
 
 
 def measure(timeout_s: float = 900) -> list[dict]:
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", str(RANK)],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
-    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode != 0 or not records:
-        raise RuntimeError(f"zero3_persistence_rank.py failed ({done.returncode}): {done.stderr[-2000:]}")
-    return records
+    return json_lines(RANK, timeout_s=timeout_s)
 
 
 def memdiag_terms(row: dict) -> dict[str, float]:

@@ -64,7 +64,7 @@ class HostStacks:
         try:
             import memray
 
-            path = self.run_dir / STACKS_DIR / f"host-rank-{self.rank}-{phase}.bin"
+            path = tracker_path(self.run_dir, self.rank, phase)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.unlink(missing_ok=True)
             tracker = memray.Tracker(path, file_format=memray.FileFormat.AGGREGATED_ALLOCATIONS, follow_fork=False)
@@ -160,10 +160,9 @@ def built_at(table: dict) -> dict | None:
             "rank": table.get("rank"), "phase": table.get("phase")}
 
 
-def phase_table(run_dir: Path, phase: str, rank: int | None = None) -> dict | None:
-    """The reduced table of ``phase`` for ``rank`` (None: the lowest rank that has one)."""
-    tables = [t for t in read_tables(run_dir) if t.get("phase") == phase and (rank is None or t.get("rank") == rank)]
-    return min(tables, key=lambda t: t.get("rank", 0)) if tables else None
+def phase_table(run_dir: Path, phase: str) -> dict | None:
+    """The reduced table of ``phase`` of the lowest rank that has one."""
+    return next((t for t in lowest_rank_tables(run_dir) if t.get("phase") == phase), None)
 
 
 def stack_rows(table: dict, top: int = 10) -> list[dict[str, str]]:

@@ -72,7 +72,7 @@ def write_page(out: Path, runs: dict[tuple[str, int], Path], ranks: list[int], s
     from memdiag.checks.scaling_5290 import check_many
     from memdiag.files import write_atomic
     from memdiag.report.html import RENDER_CHECK, STYLE
-    from memdiag.stacks import read_tables
+    from memdiag.stacks import read_tables, stack_rows
     from memdiag.timeline import read_run
     from memdiag.units import format_bytes
 
@@ -91,11 +91,9 @@ def write_page(out: Path, runs: dict[tuple[str, int], Path], ranks: list[int], s
         stacks = []
         for count in ranks:
             for table in sorted((t for t in read_tables(runs[load, count]) if t.get("phase") == "load"), key=lambda t: t["rank"]):
-                top = (table.get("stacks") or [None])[0]
-                if top:
-                    line = top.get("user_frame") or (top["frames"][0] if top["frames"] else None)
-                    where = f"{line[1]}:{line[2]} ({line[0]})" if line else "(no Python frame)"
-                    stacks.append(f"<tr><td>{count}</td><td>{table['rank']}</td><td>{format_bytes(top['bytes'])}</td>"
+                for top in stack_rows(table, top=1):
+                    where = top["your line"] if top["your line"] != "-" else top["allocated in"]
+                    stacks.append(f"<tr><td>{count}</td><td>{table['rank']}</td><td>{top['bytes']}</td>"
                                   f"<td>{html.escape(where)}</td></tr>")
         stack_table = ("<table><tr><th>ranks per node</th><th>rank</th><th>top stack at the load peak</th><th>its line</th></tr>"
                        + "".join(stacks) + "</table>") if stacks else ""

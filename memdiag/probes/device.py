@@ -148,7 +148,7 @@ class DeviceProbe:
             used, why = process_used(_running_processes(pynvml, self._nvml_handle), os.getpid())
             if why is None:
                 return used
-            if why.startswith("NVML lists no process"):
+            if why == NO_PROCESS:
                 return None  # this process has not touched the device yet
             # the device's own figure stands in, labelled: with one rank per device it is this
             # rank's plus whatever else runs there
@@ -185,6 +185,10 @@ def _running_processes(pynvml, handle) -> list:
     raise RuntimeError("this driver answers no compute-process query")
 
 
+NO_PROCESS = "NVML lists no process on this device"
+"""``process_used``'s answer before this process has touched the device: not a reason to fall back."""
+
+
 def process_used(processes: Iterable, pid: int) -> tuple[int | None, str | None]:
     """This PID's device memory from NVML's process list: (bytes, None), or (None, why)."""
     listed = list(processes)
@@ -199,7 +203,7 @@ def process_used(processes: Iterable, pid: int) -> tuple[int | None, str | None]
         pids = ", ".join(str(p.pid) for p in listed[:4])
         return None, (f"NVML lists {len(listed)} process(es) on this device ({pids}) but not this one (PID {pid}): a "
                       "container without the host's PID namespace shows host PIDs")
-    return None, "NVML lists no process on this device"
+    return None, NO_PROCESS
 
 
 def _cuda_uuid(index: int | None) -> str | None:

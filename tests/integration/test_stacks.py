@@ -15,7 +15,6 @@ SCRIPT = Path(__file__).resolve().parent / "scripts" / "known_buffer.py"
 
 
 def test_a_known_buffer_is_the_top_stack_at_the_load_peak(tmp_path):
-    pytest.importorskip("memray")
     result = subprocess.run(
         [sys.executable, "-m", "memdiag", "run", f"reports_dir={tmp_path / 'reports'}", "--", sys.executable, str(SCRIPT)],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,

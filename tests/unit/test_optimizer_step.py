@@ -4,7 +4,6 @@ and the step peak the planner adds for it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shlex
 from pathlib import Path
@@ -18,20 +17,15 @@ from memdiag.plan.model import Architecture
 from memdiag.plan.terms import OPTIMIZER_STEP_TEMPORARIES, Coefficients, Settings, device_terms
 from memdiag.settings import PLAN, RunSettings
 
+from bench import optimizer_temporaries as bench_module  # the benchmark's own measurement, run here
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("optimizer_temporaries", REPO / "bench" / "optimizer_temporaries.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("kind", sorted(OPTIMIZER_STEP_TEMPORARIES))
 def test_torchs_adamw_allocates_the_temporaries_memdiag_counts(kind):
     # 25M fp32 elements (100 MB): far above glibc's mmap threshold, so each temporary is in the RSS peak
-    measured = _bench().step_temporaries(kind, 25_000_000, "cpu")
+    measured = bench_module.step_temporaries(kind, 25_000_000, "cpu")
     assert measured == pytest.approx(OPTIMIZER_STEP_TEMPORARIES[kind], abs=0.15)
 
 
