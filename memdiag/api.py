@@ -87,18 +87,19 @@ class Recording:
         if self.writes_spec:
             self.rundir.update(status="failed" if failed else "completed", ended_at=_now())
             if self.settings.report:
-                from memdiag.report.build import build, format_finding
+                from memdiag.report.build import build
+                from memdiag.report.ending import ending
+                from memdiag.timeline.reader import guard_event
 
                 try:
-                    _, html_path, findings = build(self.run_dir, with_checks=True)
+                    summary, _, findings = build(self.run_dir, with_checks=True)
                 except Exception as exc:  # the training is over; say why the report is missing
                     print(f"memdiag: report not written: {exc}", file=sys.stderr)
                     return
-                # the run ends on the console as `memdiag run` ends one: findings, then the report
-                for finding in findings:
-                    if finding.severity != "info":
-                        print(format_finding(finding), flush=True)
-                print(f"memdiag: recording {'failed' if failed else 'done'}; report {html_path}", flush=True)
+                # the recording ends on the console as `memdiag run` ends a run
+                lines, _ = ending(self.run_dir, self.rundir.read(), summary, findings, 1 if failed else 0,
+                                  guard=guard_event(self.run_dir), what="the recording", echoed_stderr=True)
+                print("\n".join(lines), flush=True)
 
 
 def _now() -> str:

@@ -1,6 +1,8 @@
-"""What a failed rank raised: the exception's type and message, and the line in the user's own
-code it came through. Taken in the rank by a ``sys.excepthook`` (recorded as an ``exception``
-event in its timeline), or read back from a rank's log when only the log has it."""
+"""Why a run failed. What a failed rank raised: the exception's type and message, and the line in
+the user's own code it came through, taken in the rank by a ``sys.excepthook`` (recorded as an
+``exception`` event in its timeline) or read back from a rank's log when only the log has it.
+And which rank failed first, read from the launcher's log (torchrun's root-cause record), so the
+console names the cause before the other ranks' follow-on errors."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import re
 import sysconfig
 import traceback
+from pathlib import Path
 
 LIBRARY_DIRS = tuple(
     os.path.realpath(p) + os.sep
@@ -79,3 +82,66 @@ def describe(error: dict) -> str:
     if error.get("file"):
         text += f" at {error['file']}:{error['line']}" + (f" (in {error['function']})" if error.get("function") else "")
     return text
+
+
+def root_cause(text: str) -> dict | None:
+    """torchrun's "Root Cause (first observed failure)" block of a launcher log: the rank that
+    failed first, its exit code, and the signal that ended it (None when the log has none)."""
+    import signal
+
+    block = text.split("Root Cause (first observed failure)", 1)
+    if len(block) < 2:
+        return None
+    fields = dict(re.findall(r"^\s*(rank|exitcode|traceback|host)\s*:\s*(.*?)\s*$", block[1], re.M))
+    rank = re.match(r"(\d+)", fields.get("rank", ""))
+    code = re.match(r"(-?\d+)", fields.get("exitcode", ""))
+    if rank is None or code is None:
+        return None
+    exitcode = int(code.group(1))
+    number = -exitcode if exitcode < 0 else None
+    name = None
+    if number is not None:
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+    how = f"killed by {name} (signal {number})" if number is not None else f"exited with code {exitcode}"
+    return {"rank": int(rank.group(1)), "exitcode": exitcode, "signal": name, "host": fields.get("host"), "how": how}
+
+
+def failure_excerpt(run_dir: Path, lines: int = 15) -> str:
+    """Why the run failed, cause first: the rank torchrun saw fail first (and how) with the end
+    of its log, then - only without such a record - the end of the first rank log that holds a
+    traceback (or of the launcher's log). The other ranks' errors follow from the first."""
+    logs_dir = run_dir / "logs"
+    launcher_logs = [logs_dir / "launcher.log", *sorted(logs_dir.glob("launcher-*.log"))]
+    for log_file in [*launcher_logs, logs_dir / "stderr.log"]:  # stderr.log: a `-- CMD` run's torchrun
+        try:
+            cause = root_cause(log_file.read_text(errors="replace"))
+        except OSError:
+            continue
+        if cause is None:
+            continue
+        head = f"rank {cause['rank']} failed first: {cause['how']}" + (f" on {cause['host']}" if cause.get("host") else "")
+        own_log = logs_dir / f"rank-{cause['rank']}.log"
+        try:
+            own = own_log.read_text(errors="replace")
+        except OSError:
+            own = ""
+        if "Traceback" in own:
+            tail = [line for line in own.splitlines() if line.strip()][-lines:]
+            return head + f"; its log {own_log}:\n" + "\n".join(tail)
+        if cause["signal"]:
+            return head + " with no Python error in its log: ended from outside (the kernel's OOM killer leaves a line in " \
+                "`dmesg`); the other ranks' errors follow from it"
+        return head + f"; see {own_log}"
+    logs = sorted(logs_dir.glob("rank-*.log")) + launcher_logs + [logs_dir / "stderr.log"]
+    for log_file in logs:
+        try:
+            text = log_file.read_text(errors="replace")
+        except OSError:
+            continue
+        if "Traceback" in text or log_file.name.startswith("launcher") or log_file.name == "stderr.log":
+            tail = [line for line in text.splitlines() if line.strip()][-lines:]
+            return f"{log_file}:\n" + "\n".join(tail)
+    return ""

@@ -33,14 +33,18 @@ TREE_REFRESH_S = 0.5
 
 
 def parse_environ_rank(data: bytes) -> int | None:
-    """``RANK`` from the NUL-separated ``/proc/<pid>/environ``."""
+    """``RANK`` from the NUL-separated ``/proc/<pid>/environ``; 0 for the process of a
+    single-process job (``memdiag run -- python x.py``: no launcher gave it a ``RANK``, memdiag
+    marked it ``MEMDIAG_SINGLE_PROCESS``), whose guard and node figures would otherwise see no rank."""
+    single = False
     for entry in data.split(b"\0"):
         if entry.startswith(b"RANK="):
             try:
                 return int(entry[5:])
             except ValueError:
                 return None
-    return None
+        single = single or entry == b"MEMDIAG_SINGLE_PROCESS=1"
+    return 0 if single else None
 
 
 @dataclass

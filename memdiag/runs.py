@@ -112,7 +112,7 @@ def run_command(settings: RunSettings, command: list[str]) -> int:
     from memdiag.timeline import read_run
 
     rundir.update(world_size=max((t.header.get("world_size", 1) for t in read_run(rundir.path).ranks.values()), default=None))
-    return finish(rundir, code, "command", stopped=" the command was stopped")
+    return finish(rundir, code, "command")
 
 
 def record_end(rundir: RunDir, ended: lifetime.Ended, started: float) -> int:
@@ -127,47 +127,18 @@ def record_end(rundir: RunDir, ended: lifetime.Ended, started: float) -> int:
     return ended.code
 
 
-def finish(rundir: RunDir, code: int, launcher: str, stopped: str = " the run was stopped") -> int:
+def finish(rundir: RunDir, code: int, launcher: str) -> int:
     """Summary, checks and report for a run that has ended; what the user sees last."""
-    from memdiag.report.build import format_finding
+    from memdiag.report.ending import ending
 
     built = build_report(rundir)
     if built is None:
         return code or 1
-    summary, html_path, findings = built
-    spec = rundir.spec
-    for finding in findings:
-        if finding.severity != "info":
-            print(format_finding(finding))
-    if spec.get("status") == "interrupted":
-        print(f"memdiag:{stopped} ({spec.get('signal', 'a stop signal')}); report of what was recorded: {html_path}")
-        return code
-    guard = guard_event(rundir.path)
-    if guard is not None:
-        print(f"memdiag: the guard stopped the run: {guard['reason']}; stacks in {rundir.path / 'stacks'}")
-        print(f"memdiag: report {html_path}")
-        return 1
-    if code != 0:
-        what = f"the command failed (exit code {code})" if launcher == "command" else f"the run failed ({launcher} exit code {code})"
-        print(f"memdiag: {what}; partial report: {html_path}")
-        excerpt = launch.failure_excerpt(rundir.path)
-        if excerpt and launcher != "command":
-            print(excerpt)
-        elif excerpt.startswith("rank "):  # a command's stderr was on the console already: its cause, first
-            print("memdiag: " + excerpt.splitlines()[0])
-        return code
-    if launcher == "command":  # the command's own exit code, whatever the findings say
-        print(f"memdiag: done; report {html_path}")
-        return code
-    rate = summary.tokens_per_s_per_device
-    loss = "n/a" if summary.loss is None else f"{summary.loss:.4f}"
-    print(
-        f"memdiag: done. loss {loss}, "
-        f"{'n/a' if rate is None else f'{rate:,.1f}'} tokens/s per device, host RAM peak per node: "
-        + ", ".join(f"{format_bytes(b)} (node {h})" for h, b in summary.host_peak_bytes_per_node.items())
-    )
-    print(f"memdiag: report {html_path}")
-    return 1 if any(f.severity == "error" for f in findings) else 0
+    summary, _, findings = built
+    lines, code = ending(rundir.path, rundir.spec, summary, findings, code, guard=guard_event(rundir.path),
+                         what="the command" if launcher == "command" else "the run", echoed_stderr=launcher == "command")
+    print("\n".join(lines), flush=True)
+    return code
 
 
 def build_report(rundir: RunDir):

@@ -25,7 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cannot_judge(run) -> str | None:
-    """What a run lacks for any judgement: rank timelines, or samples in them."""
+    """What a run lacks for any judgement: a readable run.json (its settings and host limit),
+    rank timelines, or samples in them."""
+    if run.spec_problem:
+        return f"{run.spec_problem} (the run's settings and host limit are unknown)"
     if not run.ranks:
         return "no rank timeline with data"
     if not any(len(t.t_ns) for t in run.ranks.values()):

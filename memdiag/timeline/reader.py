@@ -134,6 +134,9 @@ class Run:
     nodes: dict[str, NodeTimeline] = field(default_factory=dict)
     dropped: list[dict] = field(default_factory=list)
     """``dropped`` records: samples a writer could not keep while the disk was full."""
+    spec_problem: str | None = None
+    """Why run.json could not be read (missing, not JSON, not an object): the run's settings,
+    its host limit among them, are unknown, so ``check`` cannot judge it."""
     node_totals_cache: dict | None = field(default=None, repr=False, compare=False)
     """Filled by ``summary.node_totals``; derived data, never read from disk."""
 
@@ -522,16 +525,19 @@ def read_run(path: str | Path) -> Run:
         )
     problems: list[str] = []
     spec: dict = {}
+    spec_problem = None
     run_json = run_dir / fmt.RUN_JSON
     try:
         spec = json.loads(run_json.read_text())
     except FileNotFoundError:
-        problems.append("run.json is missing: the run's settings are unknown")
-    except ValueError:
-        problems.append("run.json is not valid JSON: the run's settings are unknown")
+        spec_problem = "run.json is missing"
+    except (ValueError, OSError) as exc:
+        spec_problem = f"run.json is not valid JSON ({exc})"
     if not isinstance(spec, dict):  # valid JSON of the wrong shape reads as a broken run.json
-        problems.append(f"run.json holds a JSON {type(spec).__name__}, not an object: the run's settings are unknown")
+        spec_problem = f"run.json holds a JSON {type(spec).__name__}, not an object"
         spec = {}
+    if spec_problem:
+        problems.append(f"{spec_problem}: the run's settings are unknown")
     ranks: dict[int, RankTimeline] = {}
     timeline_dir = run_dir / fmt.TIMELINE_DIR
     files: list[tuple[Path, int]] = []
@@ -567,7 +573,8 @@ def read_run(path: str | Path) -> Run:
     ]
     if dropped:
         problems.append(incomplete_text(dropped))
-    return Run(path=run_dir, spec=spec, ranks=ranks, problems=problems, nodes=nodes, dropped=dropped)
+    return Run(path=run_dir, spec=spec, ranks=ranks, problems=problems, nodes=nodes, dropped=dropped,
+               spec_problem=spec_problem)
 
 
 def incomplete_text(dropped: list[dict]) -> str:

@@ -38,5 +38,9 @@ def test_the_python_api_writes_a_whole_run_directory(tmp_path, mode, ranks):
         assert len(timeline.steps) == 3 and all(s["loss"] > 0 for s in timeline.steps)
     for name in ("summary.json", "findings.json", "report.html"):
         assert (run_dir / name).stat().st_size > 0
-    # rank 0 says where the report is, once, as `memdiag run` does
-    assert result.stdout.count(f"memdiag: recording done; report {run_dir.resolve() / 'report.html'}") == 1, result.stdout[-2000:]
+    # rank 0 ends on the console as `memdiag run` ends a run: how it ended, then the report, once
+    report_line = f"memdiag: report {run_dir.resolve() / 'report.html'}"
+    assert result.stdout.count(report_line) == 1, result.stdout[-2000:]
+    lines = result.stdout.splitlines()
+    done = lines[lines.index(report_line) - 1]
+    assert done.startswith("memdiag: done. loss ") and "tokens/s per device, host RAM peak per node: " in done

@@ -219,3 +219,21 @@ def test_a_slow_leak_over_a_long_run_is_flagged_with_the_time_to_the_limit(repor
     assert leak["evidence"]["slope_bytes_per_step"] < 0.02 * leak["evidence"]["first_bytes"]  # the short-window rule misses it
     assert leak["evidence"]["steps_to_host_limit"] > 0
     assert "reaches its 8.00 GiB host limit in about" in leak["message"]
+
+
+@pytest.mark.parametrize("text, said", [("[1, 2]", "run.json holds a JSON list, not an object"),
+                                        ('{"status": ', "run.json is not valid JSON")])
+def test_a_run_whose_run_json_is_broken_cannot_be_judged_but_its_report_is_written(tmp_path, healthy, text, said):
+    """Timelines intact, run.json garbled or of the wrong shape: check says so in one line and
+    exits 2 (the host limit is unknown); report still draws what was recorded."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(healthy, broken)
+    (broken / "run.json").write_text(text)
+    result = memdiag("check", broken)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert sum(said in line and "cannot_judge" in line for line in result.stdout.splitlines()) == 1
+    result = memdiag("report", broken)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert said in (broken / "report.html").read_text()

@@ -52,6 +52,10 @@ def test_torchrun_job_is_profiled_and_the_users_pythonpath_kept(tmp_path):
     assert ("data-figure='device'" in html) != ("id='no-device-figure'" in html)  # a chart, or why not
     spec = json.loads((run_dir / "run.json").read_text())
     assert spec["status"] == "completed" and spec["world_size"] == 2
+    # the command's run ends on the console as a case's run does: how it ended, the report last
+    last = result.stdout.strip().splitlines()[-2:]
+    assert last[0].startswith("memdiag: done. loss ") and "host RAM peak per node" in last[0], last
+    assert last[1] == f"memdiag: report {run_dir / 'report.html'}"
 
 
 def test_bad_key_for_cmd_mode(tmp_path):
@@ -110,3 +114,28 @@ def test_a_run_started_outside_the_checkout_writes_only_where_it_was_told(tmp_pa
     assert spec["status"] == "completed" and Path(spec["run_dir"]).is_absolute()
     assert list((run_dir / "timeline").glob("node-*.jsonl")) and list((run_dir / "timeline").glob("rank-*.jsonl"))
     assert not (REPO / "reports" / name).exists() and not (REPO / "rel").exists()
+
+
+def test_the_guard_stops_a_single_process_command_from_outside_the_checkout(tmp_path):
+    """`memdiag run host_ram=... -- python script.py`: no launcher gives the script a RANK, yet
+    it is the job's rank 0 to the node watcher, so the guard stops it at its line: the run reads
+    stopped_by_guard, the console and the findings say so, the stacks land in the user's run."""
+    script = tmp_path / "grow.py"
+    script.write_text("import time\nheld = []\nfor _ in range(40):\n    held.append(bytearray(64 * 2**20))\n"
+                      "    held[-1][::4096] = b'x' * len(held[-1][::4096])\n    time.sleep(0.1)\ntime.sleep(30)\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", "host_ram=1G", "guard.grace_s=2", "stacks=off", "reports_dir=mine",
+         "name=grow", "--", sys.executable, str(script)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=os.environ | {"PYTHONPATH": str(REPO)},
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stdout, out[-3000:]
+    (run_dir,) = (tmp_path / "mine" / "grow").iterdir()
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["status"] == "stopped_by_guard", spec
+    assert "[ERROR] oom_guard" in result.stdout and "the guard stopped the command" in result.stdout
+    assert list((run_dir / "stacks").glob("rank-0*.txt"))
+    findings = json.loads((run_dir / "findings.json").read_text())
+    guard = next(f for f in findings if f["id"] == "oom_guard")
+    assert guard["severity"] == "error" and guard["moments"]
+    assert not list(REPO.glob("mine")) and not (REPO / "reports" / "grow").exists()

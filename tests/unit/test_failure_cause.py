@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from memdiag.launch import failure_excerpt, root_cause
+from memdiag.failure import failure_excerpt, root_cause
 
 SIGKILLED = (Path(__file__).resolve().parents[1] / "data" / "torchrun_sigkill.txt").read_text()
 RAISED = SIGKILLED.replace("exitcode  : -9 (pid: 12345)", "exitcode  : 1 (pid: 12345)").replace(

@@ -28,6 +28,10 @@ def test_parse_environ_rank():
     assert parse_environ_rank(b"PATH=/usr/bin\0RANK=3\0LOCAL_RANK=1\0") == 3
     assert parse_environ_rank(b"PATH=/usr/bin\0LOCAL_RANK=1\0") is None
     assert parse_environ_rank(b"RANK=x\0") is None
+    # the one process of `memdiag run -- python x.py`: rank 0, whatever order environ lists it in
+    assert parse_environ_rank(b"PATH=/usr/bin\0MEMDIAG_SINGLE_PROCESS=1\0") == 0
+    assert parse_environ_rank(b"MEMDIAG_SINGLE_PROCESS=1\0RANK=2\0") == 2
+    assert parse_environ_rank(b"MEMDIAG_SINGLE_PROCESS=0\0") is None
 
 
 CHILD = """
