@@ -97,9 +97,19 @@ device_peak = max((p.device_peak_bytes or 0) for p in rank.phases)
 print(f"plan: allocated {fb(plan['device_allocated_peak_bytes'])}, used {fb(plan['device_used_peak_bytes'])}; measured: "
       f"allocator peak {fb(device_peak)} ({(plan['device_allocated_peak_bytes'] - device_peak) / device_peak:+.1%}), "
       f"NVML max {fb(np.nanmax(rank.columns['nvml_used_bytes']))}")
+from memdiag.reconcile import reconcile
+
+reconciled = reconcile(run)
+print("reconciliation per phase (allocated peak + allocator cache + outside torch = NVML):")
+for row in (reconciled[1] if reconciled else []):
+    print(f"  {row.phase:22} {fb(row.allocated_peak_bytes):>11} + {fb(row.cache_bytes):>11} "
+          f"(inactive split {fb(row.inactive_split_bytes)}) + {fb(row.outside_torch_bytes):>11} = NVML {fb(row.nvml_used_peak_bytes)}")
 print("warnings:", [e.get("message") for e in rank.events if e["kind"] == "warning"])
 print("run status:", run.spec.get("status"), "| problems:", run.problems)
 problems = []
+if not reconciled or any(r.reserved_peak_bytes is None or r.reserved_peak_bytes < r.allocated_peak_bytes
+                         for r in reconciled[1]):
+    problems.append("no exact reserved peak per phase, or one below its allocated peak")
 if "torch.cuda" not in str(rank.header.get("device_source")):
     problems.append("the CUDA probe was not chosen")
 if not np.any(~np.isnan(rank.columns["nvml_used_bytes"])):

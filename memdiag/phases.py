@@ -32,13 +32,16 @@ class _Frame:
     name: str
     host_peak_bytes: int = 0
     device_peak_bytes: int | None = None
+    device_reserved_peak_bytes: int | None = None
     module_host_peaks: dict[str, int] = field(default_factory=dict)
     module_device_peaks: dict[str, int] = field(default_factory=dict)
 
-    def fold(self, module: str | None, host: int, device: int | None) -> None:
+    def fold(self, module: str | None, host: int, device: int | None, reserved: int | None = None) -> None:
         self.host_peak_bytes = max(self.host_peak_bytes, host)
         if device is not None:
             self.device_peak_bytes = max(self.device_peak_bytes or 0, device)
+        if reserved is not None:
+            self.device_reserved_peak_bytes = max(self.device_reserved_peak_bytes or 0, reserved)
         if self.name not in ATTRIBUTED_PHASES:
             return
         module = module or OUTSIDE_LAYERS
@@ -51,6 +54,8 @@ class _Frame:
             "host_peak_bytes": self.host_peak_bytes,
             "device_peak_bytes": self.device_peak_bytes,
         }
+        if self.device_reserved_peak_bytes is not None:
+            fields["device_reserved_peak_bytes"] = self.device_reserved_peak_bytes
         if self.module_host_peaks:
             fields["host_peak_module"] = max(self.module_host_peaks, key=self.module_host_peaks.get)
             fields["module_host_peaks"] = self.module_host_peaks
@@ -113,9 +118,10 @@ class PhaseTracker:
     def _fold_peaks(self) -> None:
         host = self._status.read().hwm_bytes
         self._reset()
-        device = self.device.read_and_reset_peak() if self.device else None
+        peaks = self.device.read_and_reset_peaks() if self.device else None
+        device, reserved = peaks if peaks is not None else (None, None)
         for frame in self._stack:
-            frame.fold(self.module, host, device)
+            frame.fold(self.module, host, device, reserved)
 
     def set_module(self, name: str | None) -> None:
         """The layer now computing; the peak since the last change is charged to the previous."""
@@ -146,6 +152,11 @@ class PhaseTracker:
         frame = self._stack.pop()
         record = {"kind": fmt.PHASE_END, "t": time.time_ns(), "phase": name, "step": self.step}
         record.update(frame.end_fields())
+        if frame.device_reserved_peak_bytes is not None:
+            try:  # the cache's fragmented part, for the phase's reconciliation
+                record["device_inactive_split_bytes"] = self.device.inactive_split_bytes()
+            except Exception as exc:  # never into the training loop
+                self._warn_once("inactive_split", f"inactive split bytes not read: {exc!r}")
         self.emit(record)
         for listener in self.phase_listeners:
             listener("end", name)

@@ -100,20 +100,25 @@ def observe(run: Run) -> Observation:
 def cuda_reserve_layers(run: Run, arch: Architecture, settings: Settings) -> float | None:
     """What the caching allocator held above the allocated peak, in gathered layers (the unit of
     ``allocator_reserve_layers``), the median over ranks; None unless the run sampled CUDA's
-    allocator (the CPU accelerator has no reserve to measure)."""
+    allocator (the CPU accelerator has no reserve to measure). The peaks are the phases' exact
+    ones (``memdiag.reconcile``; the highest samples in runs recorded before they were kept)."""
+    from memdiag.reconcile import is_cuda, phase_devices
+
     layer_bytes = DTYPE_BYTES[settings.dtype] * arch.largest_layer_params
     found = []
     for track in run.ranks.values():
-        if "torch.cuda allocator" not in str(track.header.get("device_source") or ""):
+        if not is_cuda(track):
             continue
-        reserved, allocated = track.columns.get("device_reserved_bytes"), track.columns.get("device_allocated_bytes")
-        if reserved is None or allocated is None or not len(reserved) or np.isnan(reserved).all():
-            continue
-        # the allocated peak exactly (the phases' allocator peaks: a polled sample misses a short
-        # spike); reserved memory only grows between empty_cache calls, so its samples hold its peak
-        exact = [p.device_peak_bytes for p in track.phases if p.device_peak_bytes is not None]
-        allocated_peak = max([*exact, float(np.nanmax(allocated))])
-        found.append((float(np.nanmax(reserved)) - allocated_peak) / layer_bytes)
+        phases = phase_devices(track)
+        allocated = [p.allocated_peak_bytes for p in phases]
+        reserved = [p.reserved_peak_bytes for p in phases if p.reserved_peak_bytes is not None]
+        if len(track.t_ns):  # a sampled value above every phase's (a sample outside any phase)
+            for values, column in ((allocated, "device_allocated_bytes"), (reserved, "device_reserved_bytes")):
+                sampled = track.columns.get(column)
+                if sampled is not None and not np.isnan(sampled).all():
+                    values.append(float(np.nanmax(sampled)))
+        if allocated and reserved:
+            found.append((max(reserved) - max(allocated)) / layer_bytes)
     return float(np.median(found)) if found else None
 
 

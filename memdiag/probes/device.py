@@ -126,9 +126,9 @@ class DeviceProbe:
         """The CPU accelerator: "device" memory is this process's RSS."""
         return self.source == SOURCE_CPU_ACCEL
 
-    def read_and_reset_peak(self) -> int | None:
-        """Peak allocated bytes since the last call (exact on CUDA), through a ledger that keeps
-        it across anyone else's reset and keeps theirs across this one."""
+    def read_and_reset_peaks(self) -> tuple[int, int] | None:
+        """(allocated, reserved) peaks since the last call (exact on CUDA), through a ledger that
+        keeps them across anyone else's reset and keeps theirs across this one."""
         if self.source != SOURCE_CUDA:
             return None
         if self._ledger is None:
@@ -136,6 +136,14 @@ class DeviceProbe:
 
             self._ledger = PeakLedger.over_torch_cuda(torch, self.index, self.warn)
         return self._ledger.take()
+
+    def inactive_split_bytes(self) -> int | None:
+        """Bytes of the allocator's cache in blocks split and partly free now (fragmentation); CUDA only."""
+        if self.source != SOURCE_CUDA:
+            return None
+        import torch
+
+        return inactive_split(torch.cuda.memory_stats_as_nested_dict(self.index))
 
     def _nvml_process_used(self) -> int | None:
         if self._nvml_handle is None:
@@ -160,6 +168,11 @@ class DeviceProbe:
             self.warn("nvml_failed", f"NVML stopped answering ({exc}); NVML's figure is not recorded from here on")
             self._nvml_handle = None
         return None
+
+
+def inactive_split(nested: dict) -> int:
+    """``inactive_split_bytes`` now, from ``torch.cuda.memory_stats_as_nested_dict``."""
+    return int(nested.get("inactive_split_bytes", {}).get("all", {}).get("current", 0))
 
 
 def allocator_figures(nested: dict) -> tuple[int, int, int, int]:
@@ -242,24 +255,25 @@ class PeakLedger:
     def __init__(self, read_peaks: Callable[[], tuple[int, int]], reset: Callable[[], None]) -> None:
         self._read_peaks = read_peaks
         self._reset = reset
-        self._pending = 0
-        """The highest allocated peak of the counter's periods that others ended, since memdiag's last take."""
+        self._pending = (0, 0)
+        """The highest (allocated, reserved) peaks of the counter's periods that others ended, since memdiag's last take."""
         self._user = (0, 0)
         """The highest (allocated, reserved) of the periods memdiag ended, since the user's last reset."""
         self.foreign_resets = 0
 
-    def take(self) -> int:
-        """memdiag's phase boundary: the allocated peak since the last one, then reset."""
+    def take(self) -> tuple[int, int]:
+        """memdiag's phase boundary: the (allocated, reserved) peaks since the last one, then reset."""
         allocated, reserved = self._read_peaks()
-        peak = max(self._pending, allocated)
+        peaks = (max(self._pending[0], allocated), max(self._pending[1], reserved))
         self._user = (max(self._user[0], allocated), max(self._user[1], reserved))
-        self._pending = 0
+        self._pending = (0, 0)
         self._reset()
-        return peak
+        return peaks
 
     def foreign_reset(self) -> None:
-        """Someone else resets the counter: keep its peak for memdiag, and their view restarts."""
-        self._pending = max(self._pending, self._read_peaks()[0])
+        """Someone else resets the counter: keep its peaks for memdiag, and their view restarts."""
+        allocated, reserved = self._read_peaks()
+        self._pending = (max(self._pending[0], allocated), max(self._pending[1], reserved))
         self._user = (0, 0)
         self.foreign_resets += 1
 

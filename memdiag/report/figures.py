@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import plotly.graph_objects as go
 
+from memdiag.reconcile import reconcile
 from memdiag.report.downsample import describe, minmax_indices
 from memdiag.summary import Summary, node_totals
 from memdiag.timeline.reader import Run
+from memdiag.units import format_bytes
 
 GIB = 2**30
 TOP_PHASE_COLORS = {
@@ -455,6 +457,32 @@ def add_finding_marks(fig: go.Figure, run: Run, findings: list[dict]) -> None:
             )
 
 
+def reconciliation_figure(run: Run) -> go.Figure | None:
+    """One stacked bar per phase (CUDA runs): the allocated peak, the allocator's cache above it
+    and memory outside torch, up to NVML's figure for the process."""
+    reconciled = reconcile(run)
+    if reconciled is None or not reconciled[1]:
+        return None
+    rank, rows = reconciled
+    names = [r.phase for r in rows]
+    cache_text = [f"of which inactive split (fragmented): {format_bytes(r.inactive_split_bytes)}"
+                  if r.inactive_split_bytes is not None else "" for r in rows]
+    fig = go.Figure()
+    for label, values, text in (
+        ("allocated peak (tensors)", [r.allocated_peak_bytes for r in rows], None),
+        ("allocator cache (reserved peak - allocated peak)", [r.cache_bytes for r in rows], cache_text),
+        ("outside torch (NVML used - reserved: context, NCCL, workspaces)", [r.outside_torch_bytes for r in rows], None),
+    ):
+        fig.add_trace(go.Bar(x=names, y=[(v or 0) / GIB for v in values], name=label, text=text,
+                             hovertemplate="%{x}: %{y:.3f} GiB" + ("<br>%{text}" if text else "") + "<extra></extra>"))
+    fig.update_layout(
+        barmode="stack", height=420, yaxis_title="GiB",
+        title=f"Device memory per phase, rank {rank}<br><sup>exact allocated and reserved peaks of the phase (torch's "
+              "allocator counters); NVML's figure is the phase's highest sample</sup>",
+    )
+    return fig
+
+
 def build_figures(run: Run, summary: Summary, findings: list[dict] | None = None) -> dict[str, go.Figure]:
     figures = {"host": host_figure(run, summary)}
     if findings:
@@ -463,6 +491,9 @@ def build_figures(run: Run, summary: Summary, findings: list[dict] | None = None
     device = device_figure(run, summary)
     if device.data:  # a run with no device figures (no CUDA, no CPU accelerator) gets a note instead
         figures["device"] = device
+    reconciliation = reconciliation_figure(run)
+    if reconciliation is not None:
+        figures["reconciliation"] = reconciliation
     for name, builder in (("categories", categories_figure), ("layers", layers_figure)):
         figure = builder(run)
         if figure is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 
 from memdiag.files import write_atomic
+from memdiag.reconcile import reconcile
 from memdiag.summary import Summary, node_totals
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
@@ -130,6 +131,15 @@ def write_markdown(run: Run, summary: Summary, findings: list[dict], pngs: list[
     if peaks:
         lines += ["", "**Host RAM peak per phase, per node** (sum of the node's ranks at one moment)", ""]
         lines += _table(["phase", *hosts], [[phase, *(format_bytes(per.get(h)) for h in hosts)] for phase, per in peaks.items()])
+    reconciled = reconcile(run)
+    if reconciled is not None and reconciled[1]:
+        rank, rows = reconciled
+        lines += ["", f"**Device memory per phase, rank {rank}** (exact allocated and reserved peaks; NVML: the phase's "
+                  "highest sample)", ""]
+        lines += _table(["phase", "allocated peak", "allocator cache", "of it inactive split", "outside torch", "NVML used"],
+                        [[r.phase, format_bytes(r.allocated_peak_bytes), format_bytes(r.cache_bytes),
+                          format_bytes(r.inactive_split_bytes), format_bytes(r.outside_torch_bytes),
+                          format_bytes(r.nvml_used_peak_bytes)] for r in rows])
     # every finding the HTML page shows, counted the same way
     counts = {severity: sum(f.get("severity") == severity for f in findings) for severity in ("error", "warning", "info")}
     counted = ", ".join(f"{n} {severity}{'s' if n != 1 and severity != 'info' else ''}" for severity, n in counts.items())

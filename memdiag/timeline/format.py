@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FORMAT_VERSION = "1.2"
+FORMAT_VERSION = "1.3"
 """major.minor: readers refuse an unknown major version and accept any minor. 1.2: a node
 sample's rank entries carry their children (``children``, ``children_pss_bytes``, ``children_roles``)."""
 

@@ -45,6 +45,8 @@ class Phase:
     depth: int
     host_peak_bytes: int | None = None
     device_peak_bytes: int | None = None
+    device_reserved_peak_bytes: int | None = None
+    """The caching allocator's exact reserved peak in the phase (CUDA runs from format 1.3)."""
     begin_rss_bytes: int | None = None
     begin_device_bytes: int | None = None
     end_event: dict | None = None
@@ -168,6 +170,7 @@ def phases_from_events(events: list[dict]) -> list[Phase]:
             phase.end_ns = event["t"]
             phase.host_peak_bytes = event.get("host_peak_bytes")
             phase.device_peak_bytes = event.get("device_peak_bytes")
+            phase.device_reserved_peak_bytes = event.get("device_reserved_peak_bytes")
             phase.end_event = event
             done.append(phase)
     done.extend(stack)

@@ -97,13 +97,15 @@ def test_other_launchers_are_profiled(tmp_path, launcher, env_extra, ranks):
     assert seen == set(range(ranks))  # the watcher found the ranks below this launcher too
 
 
-@pytest.mark.parametrize("how", ["case", "command"])
+@pytest.mark.parametrize("how", ["case", "case_run_dir", "command"])
 def test_a_run_started_outside_the_checkout_writes_only_where_it_was_told(tmp_path, how):
-    """A relative reports_dir is the user's directory's, not the checkout's: the ranks and the
-    node watcher (started in the checkout) get the run directory as an absolute path."""
+    """A relative reports_dir (or run_dir) is the user's directory's, not the checkout's: the
+    ranks and the node watcher (started in the checkout) get the run directory as an absolute path."""
     name = f"outside-{tmp_path.name}"
     if how == "case":
         args = ["run", "reports_dir=rel", "steps=1", "seq_len=64", "nproc_per_node=1"]
+    elif how == "case_run_dir":  # a single node writes the run directory it was given
+        args = ["run", "run_dir=rel/a/mine", "steps=1", "seq_len=64", "nproc_per_node=1"]
     else:
         args = ["run", "reports_dir=rel", f"name={name}", "--", sys.executable, "-c", "import time; time.sleep(1.5)"]
     result = subprocess.run([sys.executable, "-m", "memdiag", *args], cwd=tmp_path, capture_output=True, text=True,

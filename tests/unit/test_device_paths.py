@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from memdiag import categories
-from memdiag.probes.device import PeakLedger, allocator_figures, process_used
+from memdiag.probes.device import PeakLedger, allocator_figures, inactive_split, process_used
 
 Proc = namedtuple("Proc", "pid usedGpuMemory")
 
@@ -29,6 +29,8 @@ def test_one_nested_stats_read_gives_allocated_reserved_retries_and_ooms():
               "reserved_bytes": {"all": {"current": 4 * 2**30}}, "num_alloc_retries": 2, "num_ooms": 0}
     assert allocator_figures(nested) == (3 * 2**30, 4 * 2**30, 2, 0)
     assert allocator_figures({}) == (0, 0, 0, 0)  # a device the process has not touched
+    nested["inactive_split_bytes"] = {"all": {"current": 300 * 2**20, "peak": 2**30}}
+    assert inactive_split(nested) == 300 * 2**20 and inactive_split({}) == 0
 
 
 class Counter:
@@ -47,19 +49,21 @@ class Counter:
 
 def test_phase_peaks_survive_a_foreign_reset_and_the_users_view_survives_ours():
     counter = Counter()
-    ledger = PeakLedger(lambda: (counter.peak, counter.peak), counter.reset)
+    cache = 8  # the allocator reserves 8 bytes above what is allocated, say
+    ledger = PeakLedger(lambda: (counter.peak, counter.peak + cache), counter.reset)
     counter.set(10)
     counter.set(90)  # the phase's real peak ...
     counter.set(20)
     ledger.foreign_reset()  # ... then DeepSpeed's see_memory_usage(force=True) resets the counter
     counter.reset()
     counter.set(30)
-    assert ledger.take() == 90  # memdiag's phase peak kept the pre-reset 90
+    assert ledger.take() == (90, 98)  # memdiag's phase peaks kept the pre-reset 90 and its reserve
     counter.set(25)
     # the user's max_memory_allocated since their own reset: 30, though memdiag reset in between
     assert ledger.users_max_allocated(counter.peak) == 30
+    assert ledger.users_max_reserved(counter.peak + cache) == 38
     counter.set(70)
-    assert ledger.take() == 70 and ledger.users_max_allocated(counter.peak) == 70
+    assert ledger.take() == (70, 78) and ledger.users_max_allocated(counter.peak) == 70
     ledger.foreign_reset()
     counter.reset()
     assert ledger.users_max_allocated(counter.peak) == 70  # their view restarts at what is allocated now
@@ -83,7 +87,7 @@ def test_the_ledgers_wrappers_on_a_torch_like_module_pass_other_devices_through(
     cuda.reset_peak_memory_stats(0)  # foreign, ours: folded
     cuda.reset_peak_memory_stats(1)  # another device: untouched
     counters[0].set(5)
-    assert ledger.take() == 50 and warned == ["foreign_peak_reset"]
+    assert ledger.take() == (50, 50) and warned == ["foreign_peak_reset"]
     assert cuda.max_memory_allocated(1) == 80 and memory.max_memory_allocated(0) == 50
 
 
