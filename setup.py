@@ -31,6 +31,8 @@ setup(
         "rich>=13",
         # which lines held the host memory at a phase's peak (stacks=); Linux and macOS wheels
         "memray>=1.11; sys_platform != 'win32'",
+        # the node watcher's live metrics for a cluster's Prometheus (metrics_port=)
+        "prometheus-client>=0.17",
     ],
     extras_require={"test": ["pytest>=8", "accelerate>=1.0"]},
     entry_points={"console_scripts": ["memdiag=memdiag.cli:main"]},

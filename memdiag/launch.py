@@ -94,6 +94,10 @@ def watcher_command(settings: RunSettings, run_dir: Path, root_pid: int, limit_b
         f"--guard-min-available-bytes={settings.guard_min_available_bytes}",
         f"--guard-grace-s={settings.guard_grace_s}",
     ]
+    if settings.metrics_port >= 0:
+        command.append(f"--metrics-port={settings.metrics_port}")
+    if settings.metrics_textfile:
+        command.append(f"--metrics-textfile={Path(settings.metrics_textfile).resolve()}")
     return command
 
 

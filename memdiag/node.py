@@ -23,6 +23,7 @@ from pathlib import Path
 import memdiag
 from memdiag import procs
 from memdiag.guard import GuardConfig, guard_reason, py_spy_dump
+from memdiag.metrics import NodeMetrics, job_name
 from memdiag.probes import cgroup
 from memdiag.probes.host import read_meminfo, read_proc_status, read_pss_bytes
 from memdiag.settings import BY_FIELD
@@ -97,6 +98,8 @@ class NodeWatcher:
         guard: GuardConfig | None = None,
         parent_pid: int | None = None,
         orphan_grace_s: float = 10.0,
+        metrics_port: int | None = None,
+        metrics_textfile: Path | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.parent_pid = parent_pid
@@ -114,6 +117,14 @@ class NodeWatcher:
         self.pss_interval_s = pss_interval_s
         # a command that already ended leaves no /proc entry: the watcher shares its cgroup
         self.cgroup_files = cgroup.locate(root_pid) or cgroup.locate(os.getpid())
+        early_warnings: list[tuple[str, str]] = []
+        self.metrics: NodeMetrics | None = None
+        if metrics_port is not None or metrics_textfile is not None:
+            self.metrics = NodeMetrics(
+                self.run_dir, job_name(self.run_dir), self.host, port=metrics_port, textfile_dir=metrics_textfile,
+                limit_bytes=guard.limit_bytes if guard else None, guard_fraction=guard.fraction if guard else None,
+                warn=lambda key, message: early_warnings.append((key, message)),
+            )
         self.writer = TimelineWriter(
             fmt.node_path(run_dir, self.host),
             {
@@ -124,6 +135,7 @@ class NodeWatcher:
                 "interval_s": interval_s,
                 "pss_interval_s": pss_interval_s,
                 "cgroup_version": self.cgroup_files.version if self.cgroup_files else None,
+                "metrics_url": self.metrics.url if self.metrics else None,
                 "guard": None if guard is None else {
                     "limit_bytes": guard.limit_bytes,
                     "fraction": guard.fraction,
@@ -134,6 +146,11 @@ class NodeWatcher:
         )
         if self.cgroup_files is None:
             self._warn("cgroup", "no memory cgroup files found; cgroup usage and limit not recorded")
+        for key, message in early_warnings:
+            self._warn(key, message)
+        if self.metrics is not None:
+            self.metrics.warn = self._warn
+        self._metrics_errors = 0
         self.stop_event = threading.Event()
         self._ranks: dict[int, RankProcesses] = {}
         self._next_tree = 0.0
@@ -300,6 +317,7 @@ class NodeWatcher:
                 sample = self.sample_once()
                 self.writer.write(sample)
                 self.enforce_guard(sample)
+                self._update_metrics(sample)
                 self._watch_owner()
                 self._kill_stragglers()
                 if not self.job_alive():
@@ -311,8 +329,21 @@ class NodeWatcher:
                     self._warn("sample", f"node sample failed: {exc!r}")
             deadline = max(deadline + self.interval_s, time.monotonic())
             self.stop_event.wait(deadline - time.monotonic())
+        if self.metrics is not None:
+            self.metrics.close()
         self.writer.write({"kind": fmt.ENDED, "t": time.time_ns(), "reason": reason})
         self.writer.close()
+
+    def _update_metrics(self, sample: dict) -> None:
+        """Metrics never stop the watcher: a failure is warned once and the sampling goes on."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.update(sample, self.guard_fired)
+        except Exception as exc:
+            self._metrics_errors += 1
+            if self._metrics_errors == 1:
+                self._warn("metrics", f"metrics not updated: {exc!r}; the run goes on")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guard-grace-s", type=float, default=BY_FIELD["guard_grace_s"].default)
     parser.add_argument("--host", default=None, help="the node's name (default: the hostname)")
     parser.add_argument("--owner-pid", type=int, default=None, help="stop the job when this process (memdiag) dies")
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics here (0: a free port)")
+    parser.add_argument("--metrics-textfile", type=Path, default=None, help="write the metrics into this directory too")
     args = parser.parse_args(argv)
     guard = None
     if args.guard_limit_bytes or args.guard_min_available_bytes:
@@ -339,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     watcher = NodeWatcher(
         args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, host=args.host, guard=guard,
-        parent_pid=args.owner_pid, orphan_grace_s=args.guard_grace_s,
+        parent_pid=args.owner_pid, orphan_grace_s=args.guard_grace_s, metrics_port=args.metrics_port,
+        metrics_textfile=args.metrics_textfile,
     )
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: watcher.request_stop())

@@ -129,6 +129,10 @@ class RunSettings:
     guard_min_available_bytes: int = setting(0, "... or when MemAvailable falls below this (e.g. 2G); 0: off",
                                              key="guard.min_available", kind="size", commands=RECORDING)
     guard_grace_s: float = setting(10.0, "seconds between the guard's SIGTERM and SIGKILL", key="guard.grace_s", commands=RECORDING)
+    metrics_port: int = setting(0, "the node watcher's Prometheus endpoint (/metrics): a port, 0 for a free one (its URL is "
+                                "in the node timeline's header and `memdiag top`), -1 for none", commands=RECORDING)
+    metrics_textfile: str | None = setting(None, "also write the metrics into this directory every second (node_exporter's "
+                                           "textfile collector)", kind="path", commands=RECORDING)
     report: bool = setting(True, "write the summary, findings and report when the recording ends", commands=frozenset({API}))
     # experiments on memdiag itself
     seed: int = setting(1234, "random seed")
@@ -154,6 +158,8 @@ class RunSettings:
         for name in ("stop_grace_s", "guard_grace_s"):
             if not getattr(self, name) >= 0:
                 raise UsageError(f"{key_of(name)}={getattr(self, name)!r} must be >= 0 (seconds)")
+        if not -1 <= self.metrics_port < 65536:
+            raise UsageError(f"metrics_port={self.metrics_port!r} must be a port number (1..65535), 0 for a free port or -1 for none")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise UsageError(f"master_port={self.master_port!r} must be a port number (1..65535)")
         if self.layout is not None and split_layout(self.layout) is None:

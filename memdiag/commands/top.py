@@ -59,6 +59,7 @@ class NodeView:
     total: int | None = None
     ranks_rss: dict[str, int] = field(default_factory=dict)
     peak_sum: int = 0
+    metrics_url: str | None = None
 
 
 class RunWatch:
@@ -126,6 +127,8 @@ class RunWatch:
     @staticmethod
     def _node(view: NodeView, records: list[dict]) -> None:
         for r in records:
+            if r.get("kind") == "header" and r.get("metrics_url"):
+                view.metrics_url = r["metrics_url"]
             if r.get("kind") != fmt.SAMPLE:
                 continue
             view.available = r.get("mem_available_bytes", view.available)
@@ -188,6 +191,8 @@ def render(watch: RunWatch):
             line += f"; MemAvailable {format_bytes(node.available)} of {format_bytes(node.total)}"
         if limit:
             line += f"; host limit {format_bytes(limit)}"
+        if node and node.metrics_url and not ended:
+            line += f"; metrics {node.metrics_url}"
         parts.append(Text(line))
         table = Table(expand=False)
         for column in ("rank", "phase", "step", "loss", "host last" if ended else "host now", "host peak",

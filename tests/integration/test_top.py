@@ -42,6 +42,7 @@ def test_top_shows_ranks_phase_step_and_memory_while_the_run_goes(tmp_path):
         assert len(rows) == 2, screen  # rank 0 and rank 1
         assert any(p in screen for p in ("forward", "backward", "step", "optimizer_step")), screen
         assert "MiB" in screen and "forecast: load peak" in screen
+        assert "/metrics" in screen  # where the node's Prometheus endpoint is
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         import os
