@@ -13,7 +13,10 @@
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-#       hydra-core==1.3.8 omegaconf==2.3.1 plotly==7.1.0 orjson==3.13.0 py-spy==0.4.3 typing_extensions==4.16.0
+#       hydra-core==1.3.8 omegaconf==2.3.1 plotly==7.1.0 orjson==3.13.0 py-spy==0.4.3 typing_extensions==4.16.0 \
+#       prometheus-client==0.26.0 memray==1.20.0 textual==8.2.8 rich==15.0.0 Jinja2==3.1.6 MarkupSafe==3.0.4 \
+#       markdown-it-py==4.3.0 mdit-py-plugins==0.7.0 mdurl==0.1.2 linkify-it-py==2.2.0 Pygments==2.21.0 \
+#       platformdirs==4.14.8
 #     GPU_CHECK_DRY=1 GPU_CHECK_PYTHON=.venv/bin/python bash bench/gpu_check.sh   # here: the offline install
 #       for CPython 3.12, bash -n, the imports in this environment
 # Run there:  device run  command="bash bench/gpu_check.sh"  carry=[".whl"]  timeout_s=540
@@ -51,7 +54,7 @@ fi
 export PYTHONUNBUFFERED=1 MEMDIAG_CACHE=/tmp/memdiag-cache
 check "bash -n" 10 bash -n "$0"
 PY=${GPU_CHECK_PYTHON:-python3}  # dry, here: the project's own environment (the wheels are for 3.12)
-check "imports" 120 "$PY" -c "import torch, deepspeed, transformers, pynvml, hydra, plotly, orjson, memdiag
+check "imports" 120 "$PY" -c "import torch, deepspeed, transformers, pynvml, hydra, plotly, orjson, prometheus_client, memray, memdiag
 print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '| deepspeed', deepspeed.__version__,
       '| transformers', transformers.__version__, '| pynvml', pynvml.__file__)"
 if [ "$DRY" = 1 ]; then
@@ -125,6 +128,20 @@ sys.exit(1 if problems else 0)
 PY
   cat "$OUT/figures.txt"
   check "calibrate reads the allocator reserve" 120 bash -c "python3 -m memdiag plan --calibrate '$run' 2>&1 | tail -2 | tee -a '$OUT/figures.txt'"
+  check "device stacks at the first steps' peak (PyTorch's memory snapshot)" 60 bash -c "python3 - '$run' >> '$OUT/figures.txt' 2>&1" <<'PY'
+import sys
+from pathlib import Path
+from memdiag.device_stacks import read_device_tables, snapshot_path
+from memdiag.stacks import stack_rows
+
+tables = read_device_tables(Path(sys.argv[1]))
+assert tables, "no device table"
+table = tables[0]
+print(f"device stacks, rank {table['rank']}: peak {table['peak_bytes']:,} B over {table.get('steps')} step(s), "
+      f"{table['events']:,} allocator events; snapshot {snapshot_path(Path(sys.argv[1]), table['rank']).stat().st_size:,} B")
+for row in stack_rows(table, top=5):
+    print("  ", " | ".join(row.values()))
+PY
   check "report built" 10 test -s "$run/report.html"
   cp "$run/report.html" "$OUT/report-auto.html" 2>/dev/null
   tar -C "$(dirname "$run")" --exclude=report.html --exclude='*.png' -czf "$OUT/run-auto.tar.gz" "$(basename "$run")"

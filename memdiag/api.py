@@ -44,8 +44,9 @@ class Recording:
             self.rundir.start(
                 host_limit=self.limit, case=None, command=[os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]],
                 layout="api", world_size=self.identity.world_size, hosts=[self.identity.host], recorded_by="memdiag.record",
+                stacks=settings.stacks,
             )
-        self.instrumentation = instrument.start(self.run_dir, settings.sample_hz, settings.stacks)
+        self.instrumentation = instrument.start(self.run_dir, settings.sample_hz, settings.stacks, settings.stacks_device)
         if self.identity.local_rank == 0:
             self.watcher = self._start_watcher()
 

@@ -19,8 +19,10 @@ import memdiag
 from memdiag import hooks
 from memdiag.failure import exception_record
 from memdiag.phases import PhaseTracker
-from memdiag.probes.device import DeviceProbe
+from memdiag.device_stacks import DeviceStacks
+from memdiag.probes.device import SOURCE_CUDA, DeviceProbe
 from memdiag.sampler import Sampler
+from memdiag.settings import BY_FIELD, parse_stacks_device
 from memdiag.stacks import HostStacks, parse_phases
 from memdiag.timeline import format as fmt
 from memdiag.timeline.writer import TimelineWriter
@@ -63,7 +65,8 @@ class RankIdentity:
 class Instrumentation:
     """Everything memdiag runs inside one rank; ``stop`` is idempotent."""
 
-    def __init__(self, run_dir: Path, identity: RankIdentity, sample_hz: float, stacks: str = "load") -> None:
+    def __init__(self, run_dir: Path, identity: RankIdentity, sample_hz: float, stacks: str = BY_FIELD["stacks"].default,
+                 stacks_device: str = BY_FIELD["stacks_device"].default) -> None:
         self.identity = identity
         self._warned: set[str] = set()
         self.device = DeviceProbe.detect(identity.local_rank)
@@ -81,6 +84,10 @@ class Instrumentation:
         }
         if self.device is not None and not self.device.is_host_memory:
             header["nvml_module"] = _nvml_module()
+        device_steps = parse_stacks_device(stacks_device)
+        cuda = self.device is not None and self.device.source == SOURCE_CUDA
+        if device_steps and not cuda:
+            header["device_stacks"] = "off: device allocation stacks need CUDA's allocator (this rank has none)"
         self.writer = TimelineWriter(fmt.rank_path(run_dir, identity.rank), header)
         self.tracker = PhaseTracker(self.writer.write, self.device, self.warn_once)
         if self.device is not None:
@@ -92,6 +99,12 @@ class Instrumentation:
         if not self.stacks.off:
             self.tracker.phase_listeners.append(
                 lambda event, phase: self.stacks.begin(phase) if event == "begin" else self.stacks.end(phase))
+        self.device_stacks = DeviceStacks(run_dir, identity.rank, self.device.index if cuda else None,
+                                          device_steps if cuda else 0, self.warn_once)
+        if not self.device_stacks.done:
+            self.tracker.phase_listeners.append(
+                lambda event, phase: self.device_stacks.begin(self.device.index) if (event, phase) == ("end", "ds_initialize") else None)
+            self.tracker.step_listeners.append(self.device_stacks.step_done)
         self._stopped = False
 
     def warn_once(self, key: str, message: str) -> None:
@@ -137,6 +150,7 @@ class Instrumentation:
             return
         self._stopped = True
         self.stacks.close()  # a captured phase still open at exit (a failed or short run)
+        self.device_stacks.finish()
         self.sampler.stop()
         self.writer.close()
 
@@ -192,13 +206,18 @@ def _chain_sigterm(stop) -> None:
 _ACTIVE: list[Instrumentation] = []
 
 
-def start(run_dir: str | Path, sample_hz: float = 100.0, stacks: str | None = None) -> Instrumentation:
+def start(run_dir: str | Path, sample_hz: float = 100.0, stacks: str | None = None,
+          stacks_device: str | None = None) -> Instrumentation:
     """Start memdiag in this process (once; a second call returns the running one). ``stacks``:
-    the phases whose host allocation stacks memray records (None: ``MEMDIAG_STACKS``, else the load phase)."""
+    the phases whose host allocation stacks memray records; ``stacks_device``: the training
+    steps whose CUDA allocations are recorded (None: ``MEMDIAG_STACKS``/``MEMDIAG_STACKS_DEVICE``,
+    else the settings' defaults)."""
     if not _ACTIVE:
         os.environ[RANK_PID_ENV] = str(os.getpid())
-        stacks = stacks if stacks is not None else os.environ.get("MEMDIAG_STACKS", "load")
-        _ACTIVE.append(Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz, stacks).start())
+        stacks = stacks if stacks is not None else os.environ.get("MEMDIAG_STACKS", BY_FIELD["stacks"].default)
+        if stacks_device is None:
+            stacks_device = os.environ.get("MEMDIAG_STACKS_DEVICE", BY_FIELD["stacks_device"].default)
+        _ACTIVE.append(Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz, stacks, stacks_device).start())
     return _ACTIVE[0]
 
 

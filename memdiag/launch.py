@@ -149,6 +149,7 @@ def run_command(settings: RunSettings, run_dir: Path, command: list[str], limit_
     env["MEMDIAG_RUN_DIR"] = str(run_dir.resolve())
     env["MEMDIAG_SAMPLE_HZ"] = str(settings.sample_hz)
     env["MEMDIAG_STACKS"] = settings.stacks
+    env["MEMDIAG_STACKS_DEVICE"] = settings.stacks_device
     env["PYTHONUNBUFFERED"] = "1"  # its output goes through memdiag's pipe: keep it live
     if not is_launcher(command):
         env["MEMDIAG_SINGLE_PROCESS"] = "1"

@@ -104,7 +104,7 @@ def run_command(settings: RunSettings, command: list[str]) -> int:
     import os
 
     rundir.start(host_limit=limit, case=None, command=command, layout="cmd", hosts=[os.uname().nodename],
-                 sample_hz=settings.sample_hz)
+                 sample_hz=settings.sample_hz, stacks=settings.stacks)
     print(f"memdiag: profiling {' '.join(command)}; run directory {rundir.path}", flush=True)
     started = time.monotonic()
     ended = launch.run_command(settings, rundir.path, command, limit[0])

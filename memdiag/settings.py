@@ -122,6 +122,9 @@ class RunSettings:
     sample_hz: float = setting(100.0, "samples per second per rank", commands=RECORDING)
     stacks: str = setting("load", "phases whose host allocation stacks memray records in every rank (what was live at the "
                           "phase's peak, by line): load, a comma list (load,ds_initialize), all, or off", commands=RECORDING)
+    stacks_device: str = setting("steps:2", "CUDA only: record the device allocator's history (PyTorch's memory snapshot) "
+                                 "from deepspeed.initialize through this many optimizer steps, then keep what was live at "
+                                 "their peak by stack: steps:N, or off", key="stacks.device", commands=RECORDING)
     instrument: bool = setting(True, "false: no sampler, hooks or node watcher (the overhead baseline)")
     stop_grace_s: float = setting(30.0, "on SIGTERM/SIGINT/SIGHUP: seconds between SIGTERM to the job and SIGKILL", commands=LAUNCHING)
     guard_fraction: float = setting(0.95, "the guard stops the job when its ranks hold this fraction of host_ram (the plan "
@@ -162,8 +165,20 @@ class RunSettings:
             raise UsageError(f"metrics_port={self.metrics_port!r} must be a port number (1..65535), 0 for a free port or -1 for none")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise UsageError(f"master_port={self.master_port!r} must be a port number (1..65535)")
+        parse_stacks_device(self.stacks_device)
         if self.layout is not None and split_layout(self.layout) is None:
             raise UsageError(f"layout={self.layout!r}: write NODESxRANKS_PER_NODE with positive numbers, e.g. layout=2x4")
+
+
+def parse_stacks_device(text: str | None) -> int:
+    """``stacks.device=`` as the optimizer steps whose CUDA allocations are recorded: 0 for off."""
+    text = (text or "").strip().lower()
+    if text in ("", "off", "none", "false", "0"):
+        return 0
+    kind, _, count = text.partition(":")
+    if kind != "steps" or not count.isdigit() or int(count) < 1:
+        raise UsageError(f"stacks.device={text!r}: write steps:N (N >= 1) or off")
+    return int(count)
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def stack_rows(table: dict, top: int = 10) -> list[dict[str, str]]:
             "bytes": format_bytes(stack["bytes"]),
             "allocations": f"{stack['count']:,}",
             "your line": f"{users[1]}:{users[2]} ({users[0]})" if users else "-",
-            "allocated in": f"{inner[1]}:{inner[2]} ({inner[0]})" if inner else "-",
+            "allocated in": (f"{inner[1]}:{inner[2]} ({inner[0]})" if inner[1] else str(inner[0])) if inner else "-",
         })
     return rows
 
@@ -191,3 +191,41 @@ def lowest_rank_tables(run_dir: Path) -> list[dict]:
         if phase not in chosen or table.get("rank", 0) < chosen[phase].get("rank", 0):
             chosen[phase] = table
     return list(chosen.values())
+
+
+CITED_SHARE = 0.05
+"""A stack is cited when it holds at least this share of the table's bytes (not the runtime's crumbs)."""
+
+
+def cite(table: dict | None, top: int = 3) -> tuple[str, list[dict]]:
+    """``"; top stacks at rank R's PHASE peak: B at FILE:LINE (FUNCTION), ..."`` and the same as
+    evidence, from a reduced table (host or device); ``("", [])`` without one."""
+    from memdiag.units import format_bytes
+
+    stacks = (table or {}).get("stacks") or []
+    total = sum(stack["bytes"] for stack in stacks)
+    stacks = [stack for stack in stacks[:top] if stack["bytes"] >= CITED_SHARE * total]
+    if not stacks:
+        return "", []
+    cited = []
+    for stack in stacks:
+        frame = stack.get("user_frame") or (stack["frames"][0] if stack["frames"] else None)
+        cited.append({"bytes": stack["bytes"], "function": frame[0] if frame else None,
+                      "file": frame[1] if frame else None, "line": frame[2] if frame else None})
+    kind = "device " if table.get("kind") == "device" else ""
+    text = ", ".join(f"{format_bytes(c['bytes'])} at {c['file']}:{c['line']} ({c['function']})" if c["file"]
+                     else f"{format_bytes(c['bytes'])} in {c['function'] or 'code with no Python frame'}" for c in cited)
+    return f"; top {kind}stacks at rank {table.get('rank')}'s {table.get('phase')} peak: {text}", cited
+
+
+def cite_phase(run_dir: Path, phases: list[str], stacks_setting: str | None) -> tuple[str, list[dict]]:
+    """The first of ``phases`` (innermost first) with a captured table, cited; else, when the run
+    did not capture any of them, which ``stacks=`` would."""
+    for phase in phases:
+        table = phase_table(run_dir, phase)
+        if table is not None:
+            return cite(table)
+    if phases and stacks_setting is not None:
+        return f"; to see which lines held it, run again with stacks={phases[-1]}", []
+    return "", []
+

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from memdiag.checks.finding import Finding
+from memdiag.device_stacks import read_device_tables
+from memdiag.stacks import cite
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 import numpy as np
@@ -24,6 +26,7 @@ def capacity_of(run: Run, header: dict) -> tuple[int | None, str]:
 
 def check(run: Run) -> list[Finding]:
     findings = []
+    device_tables = read_device_tables(run.path)  # CUDA runs: the first steps' device stacks
     for rank, timeline in sorted(run.ranks.items()):
         capacity, source = capacity_of(run, timeline.header)
         peak = timeline.device_peak_bytes()
@@ -34,13 +37,15 @@ def check(run: Run) -> list[Finding]:
         peak_reserved = None if np.all(np.isnan(reserved)) else int(np.nanmax(reserved))
         top = max(peak, peak_reserved or 0)
         if top > WARN_FRACTION * capacity:
+            lines, cited = cite(next((t for t in device_tables if t.get("rank") == rank), None))
             findings.append(
                 Finding(
                     id="device_headroom",
                     severity="error" if top > capacity else "warning",
                     message=f"rank {rank}: device memory peaked at {format_bytes(top)}, "
-                    f"{top / capacity:.0%} of {format_bytes(capacity)} ({source})",
-                    evidence={"rank": rank, "peak_bytes": top, "capacity_bytes": capacity, "capacity_source": source},
+                    f"{top / capacity:.0%} of {format_bytes(capacity)} ({source})" + lines,
+                    evidence={"rank": rank, "peak_bytes": top, "capacity_bytes": capacity, "capacity_source": source,
+                              "top_stacks": cited},
                     fix="lower micro_batch or seq_len, enable activation checkpointing, or add ranks so ZeRO-3 "
                     "partitions the model states further; see the categorised memory for the largest part",
                     ranks=[rank],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from memdiag.checks.finding import Finding
 from memdiag.checks.loadphase import limit_of, ranks_forecast, run_loads
+from memdiag.stacks import cite_phase
 from memdiag.summary import node_totals, node_watcher_figures, ranks_by_host
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
@@ -28,13 +29,15 @@ def check(run: Run) -> list[Finding]:
             peak = max(peak, node_watcher_figures(node)["rss_sum_peak_bytes"] or 0)
         if peak > WARN_FRACTION * limit:
             phase = phase_at_peak(ranks, totals[host])
+            lines, cited = cite_phase(run.path, binding_phases(phase), stacks_setting(run))
             findings.append(
                 Finding(
                     id="host_limit",
                     severity="error" if peak > limit else "warning",
                     message=f"node {host} peaked at {format_bytes(peak)} of host RAM, "
-                    f"{peak / limit:.0%} of the {format_bytes(limit)} limit ({source})",
-                    evidence={"node": host, "node_peak_bytes": peak, "limit_bytes": limit, "limit_source": source},
+                    f"{peak / limit:.0%} of the {format_bytes(limit)} limit ({source})" + lines,
+                    evidence={"node": host, "node_peak_bytes": peak, "limit_bytes": limit, "limit_source": source,
+                              "phase": phase, "top_stacks": cited},
                     fix=fix_for(run, phase),
                     ranks=[t.rank for t in ranks],
                 )
@@ -44,6 +47,18 @@ def check(run: Run) -> list[Finding]:
 
 
 LOAD_PHASE_NAMES = ("load", "init", "model_build", "zero_init", "checkpoint_load")
+
+
+def binding_phases(phase: str | None) -> list[str]:
+    """The phase that held the peak, then the captured phase that encloses it (innermost first)."""
+    if not phase:
+        return []
+    return [phase, "load"] if phase in LOAD_PHASE_NAMES and phase != "load" else [phase]
+
+
+def stacks_setting(run: Run) -> str | None:
+    """The run's ``stacks=`` (None when run.json does not say)."""
+    return (run.spec.get("config") or {}).get("stacks") or run.spec.get("stacks")
 
 
 def phase_at_peak(ranks, series) -> str | None:

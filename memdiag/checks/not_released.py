@@ -12,7 +12,9 @@ RSS from ~258 GB to ~68 GB per process.
 from __future__ import annotations
 
 from memdiag.checks.finding import Finding
+from memdiag.checks.host_limit import stacks_setting
 from memdiag.checks.loadphase import num_parameters, rank_load
+from memdiag.stacks import cite_phase
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes
 
@@ -57,15 +59,18 @@ def check(run: Run) -> list[Finding]:
         n = num_parameters(run) or 0
         if free < max(MIN_FREE_BYTES, FREE_FRACTION_OF_FP32_MODEL * 4 * n):
             continue
+        # what loading allocated (and freed) is what glibc keeps: the load phase's lines
+        lines, cited = cite_phase(run.path, ["load"], stacks_setting(run))
         findings.append(
             Finding(
                 id="not_released",
                 severity="warning",
                 message=f"rank {rank}: after deepspeed.initialize glibc holds {format_bytes(free)} of freed memory "
                 f"it has not returned to the OS (mallinfo2 fordblks; heap arenas {format_bytes(stats['arena_bytes'])}); "
-                f"loading peaked {format_bytes(rise)} above the runtime, and that memory still counts in RSS",
+                f"loading peaked {format_bytes(rise)} above the runtime, and that memory still counts in RSS" + lines,
                 evidence={
                     "rank": rank,
+                    "top_stacks": cited,
                     "malloc_free_bytes": free,
                     "malloc_arena_bytes": stats["arena_bytes"],
                     "malloc_in_use_bytes": stats["in_use_bytes"],

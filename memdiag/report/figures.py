@@ -483,6 +483,41 @@ def reconciliation_figure(run: Run) -> go.Figure | None:
     return fig
 
 
+ICICLE_FRAMES = 8
+"""Frames drawn per stack in the icicle, outermost first (deeper ones fold into their parent)."""
+
+
+def stacks_figure(table: dict) -> go.Figure | None:
+    """An icicle of the allocations live at a phase's peak: the root is the peak, each level a
+    frame (outermost first), each box's width its bytes."""
+    stacks = table.get("stacks") or []
+    if not stacks:
+        return None
+    root = f"{table.get('phase')} peak"
+    ids, labels, parents, values = [root], [root], [""], [float(sum(s["bytes"] for s in stacks))]
+    index = {root: 0}
+    for stack in stacks:
+        parent = root
+        for function, filename, line in list(reversed(stack["frames"]))[:ICICLE_FRAMES]:
+            node = f"{parent}|{function}|{filename}|{line}"
+            if node not in index:
+                index[node] = len(ids)
+                name = f"{function} ({filename.rsplit('/', 1)[-1]}:{line})" if filename else str(function)
+                ids.append(node), labels.append(name), parents.append(parent), values.append(0.0)
+            values[index[node]] += stack["bytes"]
+            parent = node
+    kind = "device" if table.get("kind") == "device" else "host"
+    fig = go.Figure(go.Icicle(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
+                              hovertemplate="%{label}<br>%{value:,.0f} bytes<extra></extra>", maxdepth=5))
+    fig.update_layout(
+        height=420, margin={"t": 60, "l": 10, "r": 10, "b": 10},
+        title=f"What was live at the {table.get('phase')} phase's {kind} peak, rank {table.get('rank')} "
+              f"({format_bytes(table.get('peak_bytes'))}), by stack<br><sup>outermost frame first; click a box to "
+              "zoom in</sup>",
+    )
+    return fig
+
+
 def build_figures(run: Run, summary: Summary, findings: list[dict] | None = None) -> dict[str, go.Figure]:
     figures = {"host": host_figure(run, summary)}
     if findings:
@@ -498,4 +533,11 @@ def build_figures(run: Run, summary: Summary, findings: list[dict] | None = None
         figure = builder(run)
         if figure is not None:
             figures[name] = figure
+    from memdiag.device_stacks import read_device_tables
+    from memdiag.stacks import lowest_rank_tables
+
+    for table in [*lowest_rank_tables(run.path), *read_device_tables(run.path)[:1]]:
+        figure = stacks_figure(table)
+        if figure is not None:
+            figures[f"stacks-{table.get('kind', 'host')}-{table.get('phase')}"] = figure
     return figures

@@ -251,6 +251,18 @@ def _stacks_html(run: Run) -> str:
             + f"<p class='note'>memray's capture: {html.escape(STACKS_DIR + '/' + str(table.get('capture')))} "
             "(<code>memray flamegraph</code>, <code>memray summary</code>); the other ranks' beside it</p>"
         )
+    from memdiag.device_stacks import read_device_tables
+
+    for table in read_device_tables(run.path)[:1]:
+        parts.append(
+            f"<h3>first {table.get('steps', '?')} training step(s): live at the device peak "
+            f"({format_bytes(table.get('peak_bytes'))}, rank {table.get('rank')})</h3>" + _table(stack_rows(table))
+            + f"<p class='note'>PyTorch's snapshot: {html.escape(STACKS_DIR + '/' + str(table.get('snapshot')))} "
+            "(opens in https://pytorch.org/memory_viz); the other ranks' beside it</p>"
+        )
+    off = next((t.header["device_stacks"] for t in run.ranks.values() if t.header.get("device_stacks")), None)
+    if off and parts:
+        parts.append(f"<p class='note'>Device stacks: {html.escape(off)}.</p>")
     return "<h2>Allocation stacks</h2>" + "".join(parts) if parts else ""
 
 

@@ -150,10 +150,14 @@ def write_markdown(run: Run, summary: Summary, findings: list[dict], pngs: list[
             lines += ["  ```python", *("  " + line for line in finding["fix"].splitlines()), "  ```"]
     from memdiag.stacks import lowest_rank_tables, stack_rows
 
-    for table in lowest_rank_tables(run.path):
+    from memdiag.device_stacks import read_device_tables
+
+    for table in [*lowest_rank_tables(run.path), *read_device_tables(run.path)[:1]]:
         rows = stack_rows(table, top=5)
-        lines += ["", f"**Live at the {table.get('phase')} phase's host peak** (rank {table.get('rank')}, "
-                  f"{format_bytes(table.get('peak_bytes'))}; memray)", ""]
+        where = "device peak" if table.get("kind") == "device" else "host peak"
+        tool = "PyTorch's memory snapshot" if table.get("kind") == "device" else "memray"
+        lines += ["", f"**Live at the {table.get('phase')} phase's {where}** (rank {table.get('rank')}, "
+                  f"{format_bytes(table.get('peak_bytes'))}; {tool})", ""]
         lines += _table(list(rows[0]), [list(r.values()) for r in rows]) if rows else []
     plan = _plan_rows(run)
     if plan:

@@ -120,6 +120,9 @@ def test_not_released_fires_without_trim_and_not_with_it(reports, reference_runs
     _, findings = check(reference_runs[1])
     kept = next(f for f in findings if f["id"] == "not_released")
     assert kept["evidence"]["malloc_free_bytes"] > 128 * 2**20
+    # what loading allocated, by line (the load phase's stacks, captured by default): the model's build
+    assert "top stacks at rank 0's load peak" in kept["message"] and kept["evidence"]["top_stacks"]
+    assert kept["evidence"]["top_stacks"][0]["file"].endswith(".py")
     run_dir, result = run_case(reports, *BASE, "load=reference", "nproc_per_node=1", "load.trim=true")
     _, findings = check(run_dir)
     assert "not_released" not in ids(findings)

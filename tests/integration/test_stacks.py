@@ -37,6 +37,21 @@ def test_a_known_buffer_is_the_top_stack_at_the_load_peak(tmp_path):
     assert flamegraph.returncode == 0 and (tmp_path / "flame.html").stat().st_size > 0, flamegraph.stderr
     # and the report shows it, the line named
     assert f"{SCRIPT}:{line} (load_known_buffer)" in (run_dir / "report.html").read_text()
+    # host_limit names that line when the node's peak nears the limit (a what-if just above it)
+    host_limit = _what_if_host_limit(run_dir)
+    assert f"{SCRIPT}:{line} (load_known_buffer)" in host_limit["message"], host_limit["message"]
+    assert host_limit["evidence"]["top_stacks"][0]["line"] == line
+    # device stacks need CUDA's allocator: this rank says so instead of recording nothing silently
+    header = json.loads((run_dir / "timeline" / "rank-0.jsonl").read_text().splitlines()[0])
+    assert header["device_stacks"].startswith("off: device allocation stacks need CUDA")
+
+
+def _what_if_host_limit(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    peak = max(summary["host_peak_bytes_per_node"].values())
+    result = subprocess.run([sys.executable, "-m", "memdiag", "check", "--json", "--host-ram", str(int(peak * 1.02)),
+                             str(run_dir)], capture_output=True, text=True, timeout=300)
+    return next(f for f in json.loads(result.stdout) if f["id"] == "host_limit")
 
 
 def test_stacks_off_captures_nothing(tmp_path):
@@ -47,3 +62,4 @@ def test_stacks_off_captures_nothing(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
     assert not (run_dir / "stacks").exists() or not any((run_dir / "stacks").glob("host-*"))
+    assert "run again with stacks=load" in _what_if_host_limit(run_dir)["message"]
