@@ -46,7 +46,7 @@ class Recording:
                 layout="api", world_size=self.identity.world_size, hosts=[self.identity.host], recorded_by="memdiag.record",
                 stacks=settings.stacks,
             )
-        self.instrumentation = instrument.start(self.run_dir, settings.sample_hz, settings.stacks, settings.stacks_device)
+        self.instrumentation = instrument.start(self.run_dir, settings)
         if self.identity.local_rank == 0:
             self.watcher = self._start_watcher()
 

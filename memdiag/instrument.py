@@ -22,7 +22,7 @@ from memdiag.phases import PhaseTracker
 from memdiag.device_stacks import DeviceStacks
 from memdiag.probes.device import SOURCE_CUDA, DeviceProbe
 from memdiag.sampler import Sampler
-from memdiag.settings import BY_FIELD, parse_stacks_device
+from memdiag.settings import RunSettings, parse_stacks_device, recorder_from_env
 from memdiag.stacks import HostStacks, parse_phases
 from memdiag.timeline import format as fmt
 from memdiag.timeline.writer import TimelineWriter
@@ -65,8 +65,8 @@ class RankIdentity:
 class Instrumentation:
     """Everything memdiag runs inside one rank; ``stop`` is idempotent."""
 
-    def __init__(self, run_dir: Path, identity: RankIdentity, sample_hz: float, stacks: str = BY_FIELD["stacks"].default,
-                 stacks_device: str = BY_FIELD["stacks_device"].default) -> None:
+    def __init__(self, run_dir: Path, identity: RankIdentity, settings: RunSettings) -> None:
+        sample_hz, stacks, stacks_device = settings.sample_hz, settings.stacks, settings.stacks_device
         self.identity = identity
         self._warned: set[str] = set()
         self.device = DeviceProbe.detect(identity.local_rank)
@@ -79,6 +79,8 @@ class Instrumentation:
             "host": identity.host,
             "pid": os.getpid(),
             "sample_hz": sample_hz,
+            "sample_full_rate_s": settings.sample_full_rate_s,
+            "sample_steady_interval_s": settings.sample_steady_interval_s,
             "device_source": self.device.source if self.device else None,
             "device_total_bytes": self.device.total_bytes if self.device else None,
         }
@@ -94,7 +96,8 @@ class Instrumentation:
             self.device.warn = self.warn_once
             if self.device.nvml_error:
                 self.warn_once("nvml", self.device.nvml_error)
-        self.sampler = Sampler(self.writer, self.tracker, self.device, 1.0 / sample_hz)
+        self.sampler = Sampler(self.writer, self.tracker, self.device, 1.0 / sample_hz,
+                               full_rate_s=settings.sample_full_rate_s, steady_interval_s=settings.sample_steady_interval_s)
         self.stacks = HostStacks(run_dir, identity.rank, parse_phases(stacks), self.warn_once)
         if not self.stacks.off:
             self.tracker.phase_listeners.append(
@@ -206,18 +209,14 @@ def _chain_sigterm(stop) -> None:
 _ACTIVE: list[Instrumentation] = []
 
 
-def start(run_dir: str | Path, sample_hz: float = 100.0, stacks: str | None = None,
-          stacks_device: str | None = None) -> Instrumentation:
-    """Start memdiag in this process (once; a second call returns the running one). ``stacks``:
-    the phases whose host allocation stacks memray records; ``stacks_device``: the training
-    steps whose CUDA allocations are recorded (None: ``MEMDIAG_STACKS``/``MEMDIAG_STACKS_DEVICE``,
-    else the settings' defaults)."""
+def start(run_dir: str | Path, settings: RunSettings | None = None) -> Instrumentation:
+    """Start memdiag in this process (once; a second call returns the running one), recording as
+    ``settings`` say (its ``RECORDER_FIELDS``; None: what the launching memdiag put in
+    ``MEMDIAG_RECORDER``, else the defaults)."""
     if not _ACTIVE:
         os.environ[RANK_PID_ENV] = str(os.getpid())
-        stacks = stacks if stacks is not None else os.environ.get("MEMDIAG_STACKS", BY_FIELD["stacks"].default)
-        if stacks_device is None:
-            stacks_device = os.environ.get("MEMDIAG_STACKS_DEVICE", BY_FIELD["stacks_device"].default)
-        _ACTIVE.append(Instrumentation(Path(run_dir), RankIdentity.from_env(), sample_hz, stacks, stacks_device).start())
+        settings = settings if settings is not None else recorder_from_env(os.environ)
+        _ACTIVE.append(Instrumentation(Path(run_dir), RankIdentity.from_env(), settings).start())
     return _ACTIVE[0]
 
 

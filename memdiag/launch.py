@@ -19,7 +19,7 @@ from pathlib import Path
 from memdiag import lifetime
 from memdiag.files import free_bytes
 from memdiag.instrument import NODE_ENV
-from memdiag.settings import RunSettings
+from memdiag.settings import RECORDER_ENV, RunSettings, recorder_env
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INJECT_DIR = Path(__file__).resolve().parent / "inject"
@@ -147,9 +147,7 @@ def run_command(settings: RunSettings, run_dir: Path, command: list[str], limit_
     env.pop("MEMDIAG_RANK_PID", None)  # a new job: its ranks are to be instrumented, whoever started memdiag
     env["PYTHONPATH"] = python_path(INJECT_DIR, REPO_ROOT)
     env["MEMDIAG_RUN_DIR"] = str(run_dir.resolve())
-    env["MEMDIAG_SAMPLE_HZ"] = str(settings.sample_hz)
-    env["MEMDIAG_STACKS"] = settings.stacks
-    env["MEMDIAG_STACKS_DEVICE"] = settings.stacks_device
+    env[RECORDER_ENV] = recorder_env(settings)
     env["PYTHONUNBUFFERED"] = "1"  # its output goes through memdiag's pipe: keep it live
     if not is_launcher(command):
         env["MEMDIAG_SINGLE_PROCESS"] = "1"

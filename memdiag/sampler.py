@@ -15,6 +15,9 @@ from memdiag.timeline.writer import TimelineWriter
 
 log = logging.getLogger(__name__)
 
+TRAINING_PHASES = frozenset({"", "forward", "backward", "step", "optimizer_step"})
+"""The training loop's phases ("" between steps): where, after ``full_rate_s``, a window's
+bounding samples stand for it. Loading, initialisation, saving and resuming stay at full rate."""
 NVML_INTERVAL_S = 0.1
 """NVML's per-process query costs ~100 us; 10 Hz is plenty for a figure that moves slowly."""
 
@@ -32,10 +35,19 @@ class Sampler:
         tracker: PhaseTracker,
         device: DeviceProbe | None,
         interval_s: float = 0.01,
+        *,
+        full_rate_s: float = float("inf"),
+        steady_interval_s: float = 0.0,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.interval_s = interval_s
+        self.full_rate_s = full_rate_s
+        self.steady_interval_s = steady_interval_s
+        self._training_since: float | None = None
+        self._envelope: dict[str, tuple[float, dict]] = {}
+        """The open steady window's bounding samples: role -> (value, sample)."""
+        self._envelope_started = 0.0
         self._writer = writer
         self._tracker = tracker
         self._device = device
@@ -65,8 +77,41 @@ class Sampler:
         self._running.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        self._close_envelope()
         self._write_batch()
         self._writer.flush()
+
+    def _steady(self, now: float) -> bool:
+        """In the training loop (its first step done: initialisation is behind) for longer than
+        ``full_rate_s``: from then on a window's bounding samples stand for it."""
+        if not self.steady_interval_s or self._tracker.step < 1 or self._tracker.phase not in TRAINING_PHASES:
+            return False
+        if self._training_since is None:
+            self._training_since = now
+        return now - self._training_since >= self.full_rate_s
+
+    def _take(self, record: dict, now: float | None = None) -> None:
+        """One tick: written as is at full rate; in steady training, kept only if it bounds its window."""
+        now = time.monotonic() if now is None else now
+        if not self._steady(now):
+            self._close_envelope()
+            self._append(record)
+            return
+        if not self._envelope:
+            self._envelope_started = now
+        device = record.get("device_allocated_bytes")
+        for role, value in (("rss_max", record["rss_bytes"]), ("rss_min", -record["rss_bytes"]),
+                            ("device_max", device if device is not None else None)):
+            if value is not None and (role not in self._envelope or value > self._envelope[role][0]):
+                self._envelope[role] = (value, record)
+        if now - self._envelope_started >= self.steady_interval_s:
+            self._close_envelope()
+
+    def _close_envelope(self) -> None:
+        kept = {id(sample): sample for _, sample in self._envelope.values()}
+        for sample in sorted(kept.values(), key=lambda r: r["t"]):
+            self._append(sample)
+        self._envelope = {}
 
     def _append(self, record: dict) -> None:
         """Add one tick to the open batch; write the batch once per flush interval."""
@@ -125,7 +170,7 @@ class Sampler:
                 deadline = time.monotonic()
                 continue
             try:
-                self._append(self.sample_once())
+                self._take(self.sample_once())
                 self.samples_written += 1
             except Exception:  # never let a probe failure escape the thread
                 self._errors += 1

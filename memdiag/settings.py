@@ -120,6 +120,14 @@ class RunSettings:
     run_dir: str | None = setting(None, "the run directory to write (node parts: the one to join)", kind="path", commands=RECORDING)
     name: str | None = setting(None, "the folder under reports_dir (a case's runs: the case name)", kind="str", commands=frozenset({CMD, API}))
     sample_hz: float = setting(100.0, "samples per second per rank", commands=RECORDING)
+    sample_full_rate_s: float = setting(
+        120.0, "seconds of the training loop sampled at sample_hz once its first step is done (the rest of the run, "
+        "outside the training steps, always is); after them, each sample.steady_interval_s writes only the samples "
+        "that bound it (lowest and highest RSS, highest device allocation): a day's run stays small and every phase "
+        "peak stays exact", key="sample.full_rate_s", commands=RECORDING)
+    sample_steady_interval_s: float = setting(
+        1.0, "after sample.full_rate_s, the window whose bounding samples are written (0: every sample, always)",
+        key="sample.steady_interval_s", commands=RECORDING)
     stacks: str = setting("load", "phases whose host allocation stacks memray records in every rank (what was live at the "
                           "phase's peak, by line): load, a comma list (load,ds_initialize), all, or off", commands=RECORDING)
     stacks_device: str = setting("steps:2", "CUDA only: record the device allocator's history (PyTorch's memory snapshot) "
@@ -158,7 +166,7 @@ class RunSettings:
             raise UsageError(f"guard.fraction={self.guard_fraction} must be in (0, 1]")
         if not self.sample_hz > 0:
             raise UsageError(f"sample_hz={self.sample_hz!r} must be positive")
-        for name in ("stop_grace_s", "guard_grace_s"):
+        for name in ("stop_grace_s", "guard_grace_s", "sample_full_rate_s", "sample_steady_interval_s"):
             if not getattr(self, name) >= 0:
                 raise UsageError(f"{key_of(name)}={getattr(self, name)!r} must be >= 0 (seconds)")
         if not -1 <= self.metrics_port < 65536:
@@ -168,6 +176,25 @@ class RunSettings:
         parse_stacks_device(self.stacks_device)
         if self.layout is not None and split_layout(self.layout) is None:
             raise UsageError(f"layout={self.layout!r}: write NODESxRANKS_PER_NODE with positive numbers, e.g. layout=2x4")
+
+
+RECORDER_FIELDS = ("sample_hz", "sample_full_rate_s", "sample_steady_interval_s", "stacks", "stacks_device")
+"""What a rank's recorder reads (``memdiag.instrument``); carried to a ``run -- CMD`` job's ranks
+as one environment variable, ``RECORDER_ENV``."""
+RECORDER_ENV = "MEMDIAG_RECORDER"
+
+
+def recorder_env(settings: RunSettings) -> str:
+    import json
+
+    return json.dumps({name: getattr(settings, name) for name in RECORDER_FIELDS})
+
+
+def recorder_from_env(environ: dict) -> RunSettings:
+    """The recorder's settings a launching memdiag put in ``RECORDER_ENV`` (the defaults without it)."""
+    import json
+
+    return RunSettings(**{k: v for k, v in json.loads(environ.get(RECORDER_ENV) or "{}").items() if k in RECORDER_FIELDS})
 
 
 def parse_stacks_device(text: str | None) -> int:

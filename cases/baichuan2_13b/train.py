@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     identity = instrument.RankIdentity.from_env()
     inst = None
     if config.instrument:
-        inst = instrument.start(run_dir, config.sample_hz, config.stacks, config.stacks_device)
+        inst = instrument.start(run_dir, config)
         tracker = inst.tracker
     else:
         tracker = PhaseTracker(lambda record: None)  # phase scopes only; nothing recorded

@@ -20,7 +20,7 @@ def _memdiag_start() -> None:
     try:
         from memdiag import instrument
 
-        instrument.start(run_dir, float(os.environ.get("MEMDIAG_SAMPLE_HZ", "100")))
+        instrument.start(run_dir)  # the recorder's settings: MEMDIAG_RECORDER, from the memdiag that launched the job
     except Exception as exc:  # never stop the user's job
         print(f"memdiag: instrumentation not started: {exc!r}", file=sys.stderr)
 

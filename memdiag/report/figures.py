@@ -34,7 +34,13 @@ def gib(values: np.ndarray) -> np.ndarray:
 def downsampling_note(run: Run) -> str:
     total = sum(len(t.t_ns) for t in run.ranks.values())
     kept = sum(len(minmax_indices(t.columns["rss_bytes"])) for t in run.ranks.values())
-    return describe(total, kept)
+    note = describe(total, kept)
+    header = run.ranks[run.rank_ids[0]].header if run.ranks else {}
+    full, window = header.get("sample_full_rate_s"), header.get("sample_steady_interval_s")
+    if full is not None and window:
+        note += (f"; recorded at {header.get('sample_hz', '?'):g} Hz except in the training loop after its first "
+                 f"{full:g} s, where each {window:g} s window kept its lowest and highest samples")
+    return note
 
 
 def step_axis(run: Run) -> tuple[np.ndarray, np.ndarray] | None:

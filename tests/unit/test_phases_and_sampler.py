@@ -87,3 +87,40 @@ def test_sampler_rejects_a_bad_interval(tmp_path):
     writer = TimelineWriter(rank_path(tmp_path, 0), {"rank": 0})
     with pytest.raises(ValueError, match="interval_s"):
         Sampler(writer, PhaseTracker(writer.write), None, interval_s=0)
+
+
+def test_steady_training_keeps_each_windows_bounds_and_the_rest_stays_at_full_rate(tmp_path):
+    """sample.full_rate_s / sample.steady_interval_s: before the first step and outside the
+    training loop every tick is written; in the loop past full_rate_s, each window's lowest and
+    highest RSS and highest device figure, so a spike inside a window survives."""
+    writer = TimelineWriter(rank_path(tmp_path, 0), {"rank": 0})
+    tracker = PhaseTracker(writer.write)
+    sampler = Sampler(writer, tracker, None, interval_s=0.01, full_rate_s=1.0, steady_interval_s=0.5)
+    t = 0
+
+    def tick(now: float, rss: int, device: int) -> None:
+        nonlocal t
+        t += 1
+        sampler._take({"kind": fmt.SAMPLE, "t": t, "phase": tracker.phase, "step": tracker.step, "rss_bytes": rss,
+                       "hwm_bytes": rss, "device_allocated_bytes": device}, now=now)
+
+    for i in range(50):  # initialisation (step 0): every tick
+        tick(i * 0.01, 100 + i, 0)
+    tracker.record_step(StepRecord(step=1, loss=1.0, tokens=1, step_time_s=1.0))
+    with tracker.phase_scope("forward"):
+        for i in range(100):  # the first second of the loop: full rate
+            tick(1 + i * 0.01, 200, 0)
+        for i in range(100):  # then two 0.5 s windows with a spike (rss 999) and a device high (7) in the first
+            tick(2 + i * 0.01, 999 if i == 10 else 300 - (i == 30) * 50, 7 if i == 20 else 1)
+    with tracker.phase_scope("save"):  # outside the loop: full rate again
+        for i in range(20):
+            tick(3 + i * 0.01, 400, 0)
+    sampler.stop()
+    writer.close()
+    timeline = read_run(tmp_path).ranks[0]
+    rss = list(timeline.columns["rss_bytes"])
+    assert rss[50:150] == [200] * 100  # the loop's first second, every tick
+    steady = rss[150:-20]
+    assert 999 in steady and 250 in steady and len(steady) <= 2 * 3  # bounds of two windows, not 100 ticks
+    assert 7 in list(timeline.columns["device_allocated_bytes"])  # the device high survives too
+    assert rss[-20:] == [400] * 20 and rss[:50] == list(range(100, 150))
