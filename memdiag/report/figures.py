@@ -198,12 +198,86 @@ def _add_steps(fig: go.Figure, run: Run, t0_ns: int, max_markers: int = 200) -> 
     )
 
 
+MAX_RANK_LINES = 16
+"""Above this many ranks, a node is drawn as the band its ranks span, with the ranks that stand out."""
+ENVELOPE_POINTS = 1500
+
+
+def standout_ranks(run: Run, limit: int = MAX_RANK_LINES) -> tuple[list[int], str | None]:
+    """Every rank when there are few; else per node the rank with the highest peak and the one
+    that grew fastest, then the ranks whose peak is furthest above their node's median, up to
+    ``limit``; with a sentence saying what the page shows."""
+    if len(run.ranks) <= limit:
+        return run.rank_ids, None
+    from memdiag.summary import ranks_by_host
+
+    chosen: list[int] = []
+    above: list[tuple[float, int]] = []
+    for ranks in ranks_by_host(run).values():
+        peaks = {t.rank: float(np.nanmax(t.columns["rss_bytes"])) for t in ranks if len(t.t_ns)}
+        if not peaks:
+            continue
+        growth = {t.rank: _growth(t) for t in ranks if len(t.t_ns) > 1}
+        for pick in (max(peaks, key=peaks.get), max(growth, key=growth.get) if growth else None):
+            if pick is not None and pick not in chosen:
+                chosen.append(pick)
+        median = float(np.median(list(peaks.values())))
+        above += [((peak - median) / max(median, 1.0), rank) for rank, peak in peaks.items()]
+    for _, rank in sorted(above, reverse=True):
+        if len(chosen) >= limit:
+            break
+        if rank not in chosen:
+            chosen.append(rank)
+    chosen = sorted(chosen[:limit])
+    return chosen, (f"{len(run.ranks)} ranks: each node drawn as the band its ranks span, with the {len(chosen)} ranks "
+                    "that stand out (each node's highest peak and fastest growth, then the furthest above their "
+                    "node's median); every rank's data is in the run's timeline files")
+
+
+def _growth(timeline) -> float:
+    """RSS growth over the rank's second half against its first: bytes per second, medians."""
+    t, rss = timeline.t_ns, timeline.columns["rss_bytes"]
+    half = len(t) // 2
+    span = (t[-1] - t[0]) / 2e9
+    if not half or span <= 0:
+        return 0.0
+    return float((np.nanmedian(rss[half:]) - np.nanmedian(rss[:half])) / span)
+
+
+def _add_node_bands(fig: go.Figure, run: Run, t0: int, step_x: list, axis) -> None:
+    """Per node, the lowest and highest RSS of its ranks on one time grid, drawn as a band."""
+    from memdiag.summary import ranks_by_host
+
+    for host, ranks in ranks_by_host(run).items():
+        ranks = [t for t in ranks if len(t.t_ns)]
+        if not ranks:
+            continue
+        start, end = min(t.t_ns[0] for t in ranks), max(t.t_ns[-1] for t in ranks)
+        grid = np.linspace(start, end, ENVELOPE_POINTS)
+        series = []
+        for t in ranks:
+            keep = minmax_indices(t.columns["rss_bytes"])
+            values = np.interp(grid, t.t_ns[keep].astype(np.float64), t.columns["rss_bytes"][keep].astype(np.float64),
+                               left=np.nan, right=np.nan)
+            series.append(values)
+        stacked = np.vstack(series)
+        low, high = np.nanmin(stacked, axis=0), np.nanmax(stacked, axis=0)
+        x = seconds(grid.astype(np.int64), t0)
+        for name, values, fill in ((f"node {host} ranks' lowest", low, None), (f"node {host} ranks' highest", high, "tonexty")):
+            step_x.append(to_steps(grid.astype(np.int64), axis) if axis else None)
+            fig.add_trace(go.Scatter(x=x, y=gib(values), mode="lines", line={"width": 0.5}, fill=fill,
+                                     name=name, legendgroup=f"band-{host}", hovertemplate="%{y:.3f} GiB"))
+
+
 def host_figure(run: Run, summary: Summary) -> go.Figure:
     t0 = run_start_ns(run)
     axis = step_axis(run)
     step_x: list = []
     fig = go.Figure()
-    for rank in run.rank_ids:
+    drawn, many = standout_ranks(run)
+    if many:
+        _add_node_bands(fig, run, t0, step_x, axis)
+    for rank in drawn:
         timeline = run.ranks[rank]
         keep = minmax_indices(timeline.columns["rss_bytes"])
         step_x.append(to_steps(timeline.t_ns[keep], axis) if axis else None)
@@ -236,8 +310,9 @@ def host_figure(run: Run, summary: Summary) -> go.Figure:
     _add_steps(fig, run, t0)
     step_x += [None] * (len(fig.data) - len(step_x))  # markers keep their time positions
     add_axis_switch(fig, run, step_x if axis else None)
+    subtitle = "; ".join(x for x in (many, note) if x)
     fig.update_layout(
-        title="Host RAM (RSS) per rank and per node" + (f"<br><sup>{note}</sup>" if note else ""),
+        title="Host RAM (RSS) per rank and per node" + (f"<br><sup>{subtitle}</sup>" if subtitle else ""),
         xaxis_title="time since start (s)",
         yaxis_title="GiB",
         hovermode="x unified",
@@ -254,7 +329,8 @@ def device_figure(run: Run, summary: Summary) -> go.Figure:
         ("device_reserved_bytes", "reserved", "dash"),
         ("nvml_used_bytes", "NVML used", "dot"),
     )
-    for rank in run.rank_ids:
+    drawn, many = standout_ranks(run)
+    for rank in drawn:
         timeline = run.ranks[rank]
         for column, label, dash in series:
             values = timeline.columns[column]
@@ -279,8 +355,9 @@ def device_figure(run: Run, summary: Summary) -> go.Figure:
     )
     _add_bands(fig, phase_bands(run, t0))
     source = summary.device_source or "no device probe"
+    shown = f"; the {len(drawn)} ranks that stand out of {len(run.ranks)} (see the host chart)" if many else ""
     fig.update_layout(
-        title=f"Device memory per rank<br><sup>source: {source}" + (f"; {note}" if note else "") + "</sup>",
+        title=f"Device memory per rank<br><sup>source: {source}{shown}" + (f"; {note}" if note else "") + "</sup>",
         xaxis_title="time since start (s)",
         yaxis_title="GiB",
         hovermode="x unified",

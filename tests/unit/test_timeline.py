@@ -267,3 +267,29 @@ def test_a_long_report_says_what_it_is_doing(tmp_path, monkeypatch, capsys):
     report.build(tmp_path)
     err = capsys.readouterr().err
     assert "reading the timelines" in err and "drawing the figures" in err
+
+
+def test_many_ranks_are_drawn_as_node_bands_with_the_ranks_that_stand_out(tmp_path):
+    """Past 16 ranks the host chart draws each node's band and the standouts: each node's highest
+    peak and fastest growth (here rank 3's spike and rank 14's climb), not every rank."""
+    from memdiag.report.figures import MAX_RANK_LINES, host_figure, standout_ranks
+    from memdiag.summary import summarize
+
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 20}))
+    for rank in range(20):
+        rss = [1000 + rank] * 100
+        if rank == 3:
+            rss[50] = 50_000  # a spike
+        if rank == 14:
+            rss = [1000 + 40 * i for i in range(100)]  # a climb
+        writer = TimelineWriter(rank_path(tmp_path, rank), {"rank": rank, "host": f"n{rank // 10}", "world_size": 20})
+        writer.write(fmt.sample_batch(t=[10**9 + i * 10**7 for i in range(100)], phase=["forward"] * 100, step=[1] * 100,
+                                      rss_bytes=rss, hwm_bytes=rss))
+        writer.close()
+    run = read_run(tmp_path)
+    drawn, note = standout_ranks(run)
+    assert 3 in drawn and 14 in drawn and len(drawn) <= MAX_RANK_LINES and "band" in note
+    names = [trace.name for trace in host_figure(run, summarize(run)).data]
+    assert "node n0 ranks' highest" in names and "node n1 ranks' lowest" in names
+    assert sum(name.startswith("rank ") for name in names) == len(drawn) < 20
+    assert standout_ranks(read_run(tmp_path), limit=20)[0] == list(range(20))  # few ranks: every one
