@@ -81,11 +81,17 @@ def fix_for(run: Run, phase: str | None) -> str:
     from memdiag.checks.scaling_5290 import check_model_input
 
     if phase in LOAD_PHASE_NAMES:
+        if not any(p.name == "ds_initialize" for t in run.ranks.values() for p in t.phases):
+            # memdiag's load phase runs from the start to deepspeed.initialize, which this run never called
+            return ("the peak is in the script's own code before any deepspeed.initialize (this run never called it): "
+                    "the top stacks name the lines; hold less there, or use fewer ranks per node")
         if check_model_input(run):
             return ("the peak is in loading, where every rank holds the whole model: build it partitioned "
                     "(see the scaling_5290 finding for the code), or use fewer ranks per node")
-        return ("the peak is in loading, already partitioned: read the checkpoint with fewer ranks at a time "
-                "(load.concurrency=N), or use fewer ranks per node")
+        fewer = "load.concurrency=N" if run.spec.get("case") or (run.spec.get("config") or {}).get("case") else \
+            "e.g. a barrier so that at most N local ranks read at once"
+        return (f"the peak is in loading, already partitioned: read the checkpoint with fewer ranks at a time "
+                f"({fewer}), or use fewer ranks per node")
     where = f"in {phase}" if phase else "while training"
     return (f"the peak is {where}: spread the ranks over more nodes (fewer per node), or cut what each holds "
             "(activation checkpointing, a smaller micro_batch; on the CPU accelerator the training states are in host RAM)")

@@ -140,4 +140,6 @@ def test_the_guard_stops_a_single_process_command_from_outside_the_checkout(tmp_
     findings = json.loads((run_dir / "findings.json").read_text())
     guard = next(f for f in findings if f["id"] == "oom_guard")
     assert guard["severity"] == "error" and guard["moments"]
+    # the fix speaks of what the script did: it never reached deepspeed.initialize
+    assert "never called it" in next(f for f in findings if f["id"] == "host_limit")["fix"]
     assert not list(REPO.glob("mine")) and not (REPO / "reports" / "grow").exists()
