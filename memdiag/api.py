@@ -93,12 +93,12 @@ class Recording:
                 from memdiag.timeline.reader import guard_event
 
                 try:
-                    summary, _, findings = build(self.run_dir, with_checks=True)
+                    summary, html_path, findings = build(self.run_dir, with_checks=True)
                 except Exception as exc:  # the training is over; say why the report is missing
                     print(f"memdiag: report not written: {exc}", file=sys.stderr)
                     return
                 # the recording ends on the console as `memdiag run` ends a run
-                lines, _ = ending(self.run_dir, self.rundir.read(), summary, findings, 1 if failed else 0,
+                lines, _ = ending(self.run_dir, self.rundir.read(), summary, findings, 1 if failed else 0, html=html_path,
                                   guard=guard_event(self.run_dir), what="the recording", echoed_stderr=True)
                 print("\n".join(lines), flush=True)
 

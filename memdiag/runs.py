@@ -134,8 +134,8 @@ def finish(rundir: RunDir, code: int, launcher: str) -> int:
     built = build_report(rundir)
     if built is None:
         return code or 1
-    summary, _, findings = built
-    lines, code = ending(rundir.path, rundir.spec, summary, findings, code, guard=guard_event(rundir.path),
+    summary, html_path, findings = built
+    lines, code = ending(rundir.path, rundir.spec, summary, findings, code, html=html_path, guard=guard_event(rundir.path),
                          what="the command" if launcher == "command" else "the run", echoed_stderr=launcher == "command")
     print("\n".join(lines), flush=True)
     return code

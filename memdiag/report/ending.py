@@ -14,9 +14,10 @@ from memdiag.summary import Summary
 from memdiag.units import format_bytes
 
 
-def ending(run_dir: Path, spec: dict, summary: Summary, findings: list[Finding], code: int, *,
+def ending(run_dir: Path, spec: dict, summary: Summary, findings: list[Finding], code: int, *, html: Path,
            guard: dict | None, what: str = "the run", echoed_stderr: bool = False) -> tuple[list[str], int]:
-    """(console lines, exit status). ``code``: the job's own exit status; ``guard``: the node
+    """(console lines, exit status). ``code``: the job's own exit status; ``html``: the report's
+    path; ``guard``: the node
     watcher's guard event, if it stopped the run; ``what``: "the run", "the command" or "the
     recording"; ``echoed_stderr``: the job's stderr was on the console already (``run -- CMD``),
     so only the cause's first line is repeated."""
@@ -25,7 +26,6 @@ def ending(run_dir: Path, spec: dict, summary: Summary, findings: list[Finding],
     if info:
         lines.append(f"memdiag: {info} info finding(s) in the report")
     status = spec.get("status")
-    html = run_dir / "report.html"
     if status == "interrupted":
         lines.append(f"memdiag: {what} was stopped ({spec.get('signal') or 'a stop signal'}); the report shows what was recorded")
     elif guard is not None:
