@@ -10,7 +10,7 @@ from memdiag.checks import read_findings, run_checks, write_findings
 from memdiag.checks.finding import Finding
 from memdiag.files import write_atomic
 from memdiag.report.figures import build_figures
-from memdiag.report.html import write_report
+from memdiag.report.html import write_node_pages, write_report
 from memdiag.runstate import settle
 from memdiag.summary import summarize
 from memdiag.timeline import format as fmt
@@ -53,7 +53,8 @@ def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = N
         pngs, note = export_pngs(figures, html_path.parent / FIGURES_DIR)
         md = write_markdown(run, summary, stored, pngs, note, html_path.parent / "report.md")
         print(f"memdiag: wrote {md}" + (f" and {len(pngs)} PNG(s)" if pngs else f" ({note})"))
-    path = write_report(run, summary, figures, html_path, stored, pictures=pngs)
+    node_pages = write_node_pages(run, html_path.parent, html_path.name)  # many ranks: every rank, a page per node
+    path = write_report(run, summary, figures, html_path, stored, pictures=pngs, node_pages=node_pages)
     if with_checks:
         return summary, path, findings
     return summary, path

@@ -266,6 +266,47 @@ def _stacks_html(run: Run) -> str:
     return "<h2>Allocation stacks</h2>" + "".join(parts) if parts else ""
 
 
+PLOTLY_JS = "plotly.min.js"
+
+
+def write_node_pages(run: Run, out_dir: Path, main_page: str = "report.html") -> list[Path]:
+    """Past ``MAX_RANK_LINES`` ranks, where the main page draws node bands and standouts: one page
+    per node with every one of its ranks (host and device), sharing one copy of plotly.js beside
+    them so that they stay small and work offline."""
+    import plotly.io as pio
+    from plotly.offline import get_plotlyjs
+
+    from memdiag.report.figures import MAX_RANK_LINES, device_figure, host_figure
+    from memdiag.summary import ranks_by_host, summarize
+
+    if len(run.ranks) <= MAX_RANK_LINES:
+        return []
+    write_atomic(out_dir / PLOTLY_JS, get_plotlyjs())
+    pages = []
+    for host, ranks in ranks_by_host(run).items():
+        part = Run(path=run.path, spec=run.spec, ranks={t.rank: t for t in ranks},
+                       nodes={host: run.nodes[host]} if host in run.nodes else {})
+        part_summary = summarize(part)
+        title = f"memdiag: node {host} of {run.path.name}, every rank ({len(ranks)})"
+        body = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+                f"<style>{STYLE}</style><script src='{PLOTLY_JS}'></script></head><body>",
+                f"<h1>{html.escape(title)}</h1><p><a href='{html.escape(main_page)}'>the run's report</a></p>"]
+        for name, figure in (("host", host_figure(part, part_summary)), ("device", device_figure(part, part_summary))):
+            if figure.data:
+                body.append(f"<section class='figure' data-figure='{name}' data-expected-traces='{len(figure.data)}'>"
+                            + pio.to_html(figure, full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
+                                          config={"displaylogo": False}) + "</section>")
+        body.append("</body></html>")
+        page = out_dir / f"report-node-{_file_safe(host)}.html"
+        write_atomic(page, "".join(body))
+        pages.append(page)
+    return pages
+
+
+def _file_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def write_report(
     run: Run,
     summary: Summary,
@@ -273,6 +314,7 @@ def write_report(
     path: Path,
     findings: list[dict] | None = None,
     pictures: list[Path] | None = None,
+    node_pages: list[Path] | None = None,
 ) -> Path:
     import plotly.io as pio
 
@@ -307,6 +349,10 @@ def write_report(
             "(no CUDA device in its ranks, and not DeepSpeed's CPU accelerator, whose RSS stands in for one).</p>"
         )
     parts.append(f"<p class='note'>Timelines: {html.escape(downsampling_note(run))}.</p>")
+    if node_pages:
+        links = ", ".join(f"<a href='{html.escape(p.name)}'>{html.escape(p.stem.removeprefix('report-node-'))}</a>"
+                          for p in node_pages)
+        parts.append(f"<p class='note' id='node-pages'>Every rank, node by node: {links}.</p>")
     if pictures:
         import os
 

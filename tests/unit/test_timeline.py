@@ -293,3 +293,24 @@ def test_many_ranks_are_drawn_as_node_bands_with_the_ranks_that_stand_out(tmp_pa
     assert "node n0 ranks' highest" in names and "node n1 ranks' lowest" in names
     assert sum(name.startswith("rank ") for name in names) == len(drawn) < 20
     assert standout_ranks(read_run(tmp_path), limit=20)[0] == list(range(20))  # few ranks: every one
+
+
+def test_many_ranks_get_a_page_per_node_with_every_rank(tmp_path):
+    """The full per-rank detail the main page leaves out is one click away: a page per node with
+    every one of its ranks, plotly.js once beside them, linked from the report."""
+    from memdiag.report.build import build
+
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 20, "status": "completed"}))
+    for rank in range(20):
+        writer = TimelineWriter(rank_path(tmp_path, rank), {"rank": rank, "host": f"n{rank // 10}", "world_size": 20})
+        writer.write(fmt.sample_batch(t=[10**9 + i * 10**7 for i in range(50)], phase=["forward"] * 50, step=[1] * 50,
+                                      rss_bytes=[1000 + rank] * 50, hwm_bytes=[1000 + rank] * 50))
+        writer.close()
+    build(tmp_path)
+    pages = sorted(tmp_path.glob("report-node-*.html"))
+    assert [p.name for p in pages] == ["report-node-n0.html", "report-node-n1.html"]
+    for page in pages:
+        text = page.read_text()
+        assert text.count('"name":"rank ') == 10 and "src='plotly.min.js'" in text and "href='report.html'" in text
+    assert (tmp_path / "plotly.min.js").stat().st_size > 10**6
+    assert "href='report-node-n0.html'" in (tmp_path / "report.html").read_text()
