@@ -98,7 +98,8 @@ class Recording:
                     print(f"memdiag: report not written: {exc}", file=sys.stderr)
                     return
                 # the recording ends on the console as `memdiag run` ends a run
-                lines, _ = ending(self.run_dir, self.rundir.read(), summary, findings, 1 if failed else 0, html=html_path,
+                # no process exit to report: a failed block reads "failed" in run.json (an uncaught exception)
+                lines, _ = ending(self.run_dir, self.rundir.read(), summary, findings, 0, html=html_path,
                                   guard=guard_event(self.run_dir), what="the recording", echoed_stderr=True)
                 print("\n".join(lines), flush=True)
 
