@@ -4,8 +4,11 @@ Separate processes differ by +-10% in step time on a shared 2-core machine (plac
 layout), far more than the 1% we care about. So each run alternates memdiag off and on in
 blocks of steps inside the same two ranks (``overhead_ab=BLOCK``: the sampler paused and every
 hook passed through while off), and the ratio is taken between neighbouring blocks. One run at
-100 Hz, one at 1 kHz. The node watcher (a separate process, 10 Hz RSS, 1 Hz PSS) runs in both
-halves; its cost is in the probe table below, per call.
+100 Hz, one at 1 kHz, each with the sampler in the ranks (``sampler=rank``) and in the node
+watcher (``sampler=watcher``: no thread in the ranks; the watcher's reads run in both halves, so
+the ratio is what stays in the ranks). The node watcher (a separate process, 10 Hz RSS, 1 Hz PSS,
+and with sampler=watcher every rank at sample_hz) runs in both halves; its cost is in the probe
+table below, per call.
 
 Then the cost per call of each probe, against psutil's ``memory_full_info`` (which the sampler
 must never call on the hot path).
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,13 +34,13 @@ sys.path.insert(0, str(REPO))
 WARMUP_STEPS = 10
 
 
-def run_case(reports: Path, sample_hz: int, steps: int, block: int) -> list[float]:
+def run_case(reports: Path, sample_hz: int, steps: int, block: int, sampler: str = "rank") -> list[float]:
     """Ratios on/off of neighbouring blocks (medians of each block), over both ranks."""
     before = set(reports.glob("baichuan2_13b/*"))
     subprocess.run(
         [
             sys.executable, "-m", "memdiag", "run", f"steps={steps}", f"reports_dir={reports}",
-            f"sample_hz={sample_hz}", f"overhead_ab={block}",
+            f"sample_hz={sample_hz}", f"overhead_ab={block}", f"sampler={sampler}",
         ],
         cwd=REPO,
         check=False,
@@ -72,6 +76,7 @@ def probe_costs() -> list[tuple[str, float]]:
     process = psutil.Process()
     probes = [
         ("/proc/self/status via open fd (sampler, per tick)", reader.read),
+        ("/proc/<pid>/status via open fd (watcher, per rank per tick)", host.SelfStatusReader(os.getpid()).read),
         ("/proc/self/status open+read", host.read_proc_status),
         ("clear_refs reset (per phase boundary)", host.reset_peak_rss),
         ("/proc/meminfo (node watcher, 10 Hz)", host.read_meminfo),
@@ -97,17 +102,19 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for hz in (100, 1000):
-            ratios = run_case(Path(tmp), hz, args.steps, args.block)
-            rows.append((hz, ratios))
+        for sampler in ("rank", "watcher"):
+            for hz in (100, 1000):
+                rows.append((sampler, hz, run_case(Path(tmp), hz, args.steps, args.block, sampler)))
     print(
         f"CPU case, 2 ranks, {args.steps} steps, memdiag off/on alternating every {args.block} steps "
         f"in one run (first {WARMUP_STEPS} steps dropped); ratio = on / off of neighbouring blocks"
     )
-    print(f"{'sampler':>8} {'median ratio':>13} {'quartiles':>17} {'pairs':>6}")
-    for hz, ratios in rows:
+    print("(sampler=watcher: the node watcher reads every rank's /proc/<pid>/status from outside, in both halves;\n"
+          " the ratio is what stays in the ranks: the hooks and the phase boundaries' exact peaks)")
+    print(f"{'sampler':>16} {'median ratio':>13} {'quartiles':>17} {'pairs':>6}")
+    for sampler, hz, ratios in rows:
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [float("nan")] * 3
-        print(f"{hz:>5} Hz {statistics.median(ratios):>13.3f} {q[0]:>8.3f}..{q[2]:<7.3f} {len(ratios):>6}")
+        print(f"{sampler:>8} {hz:>4} Hz {statistics.median(ratios):>13.3f} {q[0]:>8.3f}..{q[2]:<7.3f} {len(ratios):>6}")
     print()
     print(f"{'probe':55} {'cost per call (us)':>18}")
     for name, seconds in probe_costs():

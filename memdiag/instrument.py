@@ -79,6 +79,7 @@ class Instrumentation:
             "host": identity.host,
             "pid": os.getpid(),
             "sample_hz": sample_hz,
+            "sampler": settings.sampler,
             "sample_full_rate_s": settings.sample_full_rate_s,
             "sample_steady_interval_s": settings.sample_steady_interval_s,
             "device_source": self.device.source if self.device else None,
@@ -96,6 +97,8 @@ class Instrumentation:
             self.device.warn = self.warn_once
             if self.device.nvml_error:
                 self.warn_once("nvml", self.device.nvml_error)
+        self.samples_here = settings.sampler == "rank"
+        """False: the node watcher samples this rank from outside (``sampler=watcher``); no thread here."""
         self.sampler = Sampler(self.writer, self.tracker, self.device, 1.0 / sample_hz,
                                full_rate_s=settings.sample_full_rate_s, steady_interval_s=settings.sample_steady_interval_s)
         self.stacks = HostStacks(run_dir, identity.rank, parse_phases(stacks), self.warn_once)
@@ -120,7 +123,8 @@ class Instrumentation:
     def start(self) -> Instrumentation:
         hooks.install(self.tracker, self.warn_once)
         self.tracker.begin(hooks.LOAD_PHASE)  # until deepspeed.initialize: the model's load, exactly
-        self.sampler.start()
+        if self.samples_here:
+            self.sampler.start()
         atexit.register(self.stop)
         _chain_sigterm(self.stop)
         _chain_excepthook(self.record_exception)

@@ -94,6 +94,8 @@ def watcher_command(settings: RunSettings, run_dir: Path, root_pid: int, limit_b
         f"--guard-min-available-bytes={settings.guard_min_available_bytes}",
         f"--guard-grace-s={settings.guard_grace_s}",
     ]
+    if settings.sampler == "watcher":
+        command.append(f"--rank-interval-s={1.0 / settings.sample_hz}")
     if settings.metrics_port >= 0:
         command.append(f"--metrics-port={settings.metrics_port}")
     if settings.metrics_textfile:

@@ -25,7 +25,7 @@ from memdiag import procs
 from memdiag.guard import GuardConfig, guard_reason, py_spy_dump
 from memdiag.metrics import NodeMetrics, job_name
 from memdiag.probes import cgroup
-from memdiag.probes.host import read_meminfo, read_proc_status, read_pss_bytes
+from memdiag.probes.host import SelfStatusReader, read_meminfo, read_proc_status, read_pss_bytes
 from memdiag.settings import BY_FIELD
 from memdiag.timeline import format as fmt
 from memdiag.timeline.writer import TimelineWriter
@@ -87,6 +87,65 @@ def find_ranks(root_pid: int) -> dict[int, RankProcesses]:
     return ranks
 
 
+class RankSampler:
+    """The ranks' host figures at ``sample_hz``, read from outside them (``sampler=watcher``): one
+    open ``/proc/<pid>/status`` per rank, written per rank in batches (``rank_samples``) like a
+    rank's own sampler writes its ``samples``. A rank that has exited is dropped."""
+
+    def __init__(self, writer: TimelineWriter) -> None:
+        self.writer = writer
+        self._readers: dict[int, tuple[int, SelfStatusReader]] = {}
+        self._batches: dict[int, dict[str, list]] = {}
+        self._flushed = time.monotonic()
+
+    def sample(self, ranks: dict[int, RankProcesses]) -> None:
+        t = time.time_ns()
+        for rank, processes in ranks.items():
+            reader = self._reader(rank, processes.pid)
+            if reader is None:
+                continue
+            try:
+                mem = reader.read()
+            except OSError:  # the rank has exited
+                self._drop(rank)
+                continue
+            batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
+            batch["t"].append(t)
+            batch["rss_bytes"].append(mem.rss_bytes)
+            batch["hwm_bytes"].append(mem.hwm_bytes)
+        if time.monotonic() - self._flushed >= fmt.FLUSH_INTERVAL_S:
+            self.flush()
+
+    def _reader(self, rank: int, pid: int) -> SelfStatusReader | None:
+        held = self._readers.get(rank)
+        if held is not None and held[0] == pid:
+            return held[1]
+        self._drop(rank)
+        try:
+            reader = SelfStatusReader(pid)
+        except OSError:
+            return None
+        self._readers[rank] = (pid, reader)
+        return reader
+
+    def _drop(self, rank: int) -> None:
+        held = self._readers.pop(rank, None)
+        if held is not None:
+            held[1].close()
+
+    def flush(self) -> None:
+        for rank, batch in self._batches.items():
+            if batch["t"]:
+                self.writer.write({"kind": fmt.RANK_SAMPLES, "rank": rank, **batch})
+        self._batches = {}
+        self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        for rank in list(self._readers):
+            self._drop(rank)
+
+
 class NodeWatcher:
     def __init__(
         self,
@@ -100,6 +159,7 @@ class NodeWatcher:
         orphan_grace_s: float = 10.0,
         metrics_port: int | None = None,
         metrics_textfile: Path | None = None,
+        rank_interval_s: float | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.parent_pid = parent_pid
@@ -151,6 +211,8 @@ class NodeWatcher:
         if self.metrics is not None:
             self.metrics.warn = self._warn
         self._metrics_errors = 0
+        self.rank_interval_s = rank_interval_s
+        self.rank_sampler = RankSampler(self.writer) if rank_interval_s else None
         self.stop_event = threading.Event()
         self._ranks: dict[int, RankProcesses] = {}
         self._next_tree = 0.0
@@ -312,23 +374,33 @@ class NodeWatcher:
         deadline = time.monotonic()
         errors = 0
         reason = "stopped by memdiag"
+        # with sampler=watcher the loop ticks at the ranks' rate and takes a node sample every few ticks
+        tick_s = min(self.interval_s, self.rank_interval_s or self.interval_s)
+        every = max(1, round(self.interval_s / tick_s))
+        ticks = 0
         while not self.stop_event.is_set():
             try:
-                sample = self.sample_once()
-                self.writer.write(sample)
-                self.enforce_guard(sample)
-                self._update_metrics(sample)
-                self._watch_owner()
-                self._kill_stragglers()
-                if not self.job_alive():
-                    reason = "the job ended" if self._orphaned_at is None else f"memdiag (pid {self.parent_pid}) died; the job was stopped"
-                    break
+                if ticks % every == 0:
+                    sample = self.sample_once()
+                    self.writer.write(sample)
+                    self.enforce_guard(sample)
+                    self._update_metrics(sample)
+                    self._watch_owner()
+                    self._kill_stragglers()
+                    if not self.job_alive():
+                        reason = "the job ended" if self._orphaned_at is None else f"memdiag (pid {self.parent_pid}) died; the job was stopped"
+                        break
+                if self.rank_sampler is not None:
+                    self.rank_sampler.sample(self._ranks)
             except Exception as exc:  # a watcher must outlive a bad read
                 errors += 1
                 if errors == 1:
                     self._warn("sample", f"node sample failed: {exc!r}")
-            deadline = max(deadline + self.interval_s, time.monotonic())
+            ticks += 1
+            deadline = max(deadline + tick_s, time.monotonic())
             self.stop_event.wait(deadline - time.monotonic())
+        if self.rank_sampler is not None:
+            self.rank_sampler.close()
         if self.metrics is not None:
             self.metrics.close()
         self.writer.write({"kind": fmt.ENDED, "t": time.time_ns(), "reason": reason})
@@ -361,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner-pid", type=int, default=None, help="stop the job when this process (memdiag) dies")
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics here (0: a free port)")
     parser.add_argument("--metrics-textfile", type=Path, default=None, help="write the metrics into this directory too")
+    parser.add_argument("--rank-interval-s", type=float, default=None,
+                        help="sample every rank's /proc/<pid>/status this often (sampler=watcher)")
     args = parser.parse_args(argv)
     guard = None
     if args.guard_limit_bytes or args.guard_min_available_bytes:
@@ -373,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     watcher = NodeWatcher(
         args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, host=args.host, guard=guard,
         parent_pid=args.owner_pid, orphan_grace_s=args.guard_grace_s, metrics_port=args.metrics_port,
-        metrics_textfile=args.metrics_textfile,
+        metrics_textfile=args.metrics_textfile, rank_interval_s=args.rank_interval_s,
     )
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: watcher.request_stop())

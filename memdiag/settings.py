@@ -120,6 +120,10 @@ class RunSettings:
     run_dir: str | None = setting(None, "the run directory to write (node parts: the one to join)", kind="path", commands=RECORDING)
     name: str | None = setting(None, "the folder under reports_dir (a case's runs: the case name)", kind="str", commands=frozenset({CMD, API}))
     sample_hz: float = setting(100.0, "samples per second per rank", commands=RECORDING)
+    sampler: str = setting(
+        "rank", "where host samples are taken: rank (a thread in every rank) or watcher (the node watcher reads every "
+        "rank's /proc/<pid>/status at sample_hz: no thread in the ranks; phase peaks stay exact; on CUDA the device "
+        "figures are those of the phase boundaries)", choices=("rank", "watcher"), commands=RECORDING)
     sample_full_rate_s: float = setting(
         120.0, "seconds of the training loop sampled at sample_hz once its first step is done (the rest of the run, "
         "outside the training steps, always is); after them, each sample.steady_interval_s writes only the samples "
@@ -178,7 +182,7 @@ class RunSettings:
             raise UsageError(f"layout={self.layout!r}: write NODESxRANKS_PER_NODE with positive numbers, e.g. layout=2x4")
 
 
-RECORDER_FIELDS = ("sample_hz", "sample_full_rate_s", "sample_steady_interval_s", "stacks", "stacks_device")
+RECORDER_FIELDS = ("sample_hz", "sampler", "sample_full_rate_s", "sample_steady_interval_s", "stacks", "stacks_device")
 """What a rank's recorder reads (``memdiag.instrument``); carried to a ``run -- CMD`` job's ranks
 as one environment variable, ``RECORDER_ENV``."""
 RECORDER_ENV = "MEMDIAG_RECORDER"

@@ -80,10 +80,11 @@ def read_pss_bytes(pid: int | str = "self") -> int:
 
 
 class SelfStatusReader:
-    """Re-reads ``/proc/self/status`` through one open descriptor (no open/close per sample)."""
+    """Re-reads ``/proc/<pid>/status`` (this process's by default) through one open descriptor
+    (no open/close per sample). Reading another process's raises ``OSError`` once it has exited."""
 
-    def __init__(self) -> None:
-        self._fd = os.open("/proc/self/status", os.O_RDONLY)
+    def __init__(self, pid: int | str = "self") -> None:
+        self._fd = os.open(f"/proc/{pid}/status", os.O_RDONLY)
 
     def read(self) -> ProcMem:
         return parse_proc_status(os.pread(self._fd, 8192, 0).decode("ascii", "replace"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FORMAT_VERSION = "1.3"
+FORMAT_VERSION = "1.4"
 """major.minor: readers refuse an unknown major version and accept any minor. 1.2: a node
 sample's rank entries carry their children (``children``, ``children_pss_bytes``, ``children_roles``)."""
 
@@ -21,6 +21,9 @@ SAMPLE = "sample"
 SAMPLES = "samples"
 """A batch of a rank's samples, column by column (1.1): one JSON object per flush instead of
 one per tick keeps long runs small and fast to read."""
+RANK_SAMPLES = "rank_samples"
+"""A batch of one rank's host figures taken by the node watcher (``sampler=watcher``, 1.4):
+``rank``, ``t``, ``rss_bytes``, ``hwm_bytes``; the reader joins them to the rank's phases and steps."""
 PHASE_BEGIN = "phase_begin"
 PHASE_END = "phase_end"
 STEP = "step"

@@ -115,6 +115,8 @@ class NodeTimeline:
     """Rank -> PSS of its children alone; included in ``rank_pss``."""
     rank_children_roles: dict[int, dict[str, int]] = field(default_factory=dict)
     """Rank -> the most children of each role seen at once (``memdiag.procs.child_role``)."""
+    rank_samples: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    """Rank -> its host figures the watcher took at ``sample_hz`` (``sampler=watcher``): t, rss_bytes, hwm_bytes."""
 
     def pss_total(self) -> np.ndarray:
         """Sum of the ranks' PSS on the samples where every live rank had a PSS read."""
@@ -254,6 +256,14 @@ def record_shape_problem(record) -> str | None:
     if not isinstance(kind, str):
         return "no kind"
     t = record.get("t")
+    if kind == fmt.RANK_SAMPLES:
+        if not isinstance(t, list) or not _converts(t, np.int64) or not _is_int(record.get("rank")):
+            return "t is not a list of integers, or rank not an integer"
+        for name in ("rss_bytes", "hwm_bytes"):
+            column = record.get(name)
+            if not isinstance(column, list) or len(column) != len(t) or not _converts(column, np.float64):
+                return f"column {name} does not match t"
+        return None
     if kind == fmt.SAMPLES:
         if not isinstance(t, list) or not _converts(t, np.int64):
             return "t is not a list of integers"
@@ -478,12 +488,56 @@ def read_node_file(path: Path) -> tuple[NodeTimeline | None, list[str]]:
         },
         rank_rss={rank: rank_column(rank, "rss_bytes") for rank in ranks},
         rank_pss={rank: rank_column(rank, "pss_bytes") for rank in ranks},
-        events=[r for r in records[1:] if r.get("kind") != fmt.SAMPLE],
+        events=[r for r in records[1:] if r.get("kind") not in (fmt.SAMPLE, fmt.RANK_SAMPLES)],
         rank_children_rss={rank: rank_column(rank, "children_rss_bytes") for rank in ranks},
         rank_children_pss={rank: rank_column(rank, "children_pss_bytes") for rank in ranks},
         rank_children_roles={rank: _roles(samples, rank) for rank in ranks},
+        rank_samples=_rank_samples(records),
     )
     return timeline, problems
+
+
+def _rank_samples(records: list[dict]) -> dict[int, dict[str, np.ndarray]]:
+    """The watcher's ``rank_samples`` batches joined per rank, in time order."""
+    parts: dict[int, dict[str, list]] = {}
+    for record in records:
+        if record.get("kind") == fmt.RANK_SAMPLES:
+            into = parts.setdefault(int(record["rank"]), {"t": [], "rss_bytes": [], "hwm_bytes": []})
+            for name, column in into.items():
+                column.extend(record[name])
+    joined = {}
+    for rank, columns in parts.items():
+        t = np.array(columns["t"], dtype=np.int64)
+        order = np.argsort(t, kind="stable")
+        joined[rank] = {"t": t[order], **{name: _as_float(columns[name])[order] for name in ("rss_bytes", "hwm_bytes")}}
+    return joined
+
+
+def join_watcher_samples(timeline: RankTimeline, samples: dict[str, np.ndarray]) -> None:
+    """A rank sampled from outside (``sampler=watcher``) gets the watcher's figures as its
+    samples, each with the phase and step the rank's own events say it was in at that time."""
+    from memdiag.probes.device import SOURCE_CPU_ACCEL
+
+    t = samples["t"]
+    n = len(t)
+    columns = {name: np.full(n, np.nan) for name in SAMPLE_COLUMNS}
+    columns["rss_bytes"], columns["hwm_bytes"] = samples["rss_bytes"], samples["hwm_bytes"]
+    if timeline.header.get("device_source") == SOURCE_CPU_ACCEL:  # the accelerator's "device" is the RSS
+        columns["device_allocated_bytes"] = columns["device_reserved_bytes"] = samples["rss_bytes"]
+    names = [""]
+    codes = np.zeros(n, dtype=np.int16)
+    for phase in sorted(timeline.phases, key=lambda p: (p.depth, p.begin_ns)):  # inner phases overwrite outer
+        if phase.name not in names:
+            names.append(phase.name)
+        first = int(np.searchsorted(t, phase.begin_ns, side="left"))
+        last = n if phase.end_ns is None else int(np.searchsorted(t, phase.end_ns, side="right"))
+        codes[first:last] = names.index(phase.name)
+    steps = [(s["t"], int(s["step"])) for s in timeline.steps if _is_int(s.get("t")) and _is_int(s.get("step"))]
+    step_t = np.array([st for st, _ in steps], dtype=np.int64)
+    step_n = np.array([0] + [sn for _, sn in steps], dtype=np.int64)
+    timeline.t_ns, timeline.columns = t, columns
+    timeline.sample_phase_codes, timeline.phase_names = codes, names
+    timeline.sample_step = step_n[np.searchsorted(step_t, t, side="right")]
 
 
 def _roles(samples: list[dict], rank: int) -> dict[str, int]:
@@ -566,6 +620,10 @@ def read_run(path: str | Path) -> Run:
         problems += file_problems
         if node is not None:
             nodes[node.host] = node
+    for node in nodes.values():  # ranks sampled from outside (sampler=watcher)
+        for rank, samples in node.rank_samples.items():
+            if rank in ranks and not len(ranks[rank].t_ns) and len(samples["t"]):
+                join_watcher_samples(ranks[rank], samples)
     if not nodes and ranks:
         problems.append("no node watcher timeline: node totals are summed from the rank files")
     dropped = [

@@ -209,3 +209,33 @@ def test_the_run_path_visits_each_launch_module_at_most_twice(tmp_path):
     assert "memdiag.launch" in visits and "memdiag.runs" in visits
     for module in set(visits):
         assert visits.count(module) <= 2, visits
+
+
+def test_sampler_watcher_leaves_the_ranks_without_a_thread_and_reads_alike(tmp_path):
+    """sampler=watcher on the real case: no samples in the rank files (no sampler thread ran
+    there), the node watcher's rank_samples stand in for them, phases and steps joined, and the
+    checks and the report read the run as any other."""
+    import os
+
+    import numpy as np
+
+    from memdiag.timeline import read_run
+
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-m", "memdiag", "run", "sampler=watcher", "steps=6", "seq_len=64",
+                             f"reports_dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env=os.environ | {"PYTHONPATH": str(repo)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "baichuan2_13b").iterdir()
+    for rank in (0, 1):
+        kinds = {json.loads(line)["kind"] for line in (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()}
+        assert "samples" not in kinds and "sample" not in kinds and "phase_end" in kinds
+    node = next((run_dir / "timeline").glob("node-*.jsonl")).read_text()
+    assert '"kind":"rank_samples"' in node.replace(" ", "")
+    run = read_run(run_dir)
+    for timeline in run.ranks.values():
+        assert len(timeline.t_ns) > 50 and {"forward", "backward"} <= set(timeline.sample_phase)
+        assert timeline.sample_step.max() >= 5
+        exact = max(p.host_peak_bytes for p in timeline.phases if p.host_peak_bytes)  # VmHWM, read in the rank
+        assert 0.5 * exact < np.nanmax(timeline.columns["rss_bytes"]) <= 1.05 * exact
+    assert "memdiag: done. loss" in result.stdout and (run_dir / "report.html").stat().st_size > 0

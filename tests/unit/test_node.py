@@ -86,3 +86,27 @@ def test_find_ranks_and_sample_on_a_real_tree(tmp_path):
     assert node.rank_rss[1][-1] - node.rank_rss[0][-1] > 25 * 2**20  # rank 1 holds 30 MiB more
     assert node.columns["mem_total_bytes"][0] > 0
     assert not all(v != v for v in node.pss_total())  # at least one complete PSS sample
+
+
+def test_the_watchers_rank_sampler_reads_ranks_from_outside_and_drops_the_gone(tmp_path):
+    """sampler=watcher: each rank's /proc/<pid>/status through one open descriptor, batched per
+    rank; a rank that has exited is dropped, never raised."""
+    import json
+
+    from memdiag.node import RankProcesses, RankSampler
+    from memdiag.timeline import TimelineWriter
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    writer = TimelineWriter(tmp_path / "node-n0.jsonl", {"host": "n0"})
+    sampler = RankSampler(writer)
+    ranks = {0: RankProcesses(0, os.getpid(), []), 1: RankProcesses(1, gone.pid, [])}
+    for _ in range(3):
+        sampler.sample(ranks)
+    sampler.close()
+    writer.close()
+    records = [json.loads(line) for line in (tmp_path / "node-n0.jsonl").read_text().splitlines()]
+    batches = [r for r in records if r["kind"] == "rank_samples"]
+    assert {b["rank"] for b in batches} == {0}
+    assert sum(len(b["t"]) for b in batches) == 3
+    assert all(rss > 10 * 2**20 and hwm >= rss for b in batches for rss, hwm in zip(b["rss_bytes"], b["hwm_bytes"]))

@@ -314,3 +314,33 @@ def test_many_ranks_get_a_page_per_node_with_every_rank(tmp_path):
         assert text.count('"name":"rank ') == 10 and "src='plotly.min.js'" in text and "href='report.html'" in text
     assert (tmp_path / "plotly.min.js").stat().st_size > 10**6
     assert "href='report-node-n0.html'" in (tmp_path / "report.html").read_text()
+
+
+def test_a_rank_sampled_by_the_watcher_reads_like_one_that_sampled_itself(tmp_path):
+    """sampler=watcher: the rank file holds events only; the node file's rank_samples become the
+    rank's samples, each with the phase and step the rank's events put it in."""
+    from memdiag.probes.device import SOURCE_CPU_ACCEL
+
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 1}))
+    writer = TimelineWriter(rank_path(tmp_path, 0), {"rank": 0, "host": "n0", "world_size": 1, "sampler": "watcher",
+                                                     "device_source": SOURCE_CPU_ACCEL})
+    for event in ({"kind": fmt.PHASE_BEGIN, "t": 100, "phase": "load", "step": 0},
+                  {"kind": fmt.PHASE_END, "t": 200, "phase": "load", "host_peak_bytes": 900},
+                  {"kind": fmt.PHASE_BEGIN, "t": 300, "phase": "forward", "step": 0},
+                  {"kind": fmt.PHASE_END, "t": 400, "phase": "forward", "host_peak_bytes": 700},
+                  {"kind": fmt.STEP, "t": 450, "step": 1, "loss": 1.0, "tokens": 8, "step_time_s": 0.1}):
+        writer.write(event)
+    writer.close()
+    node = TimelineWriter(tmp_path / "timeline" / "node-n0.jsonl", {"host": "n0"})
+    node.write({"kind": fmt.SAMPLE, "t": 150, "mem_total_bytes": 10**9, "mem_available_bytes": 5 * 10**8,
+                "ranks": {"0": {"pid": 1, "rss_bytes": 800}}})
+    node.write({"kind": fmt.RANK_SAMPLES, "rank": 0, "t": [150, 250, 350], "rss_bytes": [800, 500, 600],
+                "hwm_bytes": [850, 850, 650]})
+    node.write({"kind": fmt.RANK_SAMPLES, "rank": 0, "t": [500], "rss_bytes": [550], "hwm_bytes": [650]})
+    node.close()
+    run = read_run(tmp_path)
+    rank = run.ranks[0]
+    assert list(rank.t_ns) == [150, 250, 350, 500] and list(rank.columns["rss_bytes"]) == [800, 500, 600, 550]
+    assert list(rank.sample_phase) == ["load", "", "forward", ""] and list(rank.sample_step) == [0, 0, 0, 1]
+    assert list(rank.columns["device_allocated_bytes"]) == [800, 500, 600, 550]  # the CPU accelerator's "device"
+    assert rank.host_peak_bytes() == 900  # the load phase's exact peak, as ever
