@@ -91,6 +91,11 @@ class RunWatch:
             elif path.name.startswith("node-"):
                 host = path.stem.split("-", 1)[1]
                 self._node(self.nodes.setdefault(host, NodeView(host)), records)
+                for r in records:  # sampler=watcher: the ranks' host figures are in the node file
+                    if r.get("kind") == fmt.RANK_SAMPLES and r["rank"] in self.ranks and r["rss_bytes"]:
+                        view = self.ranks[r["rank"]]
+                        view.rss_now = r["rss_bytes"][-1]
+                        view.rss_peak = max(view.rss_peak, max(r["rss_bytes"]))
 
     @staticmethod
     def _rank(view: RankView, records: list[dict]) -> None:
