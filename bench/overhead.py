@@ -76,7 +76,7 @@ def probe_costs() -> list[tuple[str, float]]:
     process = psutil.Process()
     probes = [
         ("/proc/self/status via open fd (sampler, per tick)", reader.read),
-        ("/proc/<pid>/status via open fd (watcher, per rank per tick)", host.SelfStatusReader(os.getpid()).read),
+        ("/proc/<pid>/status via open fd (watcher, per rank)", host.SelfStatusReader(os.getpid()).read),
         ("/proc/self/status open+read", host.read_proc_status),
         ("clear_refs reset (per phase boundary)", host.reset_peak_rss),
         ("/proc/meminfo (node watcher, 10 Hz)", host.read_meminfo),
