@@ -27,6 +27,11 @@ def run_dir_of(path: Path) -> Path:
     return path.parent.parent if path.parent.name == "nodes" else path.parent
 
 
+def safe_name(text: str) -> str:
+    """``text`` as a piece of a file name: letters, digits and ``-_.`` kept, the rest ``_``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
 def free_bytes(directory: Path) -> int | None:
     try:
         st = os.statvfs(directory)

@@ -22,6 +22,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
+from memdiag.files import safe_name
 from memdiag.timeline import format as fmt
 from memdiag.timeline.reader import Follower
 
@@ -79,7 +80,7 @@ class NodeMetrics:
                 self.url = f"http://{node}:{self.port}/metrics"
             except OSError as exc:
                 warn("metrics_port", f"metrics endpoint not served: port {port} cannot be bound ({exc}); the run goes on")
-        self.textfile = Path(textfile_dir) / f"memdiag_{_safe(job)}_{_safe(node)}.prom" if textfile_dir else None
+        self.textfile = Path(textfile_dir) / f"memdiag_{safe_name(job) or 'run'}_{safe_name(node)}.prom" if textfile_dir else None
 
     def collect(self):
         """prometheus_client's collector protocol: the families of the current snapshot."""
@@ -148,20 +149,17 @@ class NodeMetrics:
             follower = self._followers.setdefault(rank, Follower(fmt.rank_path(self.run_dir, int(rank))))
             state = self._ranks_state.setdefault(rank, {})
             for record in follower.new_records():
-                kind = record.get("kind")
-                if kind == fmt.SAMPLES:
-                    last = {k: v[-1] for k, v in record.items() if isinstance(v, list) and v}
-                elif kind in (fmt.SAMPLE, fmt.PHASE_BEGIN, fmt.STEP):
-                    last = record
-                else:
+                if record.get("kind") not in (fmt.SAMPLES, fmt.SAMPLE, fmt.PHASE_BEGIN, fmt.STEP):
                     continue
-                if last.get("phase"):
-                    state["phase"] = last["phase"]
-                if isinstance(last.get("step"), int):
-                    state["step"] = last["step"]
-                for name in ("device_allocated_bytes", "device_reserved_bytes", "nvml_used_bytes"):
-                    if isinstance(last.get(name), int | float):
-                        state[name] = last[name]
+                for name in ("phase", "step", "device_allocated_bytes", "device_reserved_bytes", "nvml_used_bytes"):
+                    values = fmt.record_values(record, name)
+                    last = values[-1] if values else None
+                    if name == "phase" and last:
+                        state[name] = last
+                    elif name == "step" and isinstance(last, int):
+                        state[name] = last
+                    elif name not in ("phase", "step") and isinstance(last, int | float):
+                        state[name] = last
 
     def write_textfile(self) -> None:
         """The node exporter's textfile collector reads whole files: written to .tmp, then renamed."""
@@ -175,10 +173,6 @@ class NodeMetrics:
 
     def close(self) -> None:
         self.write_textfile()
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text) or "run"
 
 
 def job_name(run_dir: Path) -> str:

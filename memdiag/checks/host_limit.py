@@ -7,7 +7,7 @@ node with k ranks peaks at about k x the per-rank load-phase peak (runtime inclu
 from __future__ import annotations
 
 from memdiag.checks.finding import Finding
-from memdiag.checks.loadphase import limit_of, ranks_forecast, run_loads
+from memdiag.checks.loadphase import limit_of, ranks_forecast, run_loads, stacks_setting
 from memdiag.stacks import cite_phase
 from memdiag.summary import node_totals, node_watcher_figures, ranks_by_host
 from memdiag.timeline.reader import Run
@@ -54,11 +54,6 @@ def binding_phases(phase: str | None) -> list[str]:
     if not phase:
         return []
     return [phase, "load"] if phase in LOAD_PHASE_NAMES and phase != "load" else [phase]
-
-
-def stacks_setting(run: Run) -> str | None:
-    """The run's ``stacks=`` (None when run.json does not say)."""
-    return (run.spec.get("config") or {}).get("stacks") or run.spec.get("stacks")
 
 
 def phase_at_peak(ranks, series) -> str | None:

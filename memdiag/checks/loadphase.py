@@ -180,6 +180,11 @@ def ranks_forecast(run: Run, limit: int | None = None) -> RanksForecast | None:
                          limit=limit if limit is not None else limit_of(run)[0])
 
 
+def stacks_setting(run: Run) -> str | None:
+    """The run's ``stacks=`` (None when run.json does not say)."""
+    return (run.spec.get("config") or {}).get("stacks") or run.spec.get("stacks")
+
+
 def limit_of(run: Run) -> tuple[int | None, str]:
     """The host limit the run's start record resolved once (``memdiag.rundir``), with its source."""
     return run.spec.get("host_limit_bytes"), run.spec.get("host_limit_source") or "unknown"

@@ -12,8 +12,7 @@ RSS from ~258 GB to ~68 GB per process.
 from __future__ import annotations
 
 from memdiag.checks.finding import Finding
-from memdiag.checks.host_limit import stacks_setting
-from memdiag.checks.loadphase import num_parameters, rank_load
+from memdiag.checks.loadphase import num_parameters, rank_load, stacks_setting
 from memdiag.stacks import cite_phase
 from memdiag.timeline.reader import Run
 from memdiag.units import format_bytes

@@ -116,18 +116,14 @@ class RunWatch:
                 view.step = int(r.get("step") or view.step)
                 view.loss = r.get("loss", view.loss)
             elif kind in (fmt.SAMPLES, fmt.SAMPLE):
-                rss = r.get("rss_bytes")
-                device = r.get("device_allocated_bytes")
-                rss = rss[-1] if isinstance(rss, list) and rss else rss
-                peak = max((v for v in (r.get("rss_bytes") if isinstance(r.get("rss_bytes"), list) else [rss]) if isinstance(v, (int, float))), default=None)
-                if isinstance(rss, (int, float)):
-                    view.rss_now = rss
-                if peak is not None:
-                    view.rss_peak = max(view.rss_peak, peak)
-                device = device[-1] if isinstance(device, list) and device else device
-                if isinstance(device, (int, float)):
-                    view.device_now = device
-                    view.device_peak = max(view.device_peak, device)
+                rss = [v for v in fmt.record_values(r, "rss_bytes") if isinstance(v, int | float)]
+                if rss:
+                    view.rss_now = rss[-1]
+                    view.rss_peak = max(view.rss_peak, max(rss))
+                device = [v for v in fmt.record_values(r, "device_allocated_bytes") if isinstance(v, int | float)]
+                if device:
+                    view.device_now = device[-1]
+                    view.device_peak = max(view.device_peak, max(device))
 
     @staticmethod
     def _node(view: NodeView, records: list[dict]) -> None:

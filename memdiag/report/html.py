@@ -8,7 +8,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-from memdiag.files import write_atomic
+from memdiag.files import safe_name, write_atomic
 from memdiag.report.figures import downsampling_note
 from memdiag.summary import Summary
 from memdiag.timeline.reader import Run
@@ -297,14 +297,10 @@ def write_node_pages(run: Run, out_dir: Path, main_page: str = "report.html") ->
                             + pio.to_html(figure, full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
                                           config={"displaylogo": False}) + "</section>")
         body.append("</body></html>")
-        page = out_dir / f"report-node-{_file_safe(host)}.html"
+        page = out_dir / f"report-node-{safe_name(host)}.html"
         write_atomic(page, "".join(body))
         pages.append(page)
     return pages
-
-
-def _file_safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def write_report(

@@ -50,6 +50,16 @@ def sample_batch(**columns: list) -> dict:
     return {"kind": SAMPLES, **columns}
 
 
+def record_values(record: dict, name: str) -> list:
+    """The figures ``name`` of a ``samples`` batch or a single ``sample`` (format 1.0), oldest
+    first: live followers (``memdiag top``, the metrics) read both shapes through this."""
+    if record.get("kind") == SAMPLES:
+        values = record.get(name)
+        return values if isinstance(values, list) else []
+    value = record.get(name)
+    return [] if value is None else [value]
+
+
 def rank_path(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / TIMELINE_DIR / RANK_FILE.format(rank=rank)
 
