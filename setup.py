@@ -33,6 +33,8 @@ setup(
         "memray>=1.11; sys_platform != 'win32'",
         # the node watcher's live metrics for a cluster's Prometheus (metrics_port=)
         "prometheus-client>=0.17",
+        # long runs' timelines as Parquet (zstd) that pandas, polars and DuckDB read directly
+        "pyarrow>=14",
     ],
     extras_require={"test": ["pytest>=8", "accelerate>=1.0"]},
     entry_points={"console_scripts": ["memdiag=memdiag.cli:main"]},

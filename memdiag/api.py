@@ -44,7 +44,7 @@ class Recording:
             self.rundir.start(
                 host_limit=self.limit, case=None, command=[os.path.basename(sys.argv[0] or "python"), *sys.argv[1:]],
                 layout="api", world_size=self.identity.world_size, hosts=[self.identity.host], recorded_by="memdiag.record",
-                stacks=settings.stacks,
+                stacks=settings.stacks, timeline_columnar=settings.timeline_columnar,
             )
         self.instrumentation = instrument.start(self.run_dir, settings)
         if self.identity.local_rank == 0:

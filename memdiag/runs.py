@@ -104,7 +104,8 @@ def run_command(settings: RunSettings, command: list[str]) -> int:
     import os
 
     rundir.start(host_limit=limit, case=None, command=command, layout="cmd", hosts=[os.uname().nodename],
-                 sample_hz=settings.sample_hz, stacks=settings.stacks)
+                 sample_hz=settings.sample_hz, stacks=settings.stacks,
+                 timeline_columnar=settings.timeline_columnar)
     print(f"memdiag: profiling {' '.join(command)}; run directory {rundir.path}", flush=True)
     started = time.monotonic()
     ended = launch.run_command(settings, rundir.path, command, limit[0])

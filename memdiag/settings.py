@@ -137,6 +137,10 @@ class RunSettings:
     stacks_device: str = setting("steps:2", "CUDA only: record the device allocator's history (PyTorch's memory snapshot) "
                                  "from deepspeed.initialize through this many optimizer steps, then keep what was live at "
                                  "their peak by stack: steps:N, or off", key="stacks.device", commands=RECORDING)
+    timeline_columnar: str = setting(
+        "auto", "at the run's end, move each rank file's samples into Parquet (rank-R.samples.parquet, zstd, with the "
+        "coarse levels a report of a long run reads): auto (rank files from 8 MiB, about ten minutes at 100 Hz), "
+        "always, or never (JSONL only)", key="timeline.columnar", choices=("auto", "always", "never"), commands=RECORDING)
     instrument: bool = setting(True, "false: no sampler, hooks or node watcher (the overhead baseline)")
     stop_grace_s: float = setting(30.0, "on SIGTERM/SIGINT/SIGHUP: seconds between SIGTERM to the job and SIGKILL", commands=LAUNCHING)
     guard_fraction: float = setting(0.95, "the guard stops the job when its ranks hold this fraction of host_ram (the plan "

@@ -15,6 +15,8 @@ from memdiag.runstate import settle
 from memdiag.summary import summarize
 from memdiag.timeline import format as fmt
 from memdiag.timeline import read_run
+from memdiag.timeline.columnar import compact_run
+from memdiag.timeline.reader import READ_MAX_SAMPLES
 
 MARK = {"error": "ERROR", "warning": "WARN ", "info": "info "}
 
@@ -33,8 +35,10 @@ def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = N
     report.md and PNGs of the key figures (``figures/``), which the page links."""
     say = _progress(run_dir)
     say("reading the timelines")
-    run = read_run(run_dir)
+    run = read_run(run_dir, max_samples=READ_MAX_SAMPLES)
     settle(run)
+    for line in compact_run(run):  # an ended run's large rank files: samples to Parquet
+        print(f"memdiag: {line}")
     say("summarising and checking")
     summary = summarize(run)
     write_atomic(run_dir / fmt.SUMMARY_JSON, json.dumps(summary.to_dict(), indent=2))

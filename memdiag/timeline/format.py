@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FORMAT_VERSION = "1.4"
+FORMAT_VERSION = "1.5"
 """major.minor: readers refuse an unknown major version and accept any minor. 1.2: a node
 sample's rank entries carry their children (``children``, ``children_pss_bytes``, ``children_roles``)."""
 
@@ -24,6 +24,9 @@ one per tick keeps long runs small and fast to read."""
 RANK_SAMPLES = "rank_samples"
 """A batch of one rank's host figures taken by the node watcher (``sampler=watcher``, 1.4):
 ``rank``, ``t``, ``rss_bytes``, ``hwm_bytes``; the reader joins them to the rank's phases and steps."""
+COLUMNAR = "columnar"
+"""A compacted rank file's second record (1.5): its samples are in ``samples_file`` (Parquet,
+``timeline/columnar.py``) with ``level_rows`` rows at each level of ``level_windows_s``."""
 PHASE_BEGIN = "phase_begin"
 PHASE_END = "phase_end"
 STEP = "step"

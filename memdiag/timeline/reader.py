@@ -66,6 +66,9 @@ class RankTimeline:
     sample_step: np.ndarray
     events: list[dict]
     torn_lines: int = 0
+    sample_level_s: float | None = None
+    """A compacted file read at a coarse level: the window whose bounding samples were read
+    (``timeline/columnar.py``); None when every sample was."""
 
     @property
     def sample_phase(self) -> np.ndarray:
@@ -197,7 +200,9 @@ def _check_version(header: dict, path: Path) -> None:
         raise UsageError(problem)
 
 
-def read_rank_file(path: Path, rank: int) -> tuple[RankTimeline | None, list[str]]:
+def read_rank_file(path: Path, rank: int, max_samples: int | None = None) -> tuple[RankTimeline | None, list[str]]:
+    """One rank's timeline. ``max_samples``: a compacted file is read at the finest level
+    within it (every sample of a JSONL file is read whatever it says)."""
     records, problems = _read_records(path)
     torn = sum(1 for p in problems if "torn" in p)
     if not records or records[0].get("kind") != fmt.HEADER:
@@ -205,8 +210,21 @@ def read_rank_file(path: Path, rank: int) -> tuple[RankTimeline | None, list[str
         return None, problems
     header = records[0]
     _check_version(header, path)
-    t_ns, columns, (phase_codes, phase_names), sample_step = _sample_columns(records)
     events = [r for r in records[1:] if r.get("kind") not in (fmt.SAMPLE, fmt.SAMPLES)]
+    compacted = next((r for r in events if r["kind"] == fmt.COLUMNAR), None)
+    level_s = None
+    if compacted is None:
+        t_ns, columns, (phase_codes, phase_names), sample_step = _sample_columns(records)
+    else:
+        from memdiag.timeline import columnar
+
+        level = columnar.level_for(compacted, max_samples)
+        level_s = compacted["level_windows_s"][level - 1] if level else None
+        try:
+            t_ns, columns, (phase_codes, phase_names), sample_step = columnar.read_samples(path.parent / compacted["samples_file"], level)
+        except (OSError, ValueError) as exc:  # pyarrow's errors are both: a missing or garbled file
+            problems.append(f"{path.name}: its samples ({compacted['samples_file']}) cannot be read ({exc}); rank {rank} has events only")
+            t_ns, columns, (phase_codes, phase_names), sample_step = _sample_columns([])
     timeline = RankTimeline(
         rank=rank,
         path=path,
@@ -218,6 +236,7 @@ def read_rank_file(path: Path, rank: int) -> tuple[RankTimeline | None, list[str
         sample_step=sample_step,
         events=events,
         torn_lines=torn,
+        sample_level_s=level_s,
     )
     return timeline, problems
 
@@ -296,6 +315,12 @@ def record_shape_problem(record) -> str | None:
             return "ranks is not a map of rank -> {rss_bytes}"
     elif kind in (fmt.PHASE_BEGIN, fmt.PHASE_END) and not isinstance(record.get("phase"), str):
         return "phase is not a string"
+    elif kind == fmt.COLUMNAR:
+        rows, windows = record.get("level_rows"), record.get("level_windows_s")
+        if not (isinstance(record.get("samples_file"), str) and "/" not in record["samples_file"]
+                and isinstance(rows, list) and all(_is_int(r) for r in rows)
+                and isinstance(windows, list) and len(windows) == len(rows) - 1):
+            return "samples_file, level_rows or level_windows_s is not what a compaction writes"
     return None
 
 
@@ -556,22 +581,30 @@ PARALLEL_MIN_BYTES = 64 * 2**20
 """Below this much timeline data, worker processes cost more than they save."""
 
 
-def _read_rank_files(files: list[tuple[Path, int]]) -> list[tuple[RankTimeline | None, list[str]]]:
+def _read_rank_files(files: list[tuple[Path, int]], max_samples: int | None) -> list[tuple[RankTimeline | None, list[str]]]:
     size = sum(path.stat().st_size for path, _ in files)
     workers = min(len(files), os.cpu_count() or 1)
+    each = max_samples // max(len(files), 1) if max_samples is not None else None
     if size < PARALLEL_MIN_BYTES or workers < 2:
-        return [read_rank_file(path, rank) for path, rank in files]
+        return [read_rank_file(path, rank, each) for path, rank in files]
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_read_rank_file_args, files))
+        return list(pool.map(_read_rank_file_args, [(path, rank, each) for path, rank in files]))
 
 
-def _read_rank_file_args(args: tuple[Path, int]) -> tuple[RankTimeline | None, list[str]]:
+def _read_rank_file_args(args: tuple[Path, int, int | None]) -> tuple[RankTimeline | None, list[str]]:
     return read_rank_file(*args)
 
 
-def read_run(path: str | Path) -> Run:
+READ_MAX_SAMPLES = 4_000_000
+"""What ``memdiag report`` and ``check`` read of compacted runs, over all ranks: 512 ranks of a
+day at the 60 s level, 16 ranks of an hour at full resolution."""
+
+
+def read_run(path: str | Path, max_samples: int | None = None) -> Run:
+    """The run directory, every file of it. ``max_samples``: compacted rank files are read at the
+    finest level that keeps the run within it (``timeline/columnar.py``); None reads every sample."""
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a run directory; pass a directory under reports/")
@@ -603,7 +636,7 @@ def read_run(path: str | Path) -> Run:
             files.append((file, int(file.stem.split("-", 1)[1])))
         except ValueError:
             problems.append(f"{file.name}: not a rank file name; ignored")
-    for timeline, file_problems in _read_rank_files(files):
+    for timeline, file_problems in _read_rank_files(files, max_samples):
         problems += file_problems
         if timeline is not None:
             ranks[timeline.rank] = timeline

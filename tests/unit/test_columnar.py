@@ -1,0 +1,143 @@
+"""Compaction of ended runs' rank files into Parquet (memdiag/timeline/columnar.py), on files the
+real TimelineWriter wrote; read back through the one reader."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from memdiag.timeline import TimelineWriter, rank_path, read_run
+from memdiag.timeline import columnar
+from memdiag.timeline import format as fmt
+
+T0 = 1_800_000_000 * 10**9
+
+
+def literal_levels(t_s, rss):
+    t = (T0 + np.array(t_s) * 1e9).astype(np.int64)
+    return columnar.sample_levels(t, {"rss_bytes": np.array(rss, dtype=np.float64)})
+
+
+def test_levels_keep_each_windows_bounds_and_last_sample():
+    # 0.25 s apart: four samples a 1 s window; the highest of the whole run is one sample at 1.25 s
+    t_s = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25]
+    rss = [5, 3, 4, 6, 5, 90, 4, 5, 2, 7]
+    keep = literal_levels(t_s, rss)
+    level1 = [t for t, k in zip(t_s, keep) if k >= 1]
+    # window [0,1): low 3 @0.25, high 6 @0.75 (also the last); [1,2): low 4 @1.5, high 90 @1.25, last @1.75;
+    # [2,3): low 2 @2.0, high and last 7 @2.25; and the run's first sample
+    assert level1 == [0.0, 0.25, 0.75, 1.25, 1.5, 1.75, 2.0, 2.25]
+    assert keep[5] == len(columnar.LEVEL_WINDOWS_S)  # the spike survives every level
+    assert keep[0] == keep[-1] == len(columnar.LEVEL_WINDOWS_S)
+    # one 10 s window holds them all: its lowest (2), highest (90), last, and the first
+    assert [t for t, k in zip(t_s, keep) if k >= 2] == [0.0, 1.25, 2.0, 2.25]
+
+
+def test_levels_pass_over_missing_figures():
+    t = (T0 + np.arange(6) * 2e8).astype(np.int64)  # 0 .. 1.0 s: rows 0-4 in the first 1 s window
+    device = np.array([np.nan, 7, np.nan, 3, np.nan, np.nan])
+    keep = columnar.sample_levels(t, {"device_allocated_bytes": device, "nvml_used_bytes": np.full(6, np.nan)})
+    # first row; window 0: highest 7 (row 1), lowest 3 (row 3), last (row 4); window 1: its only row
+    assert [i for i, k in enumerate(keep) if k >= 1] == [0, 1, 3, 4, 5]
+
+
+def write_run(run_dir, *, status="completed", seconds=30, hz=50, columnar_mode="always", spike_at=None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({"world_size": 1, "status": status, "timeline_columnar": columnar_mode}))
+    writer = TimelineWriter(rank_path(run_dir, 0), {"rank": 0, "host": "n0", "world_size": 1, "sample_hz": hz})
+    n = seconds * hz
+    t = T0 + (np.arange(n) * 1e9 / hz).astype(np.int64)
+    rss = (2**30 + (np.arange(n) % 97) * 2**20).astype(np.int64)
+    if spike_at is not None:
+        rss[spike_at] += 40 * 2**30
+    device = [None if i % 5 == 0 else int(r // 2) for i, r in enumerate(rss)]
+    writer.write({"kind": fmt.PHASE_BEGIN, "t": int(t[0]) - 1, "phase": "load", "step": 0, "rss_bytes": int(rss[0])})
+    for start in range(0, n, 10):
+        end = min(start + 10, n)
+        writer.write(fmt.sample_batch(
+            t=t[start:end].tolist(), phase=["load" if i < n // 2 else "forward" for i in range(start, end)],
+            step=[0 if i < n // 2 else 1 for i in range(start, end)], rss_bytes=rss[start:end].tolist(),
+            hwm_bytes=rss[start:end].tolist(), device_allocated_bytes=device[start:end],
+        ))
+        if start == n // 2:
+            writer.write({"kind": fmt.PHASE_END, "t": int(t[start]), "phase": "load", "host_peak_bytes": int(rss.max())})
+            writer.write({"kind": fmt.STEP, "t": int(t[start]) + 1, "step": 1, "loss": 2.5, "tokens": 2048, "step_time_s": 1.0})
+    writer.close()
+    return t, rss
+
+
+def same_columns(a, b):
+    return all(np.array_equal(a.columns[k], b.columns[k], equal_nan=True) for k in a.columns)
+
+
+def test_an_ended_run_compacts_and_reads_back_the_same(tmp_path):
+    t, rss = write_run(tmp_path / "run")
+    before = read_run(tmp_path / "run")
+    lines = columnar.compact_run(before)
+    assert len(lines) == 1 and "rank-0.samples.parquet" in lines[0]
+    jsonl = rank_path(tmp_path / "run", 0)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [r["kind"] for r in records][:2] == [fmt.HEADER, fmt.COLUMNAR]
+    assert not any(r["kind"] in (fmt.SAMPLE, fmt.SAMPLES) for r in records)
+    after = read_run(tmp_path / "run")
+    a, b = before.ranks[0], after.ranks[0]
+    assert np.array_equal(a.t_ns, b.t_ns) and np.array_equal(a.sample_step, b.sample_step) and same_columns(a, b)
+    assert list(a.sample_phase) == list(b.sample_phase)
+    assert [e for e in b.events if e["kind"] != fmt.COLUMNAR] == a.events
+    assert [(p.name, p.host_peak_bytes) for p in a.phases] == [(p.name, p.host_peak_bytes) for p in b.phases]
+    assert b.sample_level_s is None and after.problems == before.problems
+    # a file the data tools read as it is: named columns, bytes as integers, missing figures null
+    table = pq.read_table(columnar.samples_path(jsonl))
+    assert table.column("rss_bytes").to_pylist() == rss.tolist()
+    assert table.column("device_allocated_bytes").null_count == len(t) // 5
+    assert set(table.column("phase").to_pylist()) == {"load", "forward"}
+    assert columnar.compact_run(after) == []  # once
+
+
+def test_a_budget_reads_a_coarse_level_that_keeps_the_peak(tmp_path):
+    write_run(tmp_path / "run", seconds=120, hz=100, spike_at=7_777)
+    full = read_run(tmp_path / "run")
+    columnar.compact_run(full)
+    coarse = read_run(tmp_path / "run", max_samples=1_000)
+    rank = coarse.ranks[0]
+    assert rank.sample_level_s is not None and len(rank.t_ns) <= 1_000 < len(full.ranks[0].t_ns)
+    assert np.nanmax(rank.columns["rss_bytes"]) == np.nanmax(full.ranks[0].columns["rss_bytes"])
+    assert np.nanmax(rank.columns["device_allocated_bytes"]) == np.nanmax(full.ranks[0].columns["device_allocated_bytes"])
+    assert np.all(np.diff(rank.t_ns) > 0)
+
+
+@pytest.mark.parametrize("case", ["running", "never", "auto-small", "torn"])
+def test_runs_that_are_not_compacted(tmp_path, case):
+    run_dir = tmp_path / "run"
+    write_run(run_dir, status="running" if case == "running" else "completed",
+              columnar_mode={"never": "never", "auto-small": "auto"}.get(case, "always"))
+    if case == "torn":
+        with open(rank_path(run_dir, 0), "a") as f:
+            f.write('{"kind":"samples","t":[1')
+    before = rank_path(run_dir, 0).read_bytes()
+    assert columnar.compact_run(read_run(run_dir)) == []
+    assert rank_path(run_dir, 0).read_bytes() == before
+    assert not columnar.samples_path(rank_path(run_dir, 0)).exists()
+
+
+def test_a_lost_samples_file_is_one_problem_and_the_events_still_read(tmp_path):
+    write_run(tmp_path / "run")
+    columnar.compact_run(read_run(tmp_path / "run"))
+    columnar.samples_path(rank_path(tmp_path / "run", 0)).write_bytes(b"not parquet")
+    run = read_run(tmp_path / "run")
+    assert any("rank-0.samples.parquet" in p and "cannot be read" in p for p in run.problems)
+    assert len(run.ranks[0].t_ns) == 0 and [p.name for p in run.ranks[0].phases] == ["load"]
+
+
+def test_a_compaction_cut_short_leaves_the_journal_in_charge(tmp_path):
+    """Killed after the Parquet file was written but before the JSONL was replaced: the JSONL
+    still holds every sample and no columnar record, so it is what is read, and compacted again."""
+    write_run(tmp_path / "run")
+    jsonl = rank_path(tmp_path / "run", 0)
+    journal = jsonl.read_bytes()
+    columnar.compact_run(read_run(tmp_path / "run"))
+    jsonl.write_bytes(journal)
+    run = read_run(tmp_path / "run")
+    assert len(run.ranks[0].t_ns) == 30 * 50 and not run.problems[:-1]
+    assert len(columnar.compact_run(run)) == 1
