@@ -126,7 +126,7 @@ def summarize(run: Run) -> Summary:
     return Summary(
         tokens_per_s_per_device=rate,
         loss=float(np.mean(last_losses)) if last_losses else None,
-        steps=len(rank0_steps),
+        steps=first.step_count if first else 0,
         device_peak_bytes=max(device_peaks) if device_peaks else None,
         device_total_bytes=first.header.get("device_total_bytes") if first else None,
         device_source=first.header.get("device_source") if first else None,

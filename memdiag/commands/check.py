@@ -11,7 +11,7 @@ from memdiag.checks.finding import Finding
 from memdiag.report.build import format_finding
 from memdiag.runstate import settle
 from memdiag.timeline import read_run
-from memdiag.timeline.reader import READ_MAX_SAMPLES
+from memdiag.timeline.reader import READ_MAX_EVENTS, READ_MAX_SAMPLES
 from memdiag.units import parse_size
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def cannot_judge(run) -> str | None:
 
 def main(args: argparse.Namespace) -> int:
     """Exit 0: judged, no error; 1: an error finding; 2: a run could not be judged."""
-    runs = [read_run(path, max_samples=READ_MAX_SAMPLES) for path in args.run_dirs]
+    runs = [read_run(path, max_samples=READ_MAX_SAMPLES, max_events=READ_MAX_EVENTS) for path in args.run_dirs]
     for run in runs:  # how the run ended, made truthful before any what-if
         settle(run)
     what_if = bool(args.host_ram)

@@ -16,7 +16,7 @@ from memdiag.summary import summarize
 from memdiag.timeline import format as fmt
 from memdiag.timeline import read_run
 from memdiag.timeline.columnar import compact_run
-from memdiag.timeline.reader import READ_MAX_SAMPLES
+from memdiag.timeline.reader import READ_MAX_EVENTS, READ_MAX_SAMPLES
 
 MARK = {"error": "ERROR", "warning": "WARN ", "info": "info "}
 
@@ -35,7 +35,7 @@ def build(run_dir: Path, *, with_checks: bool = False, html_out: Path | None = N
     report.md and PNGs of the key figures (``figures/``), which the page links."""
     say = _progress(run_dir)
     say("reading the timelines")
-    run = read_run(run_dir, max_samples=READ_MAX_SAMPLES)
+    run = read_run(run_dir, max_samples=READ_MAX_SAMPLES, max_events=READ_MAX_EVENTS)
     settle(run)
     for line in compact_run(run):  # an ended run's large rank files: samples to Parquet
         print(f"memdiag: {line}")

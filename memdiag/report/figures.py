@@ -182,8 +182,9 @@ def _add_peak_markers(fig: go.Figure, run: Run, t0_ns: int) -> None:
 def _add_steps(fig: go.Figure, run: Run, t0_ns: int, max_markers: int = 200) -> None:
     if not run.ranks:
         return
-    steps = run.ranks[run.rank_ids[0]].steps
-    if not steps or len(steps) > max_markers:
+    timeline = run.ranks[run.rank_ids[0]]
+    steps = timeline.steps
+    if not steps or timeline.step_count > max_markers:
         return
     fig.add_trace(
         go.Scatter(

@@ -14,6 +14,16 @@ holding each figure's lowest and highest value and the window's last sample, so 
 spike survives every level and a level is a plain subset of the rows: every reader of samples
 (checks, report, calibration) reads a level as it reads all of them. ``read_run(max_samples=)``
 picks the finest level within its budget.
+
+Events go the same way, into ``rank-R.events.parquet``: each row holds the event's JSON line as
+written (``json``) beside the fields its level is chosen by, so reading every level back gives
+the very records the JSONL held. The training loop writes about a dozen events a step
+(forward, backward, step and optimizer_step phases, categorised memory, the step itself), which
+in a day's run outweigh the samples; a level keeps, per window and phase, the phase with the
+highest host peak, the one with the highest device peak and the last one (begin and end
+together), likewise the memory record with the highest allocator figure and the last, the
+window's last step, and every event outside the loop, so each phase's exact peak survives
+every level.
 """
 
 from __future__ import annotations
@@ -38,6 +48,10 @@ CHOICES = ("auto", "always", "never")
 
 def samples_path(jsonl: Path) -> Path:
     return jsonl.with_name(jsonl.name.removesuffix(".jsonl") + ".samples.parquet")
+
+
+def events_path(jsonl: Path) -> Path:
+    return jsonl.with_name(jsonl.name.removesuffix(".jsonl") + ".events.parquet")
 
 
 def sample_levels(t_ns: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -65,10 +79,111 @@ def sample_levels(t_ns: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarra
     return keep
 
 
+LOOP_PHASES = frozenset({"forward", "backward", "step", "optimizer_step"})
+"""The phases the hooks open every micro-step or step; other phases (load, initialize, save)
+happen a few times a run and are kept at every level."""
+
+
+def _window_maxima(window: np.ndarray, group: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Indices of the highest value of each (window, group) block (NaN never wins over a number)."""
+    order = np.lexsort((np.where(np.isnan(values), -np.inf, values), group, window))
+    w, g = window[order], group[order]
+    ends = np.append((w[1:] != w[:-1]) | (g[1:] != g[:-1]), True)
+    return order[ends]
+
+
+def event_levels(events: list[dict]) -> np.ndarray:
+    """Per event, the coarsest level that keeps it (see the module's docstring)."""
+    top = len(LEVEL_WINDOWS_S)
+    keep = np.full(len(events), top, dtype=np.uint8)
+    units: list[tuple[int, ...]] = []  # rows that stand or fall together
+    unit_t, unit_group, unit_scores = [], [], []
+    open_phases: list[tuple[str, int]] = []
+    groups: dict[str, int] = {}
+    for i, event in enumerate(events):
+        kind, t = event.get("kind"), event.get("t")
+        if kind == fmt.PHASE_BEGIN and event.get("phase") in LOOP_PHASES:
+            open_phases.append((event["phase"], i))
+        elif kind == fmt.PHASE_END and open_phases and open_phases[-1][0] == event.get("phase"):
+            name, begin = open_phases.pop()
+            units.append((begin, i))
+            unit_t.append(events[begin]["t"])
+            unit_group.append(groups.setdefault("phase:" + name, len(groups)))
+            unit_scores.append((event.get("host_peak_bytes"), event.get("device_peak_bytes")))
+        elif kind in (fmt.STEP, fmt.MEMORY) and isinstance(t, int):
+            units.append((i,))
+            unit_t.append(t)
+            unit_group.append(groups.setdefault(f"{kind}:{event.get('phase', '')}", len(groups)))
+            unit_scores.append((event.get("allocator_bytes"), None) if kind == fmt.MEMORY else (None, None))
+    if not units:
+        return keep
+    for unit in units:
+        keep[list(unit)] = 0
+    t = np.array(unit_t, dtype=np.int64)
+    group = np.array(unit_group, dtype=np.int64)
+    scores = np.array([[np.nan if v is None else float(v) for v in pair] for pair in unit_scores], dtype=np.float64).reshape(len(units), 2)
+    unit_keep = np.zeros(len(units), dtype=np.uint8)
+    firsts = np.unique(group, return_index=True)[1]
+    unit_keep[firsts] = top  # each kind of loop event's first and last
+    unit_keep[len(group) - 1 - np.unique(group[::-1], return_index=True)[1]] = top
+    sequence = np.arange(len(units), dtype=np.float64)
+    for level, window_s in enumerate(LEVEL_WINDOWS_S, start=1):
+        window = (t - t.min()) // int(window_s * 1e9)
+        chosen = [_window_maxima(window, group, sequence)]  # the last of each block
+        for column in range(2):
+            if not np.all(np.isnan(scores[:, column])):
+                chosen.append(_window_maxima(window, group, scores[:, column]))
+        selected = np.concatenate(chosen)
+        unit_keep[selected] = np.maximum(unit_keep[selected], level)
+    for unit, level in zip(units, unit_keep.tolist()):
+        keep[list(unit)] = level
+    return keep
+
+
+def write_events(path: Path, lines: list[bytes], events: list[dict], keep: np.ndarray) -> list[int]:
+    """The events as Parquet, in file order: the JSON line as written and its level."""
+    import pyarrow as pa
+
+    table = pa.table({
+        "kind": pa.array([e.get("kind") for e in events], type=pa.string()).dictionary_encode(),
+        "t": pa.array([e.get("t") if isinstance(e.get("t"), int) else None for e in events], type=pa.int64()),
+        "phase": pa.array([e.get("phase") if isinstance(e.get("phase"), str) else None for e in events], type=pa.string()).dictionary_encode(),
+        "json": pa.array([line.decode() for line in lines], type=pa.string()),
+        "keep": pa.array(keep, type=pa.uint8()),
+    })
+    return _write_table(path, table, keep, {"rank_events": len(events)})
+
+
+def read_events(path: Path, level: int = 0) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    from memdiag.timeline.reader import _loads
+
+    table = pq.read_table(path, columns=["json"], filters=[("keep", ">=", level)] if level else None)
+    return [_loads(line) for line in table.column("json").to_pylist()]
+
+
+def _write_table(path: Path, table, keep: np.ndarray, meta: dict) -> list[int]:
+    import pyarrow.parquet as pq
+
+    rows = [int(np.count_nonzero(keep >= level)) for level in range(len(LEVEL_WINDOWS_S) + 1)]
+    meta = {"format_version": fmt.FORMAT_VERSION, "level_windows_s": list(LEVEL_WINDOWS_S), "level_rows": rows, **meta}
+    table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WriteFailed(path, exc, int(table.nbytes)) from None
+    return rows
+
+
 def write_samples(path: Path, timeline, keep: np.ndarray) -> list[int]:
     """The rank's samples as Parquet; returns the rows each level holds (level 0 first)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     names = timeline.phase_names or [""]
     arrays = {
@@ -80,19 +195,7 @@ def write_samples(path: Path, timeline, keep: np.ndarray) -> list[int]:
         missing = np.isnan(values)
         arrays[name] = pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing, type=pa.int64())
     arrays["keep"] = pa.array(keep, type=pa.uint8())
-    rows = [int(np.count_nonzero(keep >= level)) for level in range(len(LEVEL_WINDOWS_S) + 1)]
-    meta = {"format_version": fmt.FORMAT_VERSION, "rank": timeline.rank, "level_windows_s": list(LEVEL_WINDOWS_S), "level_rows": rows}
-    table = pa.table(arrays).replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WriteFailed(path, exc, int(table.nbytes)) from None
-    return rows
+    return _write_table(path, pa.table(arrays), keep, {"rank": timeline.rank})
 
 
 def level_for(record: dict, max_rows: int | None) -> int:
@@ -133,8 +236,8 @@ _SAMPLE_PREFIXES = (b'{"kind":"' + fmt.SAMPLES.encode() + b'"', b'{"kind":"' + f
 
 
 def compact_rank(timeline, problems: list[str]) -> str | None:
-    """Move one rank file's samples into Parquet. ``timeline`` is the file as the reader read it
-    whole; returns why it was left as it is, or None when it was compacted."""
+    """Move one rank file's samples and events into Parquet. ``timeline`` is the file as the
+    reader read it whole; returns why it was left as it is, or None when it was compacted."""
     from memdiag.timeline.reader import read_rank_file
 
     jsonl = timeline.path
@@ -142,20 +245,23 @@ def compact_rank(timeline, problems: list[str]) -> str | None:
         return "the reader skipped lines of it"
     if any(e.get("kind") == fmt.COLUMNAR for e in timeline.events):
         return "already columnar"
-    if not len(timeline.t_ns):
-        return "no samples"
-    lines = jsonl.read_bytes().split(b"\n")
+    lines = [line for line in jsonl.read_bytes().split(b"\n")[1:] if line.strip()]
     # the writer's own lines (json.dumps with "kind" first); the events keep their bytes and order
-    events = [line for line in lines[1:] if line.strip() and not line.startswith(_SAMPLE_PREFIXES)]
-    if len(events) == sum(1 for line in lines[1:] if line.strip()):
-        return "its samples are in another file (sampler=watcher)"
-    target = samples_path(jsonl)
-    rows = write_samples(target, timeline, sample_levels(timeline.t_ns, timeline.columns))
-    record = {"kind": fmt.COLUMNAR, "t": int(timeline.t_ns[-1]), "samples_file": target.name, "samples": rows[0],
-              "level_windows_s": list(LEVEL_WINDOWS_S), "level_rows": rows}
-    body = b"\n".join([lines[0], json.dumps(record, separators=(",", ":")).encode(), *events]) + b"\n"
+    event_lines = [line for line in lines if not line.startswith(_SAMPLE_PREFIXES)]
+    has_samples = len(event_lines) < len(lines)  # sampler=watcher: the node file holds them
+    if len(event_lines) != len(timeline.events):
+        return "its lines are not the writer's"
+    if not event_lines and not has_samples:
+        return "nothing recorded"
+    written: list[Path] = []
+    header = jsonl.read_bytes().split(b"\n", 1)[0]
     tmp = jsonl.with_name(jsonl.name + ".compact")
     try:
+        if has_samples:
+            written.append(samples_path(jsonl))
+        if event_lines:
+            written.append(events_path(jsonl))
+        body = write_columnar(jsonl, header, timeline if has_samples else None, timeline.events, event_lines)
         with open(tmp, "wb") as f:
             f.write(body)
             f.flush()
@@ -163,18 +269,41 @@ def compact_rank(timeline, problems: list[str]) -> str | None:
         after, after_problems = read_rank_file(tmp, timeline.rank)
         same = (
             after is not None and not after_problems
-            and np.array_equal(after.t_ns, timeline.t_ns) and len(after.events) == len(timeline.events) + 1
+            and (not has_samples or np.array_equal(after.t_ns, timeline.t_ns))
+            and [e for e in after.events if e.get("kind") != fmt.COLUMNAR] == timeline.events
         )
         if not same:  # never trade the journal for something that does not read back whole
             tmp.unlink(missing_ok=True)
-            target.unlink(missing_ok=True)
+            for path in written:
+                path.unlink(missing_ok=True)
             return "it did not read back the same"
         os.replace(tmp, jsonl)
-    except OSError as exc:
+    except (OSError, WriteFailed) as exc:
         tmp.unlink(missing_ok=True)
-        target.unlink(missing_ok=True)
-        raise WriteFailed(jsonl, exc, len(body)) from None
+        for path in written:
+            path.unlink(missing_ok=True)
+        if isinstance(exc, WriteFailed):
+            raise
+        raise WriteFailed(jsonl, exc, 0) from None
     return None
+
+
+def write_columnar(jsonl: Path, header_line: bytes, samples, events: list[dict], event_lines: list[bytes],
+                   event_keep: np.ndarray | None = None) -> bytes:
+    """Write a rank's samples (a timeline's columns, or None) and events into their Parquet files
+    beside ``jsonl``; returns what ``jsonl`` then holds: its header line and the ``columnar``
+    record. Compaction and the scaling benchmark write runs through this one function."""
+    times = [e["t"] for e in events if isinstance(e.get("t"), int)] + ([int(samples.t_ns[-1])] if samples is not None and len(samples.t_ns) else [])
+    record: dict = {"kind": fmt.COLUMNAR, "t": max(times, default=0), "level_windows_s": list(LEVEL_WINDOWS_S)}
+    if samples is not None:
+        rows = write_samples(samples_path(jsonl), samples, sample_levels(samples.t_ns, samples.columns))
+        record |= {"samples_file": samples_path(jsonl).name, "samples": rows[0], "level_rows": rows}
+    if event_lines:
+        keep = event_levels(events) if event_keep is None else event_keep
+        rows = write_events(events_path(jsonl), event_lines, events, keep)
+        record |= {"events_file": events_path(jsonl).name, "events": rows[0], "event_level_rows": rows,
+                   "steps": sum(1 for e in events if e.get("kind") == fmt.STEP)}
+    return b"\n".join([header_line, json.dumps(record, separators=(",", ":")).encode()]) + b"\n"
 
 
 def setting_of(spec: dict) -> str:
@@ -200,10 +329,10 @@ def compact_run(run) -> list[str]:
             size = timeline.path.stat().st_size
         except OSError:
             continue
-        if not wanted(mode, size) or timeline.header.get("sampler") == "watcher":
+        if not wanted(mode, size):
             continue
         if compact_rank(timeline, by_file.get(timeline.path.name, [])) is None:
-            target = samples_path(timeline.path)
-            done.append(f"{timeline.path.name}: {len(timeline.t_ns):,} samples -> {target.name}, "
-                        f"{format_bytes(target.stat().st_size)} (was {format_bytes(size)} of JSONL)")
+            files = [p for p in (samples_path(timeline.path), events_path(timeline.path)) if p.exists()]
+            done.append(f"{timeline.path.name} -> {' and '.join(p.name for p in files)}: "
+                        f"{format_bytes(sum(p.stat().st_size for p in files))} (was {format_bytes(size)} of JSONL)")
     return done

@@ -69,6 +69,7 @@ class RankTimeline:
     sample_level_s: float | None = None
     """A compacted file read at a coarse level: the window whose bounding samples were read
     (``timeline/columnar.py``); None when every sample was."""
+    _phases: tuple[int, list[Phase]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def sample_phase(self) -> np.ndarray:
@@ -77,11 +78,24 @@ class RankTimeline:
 
     @property
     def phases(self) -> list[Phase]:
-        return phases_from_events(self.events)
+        """Paired once per events list (a day's run has hundreds of thousands)."""
+        if self._phases is None or self._phases[0] != len(self.events):
+            self._phases = (len(self.events), phases_from_events(self.events))
+        return self._phases[1]
 
     @property
     def steps(self) -> list[dict]:
+        """The step records read: every one, or a compacted file's level of them (``step_count``
+        says how many there were)."""
         return [e for e in self.events if e["kind"] == fmt.STEP]
+
+    @property
+    def step_count(self) -> int:
+        """Step records the rank wrote, whatever level was read."""
+        compacted = next((e for e in self.events[:1] if e["kind"] == fmt.COLUMNAR), None)
+        if compacted is not None and isinstance(compacted.get("steps"), int):
+            return compacted["steps"]
+        return len(self.steps)
 
     def host_peak_bytes(self) -> int | None:
         """Highest RSS this rank reached: samples and exact per-phase peaks together."""
@@ -200,9 +214,9 @@ def _check_version(header: dict, path: Path) -> None:
         raise UsageError(problem)
 
 
-def read_rank_file(path: Path, rank: int, max_samples: int | None = None) -> tuple[RankTimeline | None, list[str]]:
-    """One rank's timeline. ``max_samples``: a compacted file is read at the finest level
-    within it (every sample of a JSONL file is read whatever it says)."""
+def read_rank_file(path: Path, rank: int, max_samples: int | None = None, max_events: int | None = None) -> tuple[RankTimeline | None, list[str]]:
+    """One rank's timeline. ``max_samples``, ``max_events``: a compacted file's samples and
+    events are read at the finest level within them (a JSONL file is read whole whatever they say)."""
     records, problems = _read_records(path)
     torn = sum(1 for p in problems if "torn" in p)
     if not records or records[0].get("kind") != fmt.HEADER:
@@ -218,13 +232,20 @@ def read_rank_file(path: Path, rank: int, max_samples: int | None = None) -> tup
     else:
         from memdiag.timeline import columnar
 
-        level = columnar.level_for(compacted, max_samples)
-        level_s = compacted["level_windows_s"][level - 1] if level else None
-        try:
-            t_ns, columns, (phase_codes, phase_names), sample_step = columnar.read_samples(path.parent / compacted["samples_file"], level)
-        except (OSError, ValueError) as exc:  # pyarrow's errors are both: a missing or garbled file
-            problems.append(f"{path.name}: its samples ({compacted['samples_file']}) cannot be read ({exc}); rank {rank} has events only")
-            t_ns, columns, (phase_codes, phase_names), sample_step = _sample_columns([])
+        t_ns, columns, (phase_codes, phase_names), sample_step = _sample_columns([])
+        if "samples_file" in compacted:
+            level = columnar.level_for(compacted, max_samples)
+            level_s = compacted["level_windows_s"][level - 1] if level else None
+            try:
+                t_ns, columns, (phase_codes, phase_names), sample_step = columnar.read_samples(path.parent / compacted["samples_file"], level)
+            except (OSError, ValueError) as exc:  # pyarrow's errors are both: a missing or garbled file
+                problems.append(f"{path.name}: its samples ({compacted['samples_file']}) cannot be read ({exc})")
+        if "events_file" in compacted:
+            level = columnar.level_for({"level_rows": compacted.get("event_level_rows")}, max_events)
+            try:
+                events = [compacted, *columnar.read_events(path.parent / compacted["events_file"], level)]
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path.name}: its events ({compacted['events_file']}) cannot be read ({exc})")
     timeline = RankTimeline(
         rank=rank,
         path=path,
@@ -316,11 +337,14 @@ def record_shape_problem(record) -> str | None:
     elif kind in (fmt.PHASE_BEGIN, fmt.PHASE_END) and not isinstance(record.get("phase"), str):
         return "phase is not a string"
     elif kind == fmt.COLUMNAR:
-        rows, windows = record.get("level_rows"), record.get("level_windows_s")
-        if not (isinstance(record.get("samples_file"), str) and "/" not in record["samples_file"]
-                and isinstance(rows, list) and all(_is_int(r) for r in rows)
-                and isinstance(windows, list) and len(windows) == len(rows) - 1):
-            return "samples_file, level_rows or level_windows_s is not what a compaction writes"
+        windows = record.get("level_windows_s")
+        for file, rows in (("samples_file", "level_rows"), ("events_file", "event_level_rows")):
+            if file not in record:
+                continue
+            name, counts = record[file], record.get(rows)
+            if not (isinstance(name, str) and "/" not in name and isinstance(counts, list) and all(_is_int(c) for c in counts)
+                    and isinstance(windows, list) and len(windows) == len(counts) - 1):
+                return f"{file}, {rows} or level_windows_s is not what a compaction writes"
     return None
 
 
@@ -581,30 +605,35 @@ PARALLEL_MIN_BYTES = 64 * 2**20
 """Below this much timeline data, worker processes cost more than they save."""
 
 
-def _read_rank_files(files: list[tuple[Path, int]], max_samples: int | None) -> list[tuple[RankTimeline | None, list[str]]]:
+def _read_rank_files(files: list[tuple[Path, int]], max_samples: int | None, max_events: int | None) -> list[tuple[RankTimeline | None, list[str]]]:
     size = sum(path.stat().st_size for path, _ in files)
     workers = min(len(files), os.cpu_count() or 1)
-    each = max_samples // max(len(files), 1) if max_samples is not None else None
+    share = lambda total: total // max(len(files), 1) if total is not None else None  # noqa: E731
+    jobs = [(path, rank, share(max_samples), share(max_events)) for path, rank in files]
     if size < PARALLEL_MIN_BYTES or workers < 2:
-        return [read_rank_file(path, rank, each) for path, rank in files]
+        return [read_rank_file(*job) for job in jobs]
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(_read_rank_file_args, [(path, rank, each) for path, rank in files]))
+        return list(pool.map(_read_rank_file_args, jobs))
 
 
-def _read_rank_file_args(args: tuple[Path, int, int | None]) -> tuple[RankTimeline | None, list[str]]:
+def _read_rank_file_args(args: tuple) -> tuple[RankTimeline | None, list[str]]:
     return read_rank_file(*args)
 
 
 READ_MAX_SAMPLES = 4_000_000
-"""What ``memdiag report`` and ``check`` read of compacted runs, over all ranks: 512 ranks of a
-day at the 60 s level, 16 ranks of an hour at full resolution."""
+"""What ``memdiag report`` and ``check`` read of compacted runs' samples, over all ranks: 512
+ranks of a day at the 60 s level, 16 ranks of an hour at full resolution."""
+READ_MAX_EVENTS = 400_000
+"""... and of their events: the training loop writes about a dozen a step, each a Python dict
+once read; 16 ranks of an hour at 10 s a step whole, longer runs at the level that fits."""
 
 
-def read_run(path: str | Path, max_samples: int | None = None) -> Run:
-    """The run directory, every file of it. ``max_samples``: compacted rank files are read at the
-    finest level that keeps the run within it (``timeline/columnar.py``); None reads every sample."""
+def read_run(path: str | Path, max_samples: int | None = None, max_events: int | None = None) -> Run:
+    """The run directory, every file of it. ``max_samples``, ``max_events``: compacted rank files
+    are read at the finest levels that keep the run within them (``timeline/columnar.py``); None
+    reads every sample and event."""
     run_dir = Path(path)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a run directory; pass a directory under reports/")
@@ -636,7 +665,7 @@ def read_run(path: str | Path, max_samples: int | None = None) -> Run:
             files.append((file, int(file.stem.split("-", 1)[1])))
         except ValueError:
             problems.append(f"{file.name}: not a rank file name; ignored")
-    for timeline, file_problems in _read_rank_files(files, max_samples):
+    for timeline, file_problems in _read_rank_files(files, max_samples, max_events):
         problems += file_problems
         if timeline is not None:
             ranks[timeline.rank] = timeline

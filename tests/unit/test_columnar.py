@@ -75,16 +75,16 @@ def test_an_ended_run_compacts_and_reads_back_the_same(tmp_path):
     t, rss = write_run(tmp_path / "run")
     before = read_run(tmp_path / "run")
     lines = columnar.compact_run(before)
-    assert len(lines) == 1 and "rank-0.samples.parquet" in lines[0]
+    assert len(lines) == 1 and "rank-0.samples.parquet and rank-0.events.parquet" in lines[0]
     jsonl = rank_path(tmp_path / "run", 0)
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
-    assert [r["kind"] for r in records][:2] == [fmt.HEADER, fmt.COLUMNAR]
-    assert not any(r["kind"] in (fmt.SAMPLE, fmt.SAMPLES) for r in records)
+    assert [r["kind"] for r in records] == [fmt.HEADER, fmt.COLUMNAR]
+    assert records[1]["samples"] == len(t) and records[1]["events"] == 3 and records[1]["steps"] == 1
     after = read_run(tmp_path / "run")
     a, b = before.ranks[0], after.ranks[0]
     assert np.array_equal(a.t_ns, b.t_ns) and np.array_equal(a.sample_step, b.sample_step) and same_columns(a, b)
     assert list(a.sample_phase) == list(b.sample_phase)
-    assert [e for e in b.events if e["kind"] != fmt.COLUMNAR] == a.events
+    assert [e for e in b.events if e["kind"] != fmt.COLUMNAR] == a.events  # every event, as it was written
     assert [(p.name, p.host_peak_bytes) for p in a.phases] == [(p.name, p.host_peak_bytes) for p in b.phases]
     assert b.sample_level_s is None and after.problems == before.problems
     # a file the data tools read as it is: named columns, bytes as integers, missing figures null
@@ -128,6 +128,10 @@ def test_a_lost_samples_file_is_one_problem_and_the_events_still_read(tmp_path):
     run = read_run(tmp_path / "run")
     assert any("rank-0.samples.parquet" in p and "cannot be read" in p for p in run.problems)
     assert len(run.ranks[0].t_ns) == 0 and [p.name for p in run.ranks[0].phases] == ["load"]
+    columnar.events_path(rank_path(tmp_path / "run", 0)).unlink()
+    run = read_run(tmp_path / "run")
+    assert any("rank-0.events.parquet" in p and "cannot be read" in p for p in run.problems)
+    assert run.ranks[0].phases == []
 
 
 def test_a_compaction_cut_short_leaves_the_journal_in_charge(tmp_path):
@@ -141,3 +145,37 @@ def test_a_compaction_cut_short_leaves_the_journal_in_charge(tmp_path):
     run = read_run(tmp_path / "run")
     assert len(run.ranks[0].t_ns) == 30 * 50 and not run.problems[:-1]
     assert len(columnar.compact_run(run)) == 1
+
+
+def phase(name, begin_s, end_s, host, device=None):
+    t = lambda s: T0 + int(s * 1e9)  # noqa: E731
+    end = {"kind": fmt.PHASE_END, "t": t(end_s), "phase": name, "host_peak_bytes": host}
+    if device is not None:
+        end["device_peak_bytes"] = device
+    return [{"kind": fmt.PHASE_BEGIN, "t": t(begin_s), "phase": name, "step": 0}, end]
+
+
+def test_event_levels_keep_each_windows_peak_phases_whole():
+    events = [
+        *phase("load", 0.0, 0.1, 500),  # outside the loop: every level
+        *phase("forward", 0.2, 0.3, 10, 1),  # the first forward: every level
+        *phase("forward", 0.4, 0.5, 70, 2),  # highest host in [0, 1)
+        *phase("forward", 0.6, 0.7, 20, 9),  # highest device in [0, 1)
+        *phase("forward", 0.8, 0.9, 30, 3),  # the window's last
+        *phase("forward", 1.2, 1.3, 40, 4),  # below the next in every way
+        *phase("forward", 1.4, 1.5, 50, 5),  # the run's last forward: every level
+        {"kind": fmt.STEP, "t": T0 + int(0.95e9), "step": 1},
+        {"kind": fmt.STEP, "t": T0 + int(1.55e9), "step": 2},
+        {"kind": fmt.WARNING, "t": T0 + int(1.6e9), "message": "x"},
+    ]
+    keep = columnar.event_levels(events)
+    top = len(columnar.LEVEL_WINDOWS_S)
+    pairs = [(keep[i], keep[i + 1]) for i in range(0, 14, 2)]
+    assert all(a == b for a, b in pairs)  # a phase's begin and end stand or fall together
+    levels = [a for a, _ in pairs]
+    assert levels[0] == top and levels[1] == top and levels[6] == top
+    assert levels[2] == top and levels[3] == top  # the run's highest host and device peaks
+    assert levels[4] == 1  # [0, 1)'s last, nothing coarser
+    assert levels[5] == 0  # [1, 2)'s highest and last are the run's last forward
+    assert keep[-1] == top and keep[-2] == top and keep[-3] == top  # the warning; the first and last step
+
