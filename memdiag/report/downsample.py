@@ -17,22 +17,20 @@ def minmax_indices(values: np.ndarray, buckets: int = DEFAULT_BUCKETS) -> np.nda
     n = len(values)
     if n <= 2 * buckets:
         return np.arange(n)
-    clean = np.where(np.isnan(values), -np.inf, values)
     edges = np.linspace(0, n, buckets + 1).astype(np.int64)
+    highs = np.where(np.isnan(values), -np.inf, values)
+    lows = np.where(np.isnan(values), np.inf, values)
     size = int(edges[1] - edges[0])
-    if np.all(np.diff(edges) == size):  # equal buckets: vectorised
-        shaped = clean[: size * buckets].reshape(buckets, size)
-        lows = np.where(np.isnan(values[: size * buckets]), np.inf, values[: size * buckets]).reshape(buckets, size)
-        hi = shaped.argmax(axis=1) + edges[:-1]
-        lo = lows.argmin(axis=1) + edges[:-1]
-        keep = np.concatenate([lo, hi, [n - 1]])
-    else:
-        keep = [n - 1]
-        for start, end in zip(edges[:-1], edges[1:]):
-            if end > start:
-                keep += [start + int(np.argmin(np.where(np.isnan(values[start:end]), np.inf, values[start:end]))),
-                         start + int(np.argmax(clean[start:end]))]
-        keep = np.array(keep)
+    if np.all(np.diff(edges) == size):  # equal buckets: one argmax and argmin per row
+        starts = edges[:-1]
+        hi = highs[: size * buckets].reshape(buckets, size).argmax(axis=1) + starts
+        lo = lows[: size * buckets].reshape(buckets, size).argmin(axis=1) + starts
+        return np.unique(np.concatenate([lo, hi, [n - 1]]))
+    bucket = np.searchsorted(edges, np.arange(n), side="right") - 1
+    # per bucket the first occurrence of its highest and of its lowest value (np.argmax's and
+    # np.argmin's choice), over every bucket at once: lexsort is stable
+    firsts = lambda order: order[np.append(True, bucket[order][1:] != bucket[order][:-1])]  # noqa: E731
+    keep = np.concatenate([firsts(np.lexsort((-highs, bucket))), firsts(np.lexsort((lows, bucket))), [n - 1]])
     return np.unique(keep)
 
 
