@@ -15,7 +15,7 @@ from memdiag.runstate import settle
 from memdiag.summary import summarize
 from memdiag.timeline import format as fmt
 from memdiag.timeline import read_run
-from memdiag.timeline.columnar import compact_run
+from memdiag.timeline.compact import compact_run
 from memdiag.timeline.reader import READ_MAX_EVENTS, READ_MAX_SAMPLES
 
 MARK = {"error": "ERROR", "warning": "WARN ", "info": "info "}

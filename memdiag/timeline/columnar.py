@@ -1,12 +1,13 @@
-"""Long runs' samples as Parquet, with the coarse levels a report reads instead of every sample.
+"""Long runs' samples and events as Parquet, with the coarse levels a report reads instead of
+every row: the files' layout, their levels, their writer and their reader (``compact.py`` moves
+an ended run's JSONL into them; ``reader.py`` reads both).
 
 While a run goes, each rank appends JSONL (``writer.py``): a SIGKILL loses at most the last
 flush and a torn tail reads up to the last whole line, which a Parquet file, whole only once its
-footer is written, cannot promise. Once the run has ended, ``compact_run`` moves each large rank
-file's sample batches into ``rank-R.samples.parquet`` (zstd; pandas, polars, DuckDB and pyarrow
-read it as it is) and rewrites ``rank-R.jsonl`` with its events alone behind a ``columnar``
-record that names the Parquet file (format 1.5). A file the reader had to skip lines of is left
-as it is: the problems it reports stay true.
+footer is written, cannot promise. Once the run has ended, a rank's samples go to
+``rank-R.samples.parquet`` (zstd; pandas, polars, DuckDB and pyarrow read it as it is) and its
+events to ``rank-R.events.parquet``, and ``rank-R.jsonl`` keeps its header and a ``columnar``
+record that names them (format 1.5).
 
 Levels: every row carries ``keep``, the coarsest level that keeps it. Level k
 (``LEVEL_WINDOWS_S[k-1]`` wide windows from the first sample) keeps, per window, the samples
@@ -39,11 +40,7 @@ from memdiag.timeline import format as fmt
 
 LEVEL_WINDOWS_S = (1.0, 10.0, 60.0, 600.0)
 LEVEL_FIGURES = ("rss_bytes", "hwm_bytes", "device_allocated_bytes", "device_reserved_bytes", "nvml_used_bytes")
-AUTO_MIN_BYTES = 8 * 2**20
-"""``timeline.columnar=auto`` compacts rank files from this size (about ten minutes of a rank at
-100 Hz): shorter runs stay one JSONL file each, readable with grep and jq."""
 METADATA_KEY = b"memdiag"
-CHOICES = ("auto", "always", "never")
 
 
 def samples_path(jsonl: Path) -> Path:
@@ -154,13 +151,12 @@ def write_events(path: Path, lines: list[bytes], events: list[dict], keep: np.nd
     return _write_table(path, table, keep, {"rank_events": len(events)})
 
 
-def read_events(path: Path, level: int = 0) -> list[dict]:
+def read_event_lines(path: Path, level: int = 0) -> list[str]:
+    """The events of an events file at ``level``, each the JSON line the writer wrote, in order."""
     import pyarrow.parquet as pq
 
-    from memdiag.timeline.reader import _loads
-
     table = _in_order(pq.read_table(path, columns=["json", "seq"], filters=[("keep", ">=", level)] if level else None))
-    return [_loads(line) for line in table.column("json").to_pylist()]
+    return table.column("json").to_pylist()
 
 
 def _in_order(table):
@@ -229,84 +225,20 @@ def level_for(record: dict, max_rows: int | None) -> int:
 
 
 def read_samples(path: Path, level: int = 0):
-    """(t_ns, columns, (phase codes, phase names), step) of a samples file at ``level``, as the
-    JSONL reader returns them; columns NaN where a figure is missing."""
+    """(t_ns, columns, (phase codes, phase names), step) of a samples file at ``level``; a
+    figure's column is NaN where a sample lacked it."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from memdiag.timeline.reader import SAMPLE_COLUMNS
 
     table = _in_order(pq.read_table(path, filters=[("keep", ">=", level)] if level else None)).unify_dictionaries()
     phase = table.column("phase").combine_chunks()
     names = [str(v) for v in phase.dictionary.to_pylist()]
-    columns = {}
-    for name in SAMPLE_COLUMNS:
-        if name in table.column_names:
-            columns[name] = pc.cast(table.column(name), "float64").to_numpy(zero_copy_only=False)
-        else:
-            columns[name] = np.full(table.num_rows, np.nan)
+    columns = {
+        name: pc.cast(table.column(name), "float64").to_numpy(zero_copy_only=False)
+        for name in table.column_names if name not in ("t_ns", "phase", "step", "keep", "seq")
+    }
     codes = phase.indices.to_numpy(zero_copy_only=False).astype(np.int16)
     return table.column("t_ns").to_numpy(), columns, (codes, names), table.column("step").to_numpy()
-
-
-def wanted(mode: str, size_bytes: int) -> bool:
-    return mode == "always" or (mode == "auto" and size_bytes >= AUTO_MIN_BYTES)
-
-
-_SAMPLE_PREFIXES = (b'{"kind":"' + fmt.SAMPLES.encode() + b'"', b'{"kind":"' + fmt.SAMPLE.encode() + b'"')
-
-
-def compact_rank(timeline, problems: list[str]) -> str | None:
-    """Move one rank file's samples and events into Parquet. ``timeline`` is the file as the
-    reader read it whole; returns why it was left as it is, or None when it was compacted."""
-    from memdiag.timeline.reader import read_rank_file
-
-    jsonl = timeline.path
-    if problems:
-        return "the reader skipped lines of it"
-    if any(e.get("kind") == fmt.COLUMNAR for e in timeline.events):
-        return "already columnar"
-    lines = [line for line in jsonl.read_bytes().split(b"\n")[1:] if line.strip()]
-    # the writer's own lines (json.dumps with "kind" first); the events keep their bytes and order
-    event_lines = [line for line in lines if not line.startswith(_SAMPLE_PREFIXES)]
-    has_samples = len(event_lines) < len(lines)  # sampler=watcher: the node file holds them
-    if len(event_lines) != len(timeline.events):
-        return "its lines are not the writer's"
-    if not event_lines and not has_samples:
-        return "nothing recorded"
-    written: list[Path] = []
-    header = jsonl.read_bytes().split(b"\n", 1)[0]
-    tmp = jsonl.with_name(jsonl.name + ".compact")
-    try:
-        if has_samples:
-            written.append(samples_path(jsonl))
-        if event_lines:
-            written.append(events_path(jsonl))
-        body = write_columnar(jsonl, header, timeline if has_samples else None, timeline.events, event_lines)
-        with open(tmp, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        after, after_problems = read_rank_file(tmp, timeline.rank)
-        same = (
-            after is not None and not after_problems
-            and (not has_samples or np.array_equal(after.t_ns, timeline.t_ns))
-            and [e for e in after.events if e.get("kind") != fmt.COLUMNAR] == timeline.events
-        )
-        if not same:  # never trade the journal for something that does not read back whole
-            tmp.unlink(missing_ok=True)
-            for path in written:
-                path.unlink(missing_ok=True)
-            return "it did not read back the same"
-        os.replace(tmp, jsonl)
-    except (OSError, WriteFailed) as exc:
-        tmp.unlink(missing_ok=True)
-        for path in written:
-            path.unlink(missing_ok=True)
-        if isinstance(exc, WriteFailed):
-            raise
-        raise WriteFailed(jsonl, exc, 0) from None
-    return None
 
 
 def write_columnar(jsonl: Path, header_line: bytes, samples, events: list[dict], event_lines: list[bytes],
@@ -325,35 +257,3 @@ def write_columnar(jsonl: Path, header_line: bytes, samples, events: list[dict],
         record |= {"events_file": events_path(jsonl).name, "events": rows[0], "event_level_rows": rows,
                    "steps": sum(1 for e in events if e.get("kind") == fmt.STEP)}
     return b"\n".join([header_line, json.dumps(record, separators=(",", ":")).encode()]) + b"\n"
-
-
-def setting_of(spec: dict) -> str:
-    """The run's ``timeline.columnar`` (run.json's config for a case, its top level for a command)."""
-    value = (spec.get("config") or {}).get("timeline_columnar") or spec.get("timeline_columnar") or "auto"
-    return value if value in CHOICES else "auto"
-
-
-def compact_run(run) -> list[str]:
-    """Compact every rank file of an ended run that the setting asks for; returns one line per
-    file moved (``rank-0.jsonl: 1,234,567 samples -> rank-0.samples.parquet, 12.3 MiB``)."""
-    from memdiag.units import format_bytes
-
-    mode = setting_of(run.spec)
-    if mode == "never" or run.spec.get("status") in (None, "running"):
-        return []
-    done = []
-    by_file = {}
-    for problem in run.problems:
-        by_file.setdefault(problem.split(":", 1)[0], []).append(problem)
-    for timeline in run.ranks.values():
-        try:
-            size = timeline.path.stat().st_size
-        except OSError:
-            continue
-        if not wanted(mode, size):
-            continue
-        if compact_rank(timeline, by_file.get(timeline.path.name, [])) is None:
-            files = [p for p in (samples_path(timeline.path), events_path(timeline.path)) if p.exists()]
-            done.append(f"{timeline.path.name} -> {' and '.join(p.name for p in files)}: "
-                        f"{format_bytes(sum(p.stat().st_size for p in files))} (was {format_bytes(size)} of JSONL)")
-    return done

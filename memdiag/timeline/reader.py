@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from memdiag.errors import UsageError
+from memdiag.timeline import columnar
 from memdiag.timeline import format as fmt
 
 try:  # orjson parses our lines ~4x faster than json; the format does not depend on it
@@ -230,20 +231,19 @@ def read_rank_file(path: Path, rank: int, max_samples: int | None = None, max_ev
     if compacted is None:
         t_ns, columns, (phase_codes, phase_names), sample_step = _sample_columns(records)
     else:
-        from memdiag.timeline import columnar
-
         t_ns, columns, (phase_codes, phase_names), sample_step = _sample_columns([])
         if "samples_file" in compacted:
             level = columnar.level_for(compacted, max_samples)
             level_s = compacted["level_windows_s"][level - 1] if level else None
             try:
-                t_ns, columns, (phase_codes, phase_names), sample_step = columnar.read_samples(path.parent / compacted["samples_file"], level)
+                t_ns, read, (phase_codes, phase_names), sample_step = columnar.read_samples(path.parent / compacted["samples_file"], level)
+                columns = {name: read.get(name, np.full(len(t_ns), np.nan)) for name in SAMPLE_COLUMNS}
             except (OSError, ValueError) as exc:  # pyarrow's errors are both: a missing or garbled file
                 problems.append(f"{path.name}: its samples ({compacted['samples_file']}) cannot be read ({exc})")
         if "events_file" in compacted:
             level = columnar.level_for({"level_rows": compacted.get("event_level_rows")}, max_events)
             try:
-                events = [compacted, *columnar.read_events(path.parent / compacted["events_file"], level)]
+                events = [compacted, *map(_loads, columnar.read_event_lines(path.parent / compacted["events_file"], level))]
             except (OSError, ValueError) as exc:
                 problems.append(f"{path.name}: its events ({compacted['events_file']}) cannot be read ({exc})")
     timeline = RankTimeline(

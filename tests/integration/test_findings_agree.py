@@ -86,3 +86,27 @@ def test_the_5290_finding_and_the_forecast_quote_one_answer(runs):
     pattern = next(f for f in findings if f["id"] == "scaling_5290")["message"]
     for said in ("up to 4 ranks per node fit in", "8 ranks exceed it by"):
         assert said in forecast and said in pattern, (forecast, pattern)
+
+
+def test_a_compacted_run_reads_and_judges_as_its_jsonl_did(runs, tmp_path):
+    """The same real run twice: as its ranks wrote it (JSONL) and moved into Parquet by
+    `memdiag report` with timeline.columnar=always; summary and findings must not change."""
+    import shutil
+
+    original = runs["reference", 2]
+    copy = tmp_path / original.name
+    shutil.copytree(original, copy)
+    spec = json.loads((copy / "run.json").read_text())
+    spec["config"]["timeline_columnar"] = "always"
+    (copy / "run.json").write_text(json.dumps(spec))
+    result = memdiag("report", copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(".samples.parquet and rank-") == 2, result.stdout  # both ranks, one line each
+    for rank in (0, 1):
+        lines = (copy / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()
+        assert [json.loads(line)["kind"] for line in lines] == ["header", "columnar"]
+        assert (copy / "timeline" / f"rank-{rank}.samples.parquet").stat().st_size > 0
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (original, copy))
+    assert {k: v for k, v in theirs.items() if k != "problems"} == {k: v for k, v in ours.items() if k != "problems"}
+    where = lambda findings: [{k: v for k, v in f.items() if k != "run"} for f in findings]  # noqa: E731 - the run's path
+    assert where(findings_of(copy)) == where(findings_of(original))

@@ -9,6 +9,7 @@ import pytest
 
 from memdiag.timeline import TimelineWriter, rank_path, read_run
 from memdiag.timeline import columnar
+from memdiag.timeline.compact import compact_run
 from memdiag.timeline import format as fmt
 
 T0 = 1_800_000_000 * 10**9
@@ -74,7 +75,7 @@ def same_columns(a, b):
 def test_an_ended_run_compacts_and_reads_back_the_same(tmp_path):
     t, rss = write_run(tmp_path / "run")
     before = read_run(tmp_path / "run")
-    lines = columnar.compact_run(before)
+    lines = compact_run(before)
     assert len(lines) == 1 and "rank-0.samples.parquet and rank-0.events.parquet" in lines[0]
     jsonl = rank_path(tmp_path / "run", 0)
     records = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -92,13 +93,13 @@ def test_an_ended_run_compacts_and_reads_back_the_same(tmp_path):
     assert table.column("rss_bytes").to_pylist() == rss.tolist()
     assert table.column("device_allocated_bytes").null_count == len(t) // 5
     assert set(table.column("phase").to_pylist()) == {"load", "forward"}
-    assert columnar.compact_run(after) == []  # once
+    assert compact_run(after) == []  # once
 
 
 def test_a_budget_reads_a_coarse_level_that_keeps_the_peak(tmp_path):
     write_run(tmp_path / "run", seconds=120, hz=100, spike_at=7_777)
     full = read_run(tmp_path / "run")
-    columnar.compact_run(full)
+    compact_run(full)
     coarse = read_run(tmp_path / "run", max_samples=1_000)
     rank = coarse.ranks[0]
     assert rank.sample_level_s is not None and len(rank.t_ns) <= 1_000 < len(full.ranks[0].t_ns)
@@ -116,14 +117,14 @@ def test_runs_that_are_not_compacted(tmp_path, case):
         with open(rank_path(run_dir, 0), "a") as f:
             f.write('{"kind":"samples","t":[1')
     before = rank_path(run_dir, 0).read_bytes()
-    assert columnar.compact_run(read_run(run_dir)) == []
+    assert compact_run(read_run(run_dir)) == []
     assert rank_path(run_dir, 0).read_bytes() == before
     assert not columnar.samples_path(rank_path(run_dir, 0)).exists()
 
 
 def test_a_lost_samples_file_is_one_problem_and_the_events_still_read(tmp_path):
     write_run(tmp_path / "run")
-    columnar.compact_run(read_run(tmp_path / "run"))
+    compact_run(read_run(tmp_path / "run"))
     columnar.samples_path(rank_path(tmp_path / "run", 0)).write_bytes(b"not parquet")
     run = read_run(tmp_path / "run")
     assert any("rank-0.samples.parquet" in p and "cannot be read" in p for p in run.problems)
@@ -140,11 +141,11 @@ def test_a_compaction_cut_short_leaves_the_journal_in_charge(tmp_path):
     write_run(tmp_path / "run")
     jsonl = rank_path(tmp_path / "run", 0)
     journal = jsonl.read_bytes()
-    columnar.compact_run(read_run(tmp_path / "run"))
+    compact_run(read_run(tmp_path / "run"))
     jsonl.write_bytes(journal)
     run = read_run(tmp_path / "run")
     assert len(run.ranks[0].t_ns) == 30 * 50 and not run.problems[:-1]
-    assert len(columnar.compact_run(run)) == 1
+    assert len(compact_run(run)) == 1
 
 
 def phase(name, begin_s, end_s, host, device=None):
