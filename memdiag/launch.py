@@ -20,6 +20,7 @@ from memdiag import lifetime
 from memdiag.files import free_bytes
 from memdiag.instrument import NODE_ENV
 from memdiag.settings import RECORDER_ENV, RunSettings, recorder_env
+from memdiag.timeline import format as fmt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 INJECT_DIR = Path(__file__).resolve().parent / "inject"
@@ -100,7 +101,26 @@ def watcher_command(settings: RunSettings, run_dir: Path, root_pid: int, limit_b
         command.append(f"--metrics-port={settings.metrics_port}")
     if settings.metrics_textfile:
         command.append(f"--metrics-textfile={Path(settings.metrics_textfile).resolve()}")
+    command.append(f"--columnar={settings.timeline_columnar}")
     return command
+
+
+COMPACTION_BYTES_PER_S = 8 * 2**20
+"""A slow core's pace reading a rank file and writing its Parquet (bench/report_scaling: ~26 MiB
+of JSONL read and compacted in about 2 s on this machine's 2 cores)."""
+
+
+def watcher_wait_s(settings: RunSettings, run_dir: Path) -> float:
+    """How long the node watcher may take to end once the job has: its last sample, and the
+    compaction of the rank files (``timeline.columnar``); past it the watcher is stopped and the
+    report compacts what is left."""
+    if settings.timeline_columnar == "never":
+        return 10.0
+    try:
+        size = sum(p.stat().st_size for p in (run_dir / fmt.TIMELINE_DIR).glob("rank-*.jsonl"))
+    except OSError:
+        size = 0
+    return 10.0 + size / COMPACTION_BYTES_PER_S
 
 
 def python_path(*first: Path) -> str:
@@ -128,7 +148,7 @@ def run_node(
                     watcher_command(config, run_dir, process.pid, limit_bytes, node), env=env, cwd=REPO_ROOT, stderr=log
                 )
             ended = job.wait(tick=disk)
-            job.stop_helpers()
+            job.stop_helpers(watcher_wait_s(config, run_dir))
     finally:
         shutil.rmtree(run_dir / f"tmp{suffix}", ignore_errors=True)
     ended.disk_full = disk.episodes
@@ -163,7 +183,7 @@ def run_command(settings: RunSettings, run_dir: Path, command: list[str], limit_
         ]
         job.start_helper(watcher_command(settings, run_dir, process.pid, limit_bytes, None), env=watcher_env, cwd=REPO_ROOT)
         ended = job.wait(tick=disk)
-        job.stop_helpers()
+        job.stop_helpers(watcher_wait_s(settings, run_dir))
         for tee in tees:
             tee.join()
     ended.disk_full = disk.episodes

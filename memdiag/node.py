@@ -15,6 +15,7 @@ import argparse
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,7 @@ class NodeWatcher:
         metrics_port: int | None = None,
         metrics_textfile: Path | None = None,
         rank_interval_s: float | None = None,
+        columnar: str = "never",
     ) -> None:
         self.run_dir = Path(run_dir)
         self.parent_pid = parent_pid
@@ -212,6 +214,7 @@ class NodeWatcher:
             self.metrics.warn = self._warn
         self._metrics_errors = 0
         self.rank_interval_s = rank_interval_s
+        self.columnar = columnar
         self.rank_sampler = RankSampler(self.writer) if rank_interval_s else None
         self.stop_event = threading.Event()
         self._ranks: dict[int, RankProcesses] = {}
@@ -405,6 +408,19 @@ class NodeWatcher:
             self.metrics.close()
         self.writer.write({"kind": fmt.ENDED, "t": time.time_ns(), "reason": reason})
         self.writer.close()
+        if reason == "the job ended":
+            self._compact()
+
+    def _compact(self) -> None:
+        """This node's rank files into Parquet (``timeline.columnar``) while the node's disk and
+        cores are here to do it; whatever is left (a stopped watcher) the report compacts."""
+        from memdiag.timeline.compact import compact_node
+
+        try:
+            for line in compact_node(self.run_dir, self.host, self.columnar):
+                print(f"memdiag: node {self.host}: {line}", file=sys.stderr, flush=True)
+        except Exception as exc:  # the JSONL stays what the report reads
+            self._warn("columnar", f"rank files not compacted: {exc!r}")
 
     def _update_metrics(self, sample: dict) -> None:
         """Metrics never stop the watcher: a failure is warned once and the sampling goes on."""
@@ -435,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-textfile", type=Path, default=None, help="write the metrics into this directory too")
     parser.add_argument("--rank-interval-s", type=float, default=None,
                         help="sample every rank's /proc/<pid>/status this often (sampler=watcher)")
+    parser.add_argument("--columnar", default=BY_FIELD["timeline_columnar"].default, choices=BY_FIELD["timeline_columnar"].choices,
+                        help="once the ranks have exited, move this node's rank files into Parquet (timeline.columnar)")
     args = parser.parse_args(argv)
     guard = None
     if args.guard_limit_bytes or args.guard_min_available_bytes:
@@ -447,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     watcher = NodeWatcher(
         args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, host=args.host, guard=guard,
         parent_pid=args.owner_pid, orphan_grace_s=args.guard_grace_s, metrics_port=args.metrics_port,
-        metrics_textfile=args.metrics_textfile, rank_interval_s=args.rank_interval_s,
+        metrics_textfile=args.metrics_textfile, rank_interval_s=args.rank_interval_s, columnar=args.columnar,
     )
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: watcher.request_stop())

@@ -204,6 +204,13 @@ MAX_RANK_LINES = 16
 ENVELOPE_POINTS = 1500
 
 
+def node_points(run: Run) -> int:
+    """Grid points (or min/max buckets) per node trace: 1500 up to 8 nodes, then fewer, so that
+    the page stays about the same size however many nodes (never under 300: one point per 5
+    minutes of a day)."""
+    return max(300, ENVELOPE_POINTS * 8 // max(8, len({t.header.get("host") for t in run.ranks.values()})))
+
+
 def standout_ranks(run: Run, limit: int = MAX_RANK_LINES) -> tuple[list[int], str | None]:
     """Every rank when there are few; else per node the rank with the highest peak and the one
     that grew fastest, then the ranks whose peak is furthest above their node's median, up to
@@ -254,7 +261,7 @@ def _add_node_bands(fig: go.Figure, run: Run, t0: int, step_x: list, axis) -> No
         if not ranks:
             continue
         start, end = min(t.t_ns[0] for t in ranks), max(t.t_ns[-1] for t in ranks)
-        grid = np.linspace(start, end, ENVELOPE_POINTS)
+        grid = np.linspace(start, end, node_points(run))
         series = []
         for t in ranks:
             keep = minmax_indices(t.columns["rss_bytes"])
@@ -293,7 +300,7 @@ def host_figure(run: Run, summary: Summary) -> go.Figure:
             )
         )
     for host, (grid, total) in node_totals(run).items():
-        keep = minmax_indices(total)
+        keep = minmax_indices(total, node_points(run))
         step_x.append(to_steps(grid[keep], axis) if axis else None)
         fig.add_trace(
             go.Scatter(

@@ -181,7 +181,7 @@ def _write_table(path: Path, table, keep: np.ndarray, meta: dict) -> list[int]:
     order = np.lexsort((seq, -keep.astype(np.int16)))
     table = table.append_column("seq", pa.array(seq)).take(pa.array(order))
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # a node watcher and a report may both compact
     try:
         # integers that move a little from row to row (times, bytes, steps, seq) shrink to half
         # with delta encoding; strings go through dictionaries, the events' JSON through zstd

@@ -4,6 +4,7 @@ the reader had to skip lines of, or a run still going, is left as it is."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def compact_rank(timeline: RankTimeline, problems: list[str]) -> str | None:
         return "nothing recorded"
     written: list[Path] = []
     header = jsonl.read_bytes().split(b"\n", 1)[0]
-    tmp = jsonl.with_name(jsonl.name + ".compact")
+    tmp = jsonl.with_name(f"{jsonl.name}.{os.getpid()}.compact")
     try:
         if has_samples:
             written.append(samples_path(jsonl))
@@ -86,15 +87,13 @@ def setting_of(spec: dict) -> str:
 
 
 def compact_run(run: Run) -> list[str]:
-    """Compact every rank file of an ended run that the setting asks for; returns one line per
-    file moved (``rank-0.jsonl: 1,234,567 samples -> rank-0.samples.parquet, 12.3 MiB``)."""
-    from memdiag.units import format_bytes
-
+    """Compact every rank file of an ended run that the setting asks for (what the node watchers
+    left, or every file of a run they did not compact); returns one line per file moved."""
     mode = setting_of(run.spec)
     if mode == "never" or run.spec.get("status") in (None, "running"):
         return []
     done = []
-    by_file = {}
+    by_file: dict[str, list[str]] = {}
     for problem in run.problems:
         by_file.setdefault(problem.split(":", 1)[0], []).append(problem)
     for timeline in run.ranks.values():
@@ -102,10 +101,37 @@ def compact_run(run: Run) -> list[str]:
             size = timeline.path.stat().st_size
         except OSError:
             continue
-        if not wanted(mode, size):
-            continue
-        if compact_rank(timeline, by_file.get(timeline.path.name, [])) is None:
-            files = [p for p in (samples_path(timeline.path), events_path(timeline.path)) if p.exists()]
-            done.append(f"{timeline.path.name} -> {' and '.join(p.name for p in files)}: "
-                        f"{format_bytes(sum(p.stat().st_size for p in files))} (was {format_bytes(size)} of JSONL)")
+        if wanted(mode, size) and compact_rank(timeline, by_file.get(timeline.path.name, [])) is None:
+            done.append(_moved(timeline.path, size))
     return done
+
+
+def compact_node(run_dir: Path, host: str, mode: str) -> list[str]:
+    """A node watcher's share once its ranks have exited: the rank files whose header names this
+    node, compacted where they are written, so that a report of many nodes reads Parquet only."""
+    if mode == "never":
+        return []
+    done = []
+    for path in sorted((Path(run_dir) / fmt.TIMELINE_DIR).glob("rank-*.jsonl")):
+        try:
+            rank = int(path.stem.split("-", 1)[1])
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                header = json.loads(f.readline())
+        except (ValueError, OSError):
+            continue
+        if not isinstance(header, dict) or header.get("host") != host or not wanted(mode, size):
+            continue
+        timeline, problems = read_rank_file(path, rank)
+        if timeline is not None and compact_rank(timeline, problems) is None:
+            done.append(_moved(path, size))
+    return done
+
+
+def _moved(jsonl: Path, size: int) -> str:
+    """``rank-0.jsonl -> rank-0.samples.parquet and rank-0.events.parquet: 1.2 MiB (was 30 MiB of JSONL)``"""
+    from memdiag.units import format_bytes
+
+    files = [p for p in (samples_path(jsonl), events_path(jsonl)) if p.exists()]
+    return (f"{jsonl.name} -> {' and '.join(p.name for p in files)}: "
+            f"{format_bytes(sum(p.stat().st_size for p in files))} (was {format_bytes(size)} of JSONL)")

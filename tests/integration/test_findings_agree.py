@@ -110,3 +110,19 @@ def test_a_compacted_run_reads_and_judges_as_its_jsonl_did(runs, tmp_path):
     assert {k: v for k, v in theirs.items() if k != "problems"} == {k: v for k, v in ours.items() if k != "problems"}
     where = lambda findings: [{k: v for k, v in f.items() if k != "run"} for f in findings]  # noqa: E731 - the run's path
     assert where(findings_of(copy)) == where(findings_of(original))
+
+
+def test_each_node_watcher_compacts_its_ranks_files_when_they_exit(tmp_path):
+    """timeline.columnar=always: the node watcher moves the rank files into Parquet once its ranks
+    have exited (its lines in the launcher log), so the report reads Parquet and compacts nothing."""
+    result = memdiag("run", f"reports_dir={tmp_path}", *TINY, "nproc_per_node=2", "timeline.columnar=always")
+    assert result.returncode in (0, 1), result.stdout[-2000:] + result.stderr[-2000:]
+    (run_dir,) = tmp_path.glob("baichuan2_13b/*")
+    log = (run_dir / "logs" / "launcher.log").read_text()
+    for rank in (0, 1):
+        assert f"rank-{rank}.jsonl -> rank-{rank}.samples.parquet and rank-{rank}.events.parquet" in log, log[-3000:]
+        kinds = [json.loads(line)["kind"] for line in (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()]
+        assert kinds == ["header", "columnar"]
+    assert ".samples.parquet" not in result.stdout  # nothing left for the report to compact
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and set(summary["host_peak_bytes_per_rank"]) == {"0", "1"}
