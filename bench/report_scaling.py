@@ -255,8 +255,8 @@ def main() -> int:
           f"budget (full rate for {FULL_RATE_S:g} s of training, then {STEADY_INTERVAL_S:g} s windows' bounds): "
           f"{sizes[False] / sizes[True]:.1f}x smaller   (target <= 2 MiB)")
     rank_hours = args.ranks * args.hours
-    print(f"{'compacted, per rank-hour':24} {parquet / rank_hours / 2**20:8.2f} MiB of Parquet (zstd, every kept sample and its levels) + "
-          f"{events / rank_hours / 2**20:.2f} MiB of events JSONL: {size_in / (parquet + events):.1f}x smaller than the JSONL it replaces, "
+    print(f"{'compacted, per rank-hour':24} {(parquet + events) / rank_hours / 2**20:8.2f} MiB (Parquet: every kept sample and event, "
+          f"with their levels; JSONL: the headers): {size_in / (parquet + events):.1f}x smaller than the JSONL it replaces, "
           f"{sizes[False] * rank_hours / (parquet + events):.0f}x smaller than every sample as JSONL   (target >= 15x)")
     print(f"{'report.html size':24} {len(html.encode()) / 2**20:8.2f} MiB   (target <= 10 MiB)")
     print(f"{'memdiag report time':24} {took['first']:8.2f} s     first (reads the JSONL, compacts it); "
