@@ -419,8 +419,9 @@ class NodeWatcher:
         try:
             for line in compact_node(self.run_dir, self.host, self.columnar):
                 print(f"memdiag: node {self.host}: {line}", file=sys.stderr, flush=True)
-        except Exception as exc:  # the JSONL stays what the report reads
-            self._warn("columnar", f"rank files not compacted: {exc!r}")
+        except Exception as exc:  # the JSONL stays what the report reads; the node file is closed by now
+            print(f"memdiag: node {self.host}: rank files not compacted ({exc!r}); the report will compact them",
+                  file=sys.stderr, flush=True)
 
     def _update_metrics(self, sample: dict) -> None:
         """Metrics never stop the watcher: a failure is warned once and the sampling goes on."""

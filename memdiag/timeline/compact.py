@@ -34,7 +34,8 @@ def compact_rank(timeline: RankTimeline, problems: list[str]) -> str | None:
         return "the reader skipped lines of it"
     if any(e.get("kind") == fmt.COLUMNAR for e in timeline.events):
         return "already columnar"
-    lines = [line for line in jsonl.read_bytes().split(b"\n")[1:] if line.strip()]
+    header, *rest = jsonl.read_bytes().split(b"\n")
+    lines = [line for line in rest if line.strip()]
     # the writer's own lines (json.dumps with "kind" first); the events keep their bytes and order
     event_lines = [line for line in lines if not line.startswith(_SAMPLE_PREFIXES)]
     has_samples = len(event_lines) < len(lines)  # sampler=watcher: the node file holds them
@@ -43,7 +44,6 @@ def compact_rank(timeline: RankTimeline, problems: list[str]) -> str | None:
     if not event_lines and not has_samples:
         return "nothing recorded"
     written: list[Path] = []
-    header = jsonl.read_bytes().split(b"\n", 1)[0]
     tmp = jsonl.with_name(f"{jsonl.name}.{os.getpid()}.compact")
     try:
         if has_samples:
@@ -88,7 +88,8 @@ def setting_of(spec: dict) -> str:
 
 def compact_run(run: Run) -> list[str]:
     """Compact every rank file of an ended run that the setting asks for (what the node watchers
-    left, or every file of a run they did not compact); returns one line per file moved."""
+    left, or every file of a run they did not compact); returns one line per file moved, or kept
+    as JSONL because the disk would not take its Parquet."""
     mode = setting_of(run.spec)
     if mode == "never" or run.spec.get("status") in (None, "running"):
         return []
@@ -101,8 +102,13 @@ def compact_run(run: Run) -> list[str]:
             size = timeline.path.stat().st_size
         except OSError:
             continue
-        if wanted(mode, size) and compact_rank(timeline, by_file.get(timeline.path.name, [])) is None:
-            done.append(_moved(timeline.path, size))
+        if not wanted(mode, size):
+            continue
+        try:
+            if compact_rank(timeline, by_file.get(timeline.path.name, [])) is None:
+                done.append(_moved(timeline.path, size))
+        except WriteFailed as exc:  # optional work: the JSONL is whole, the report still gets written
+            done.append(f"{timeline.path.name} stays JSONL: {exc}")
     return done
 
 

@@ -180,3 +180,17 @@ def test_event_levels_keep_each_windows_peak_phases_whole():
     assert levels[5] == 0  # [1, 2)'s highest and last are the run's last forward
     assert keep[-1] == top and keep[-2] == top and keep[-3] == top  # the warning; the first and last step
 
+
+
+def test_a_disk_that_will_not_take_the_parquet_leaves_the_journal_and_says_so(tmp_path, monkeypatch):
+    write_run(tmp_path / "run")
+    journal = rank_path(tmp_path / "run", 0).read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pyarrow.parquet.write_table", full)  # ENOSPC where compaction writes
+    lines = compact_run(read_run(tmp_path / "run"))
+    assert len(lines) == 1 and lines[0].startswith("rank-0.jsonl stays JSONL: cannot write") and "No space left" in lines[0]
+    assert rank_path(tmp_path / "run", 0).read_bytes() == journal
+    assert not list((tmp_path / "run" / "timeline").glob("*.parquet*"))
