@@ -71,8 +71,7 @@ def write_rank(run_dir: Path, rank: int, ranks: int, seconds: float, hz: float, 
             sampler._take({"kind": fmt.SAMPLE, "t": t_list[i], "phase": phases[i], "step": step_list[i],
                            "rss_bytes": rss_list[i], "hwm_bytes": rss_list[i], "device_allocated_bytes": device_list[i],
                            "device_reserved_bytes": device_list[i] + 2**28}, now=i / hz)
-        sampler._close_envelope()
-        sampler._write_batch()
+        sampler.stop()  # the open window and batch written, as at a rank's exit
         writer.close()
         return
     batch = int(hz * fmt.FLUSH_INTERVAL_S) or 1

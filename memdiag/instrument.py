@@ -21,7 +21,7 @@ from memdiag.failure import exception_record
 from memdiag.phases import PhaseTracker
 from memdiag.device_stacks import DeviceStacks
 from memdiag.probes.device import SOURCE_CUDA, DeviceProbe
-from memdiag.sampler import Sampler
+from memdiag.sampler import DeviceSeries, Sampler
 from memdiag.settings import RunSettings, parse_stacks_device, recorder_from_env
 from memdiag.stacks import HostStacks, parse_phases
 from memdiag.timeline import format as fmt
@@ -91,16 +91,24 @@ class Instrumentation:
         cuda = self.device is not None and self.device.source == SOURCE_CUDA
         if device_steps and not cuda:
             header["device_stacks"] = "off: device allocation stacks need CUDA's allocator (this rank has none)"
-        self.writer = TimelineWriter(fmt.rank_path(run_dir, identity.rank), header)
+        self.samples_here = settings.sampler == "rank"
+        """False: the node watcher samples this rank from outside (``sampler=watcher``); no thread here."""
+        # no sampler thread flushes for the rank: its events (a few a step) go out as written,
+        # so a SIGKILL loses none and the watcher's budget sees each phase as it begins
+        self.writer = TimelineWriter(fmt.rank_path(run_dir, identity.rank), header,
+                                     flush_interval_s=fmt.FLUSH_INTERVAL_S if self.samples_here else 0.0)
         self.tracker = PhaseTracker(self.writer.write, self.device, self.warn_once)
         if self.device is not None:
             self.device.warn = self.warn_once
             if self.device.nvml_error:
                 self.warn_once("nvml", self.device.nvml_error)
-        self.samples_here = settings.sampler == "rank"
-        """False: the node watcher samples this rank from outside (``sampler=watcher``); no thread here."""
         self.sampler = Sampler(self.writer, self.tracker, self.device, 1.0 / sample_hz,
                                full_rate_s=settings.sample_full_rate_s, steady_interval_s=settings.sample_steady_interval_s)
+        self.device_series: DeviceSeries | None = None
+        if cuda and not self.samples_here:  # the allocator read at the tracker's boundaries, not polled
+            self.device_series = DeviceSeries(self.writer, self.tracker, full_rate_s=settings.sample_full_rate_s,
+                                              steady_interval_s=settings.sample_steady_interval_s)
+            self.tracker.device_listener = self.device_series.add
         self.stacks = HostStacks(run_dir, identity.rank, parse_phases(stacks), self.warn_once)
         if not self.stacks.off:
             self.tracker.phase_listeners.append(
@@ -159,6 +167,8 @@ class Instrumentation:
         self.stacks.close()  # a captured phase still open at exit (a failed or short run)
         self.device_stacks.finish()
         self.sampler.stop()
+        if self.device_series is not None:
+            self.device_series.close()
         self.writer.close()
 
 

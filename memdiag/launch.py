@@ -97,6 +97,7 @@ def watcher_command(settings: RunSettings, run_dir: Path, root_pid: int, limit_b
     ]
     if settings.sampler == "watcher":
         command.append(f"--rank-interval-s={1.0 / settings.sample_hz}")
+    command += [f"--full-rate-s={settings.sample_full_rate_s}", f"--steady-interval-s={settings.sample_steady_interval_s}"]
     if settings.metrics_port >= 0:
         command.append(f"--metrics-port={settings.metrics_port}")
     if settings.metrics_textfile:

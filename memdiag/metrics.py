@@ -23,8 +23,7 @@ from prometheus_client import CollectorRegistry, start_http_server, write_to_tex
 from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
 
 from memdiag.files import safe_name
-from memdiag.timeline import format as fmt
-from memdiag.timeline.reader import Follower
+from memdiag.rankstate import DEVICE_FIGURES, RankFollowers
 
 FOLLOW_INTERVAL_S = 1.0
 FORECAST_WINDOW_S = 60.0
@@ -59,7 +58,8 @@ class NodeMetrics:
     sample, so a scrape never mixes two samples; ranks that have ended drop out with the sample."""
 
     def __init__(self, run_dir: Path, job: str, node: str, *, port: int | None, textfile_dir: Path | None,
-                 limit_bytes: int | None, guard_fraction: float | None, warn: Callable[[str, str], None]) -> None:
+                 limit_bytes: int | None, guard_fraction: float | None, warn: Callable[[str, str], None],
+                 followers: RankFollowers | None = None) -> None:
         self.run_dir, self.job, self.node, self.warn = Path(run_dir), job, node, warn
         self.limit_bytes, self.guard_fraction = limit_bytes, guard_fraction
         self.registry = CollectorRegistry()
@@ -67,7 +67,7 @@ class NodeMetrics:
         self._snapshot: tuple[dict, dict[str, dict]] = ({}, {})
         self._peaks: dict[str, int] = {}
         self._history: deque[tuple[float, int]] = deque()
-        self._followers: dict[str, Follower] = {}
+        self.followers = followers or RankFollowers(run_dir)
         self._ranks_state: dict[str, dict] = {}
         self._next_follow = 0.0
         self._next_textfile = 0.0
@@ -145,21 +145,11 @@ class NodeMetrics:
 
     def _follow(self, ranks: dict) -> None:
         """The latest phase, step and device figures of each local rank, from its timeline file."""
+        states = self.followers.refresh(ranks)
         for rank in ranks:
-            follower = self._followers.setdefault(rank, Follower(fmt.rank_path(self.run_dir, int(rank))))
-            state = self._ranks_state.setdefault(rank, {})
-            for record in follower.new_records():
-                if record.get("kind") not in (fmt.SAMPLES, fmt.SAMPLE, fmt.PHASE_BEGIN, fmt.STEP):
-                    continue
-                for name in ("phase", "step", "device_allocated_bytes", "device_reserved_bytes", "nvml_used_bytes"):
-                    values = fmt.record_values(record, name)
-                    last = values[-1] if values else None
-                    if name == "phase" and last:
-                        state[name] = last
-                    elif name == "step" and isinstance(last, int):
-                        state[name] = last
-                    elif name not in ("phase", "step") and isinstance(last, int | float):
-                        state[name] = last
+            state = states[int(rank)]
+            figures = {name: state.figures[name] for name in DEVICE_FIGURES if name in state.figures}
+            self._ranks_state.setdefault(rank, {}).update(figures, phase=state.phase, step=state.step)
 
     def write_textfile(self) -> None:
         """The node exporter's textfile collector reads whole files: written to .tmp, then renamed."""

@@ -18,15 +18,18 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import memdiag
 from memdiag import procs
+from memdiag.budget import SteadyClock, WindowBudget, node_roles, rank_roles
 from memdiag.guard import GuardConfig, guard_reason, py_spy_dump
 from memdiag.metrics import NodeMetrics, job_name
 from memdiag.probes import cgroup
 from memdiag.probes.host import SelfStatusReader, read_meminfo, read_proc_status, read_pss_bytes
+from memdiag.rankstate import RankFollowers
 from memdiag.settings import BY_FIELD
 from memdiag.timeline import format as fmt
 from memdiag.timeline.writer import TimelineWriter
@@ -91,16 +94,23 @@ def find_ranks(root_pid: int) -> dict[int, RankProcesses]:
 class RankSampler:
     """The ranks' host figures at ``sample_hz``, read from outside them (``sampler=watcher``): one
     open ``/proc/<pid>/status`` per rank, written per rank in batches (``rank_samples``) like a
-    rank's own sampler writes its ``samples``. A rank that has exited is dropped."""
+    rank's own sampler writes its ``samples``, under the same budget: each rank's phase and step
+    come from its events as the watcher follows its file. A rank that has exited is dropped."""
 
-    def __init__(self, writer: TimelineWriter) -> None:
+    def __init__(self, writer: TimelineWriter, steady: Callable[[int, float], bool] = lambda rank, now: False,
+                 steady_interval_s: float = 0.0) -> None:
         self.writer = writer
+        self.steady = steady
+        """Whether a rank is in steady training now (the watcher's view of its events)."""
+        self.steady_interval_s = steady_interval_s
         self._readers: dict[int, tuple[int, SelfStatusReader]] = {}
+        self._budgets: dict[int, WindowBudget] = {}
         self._batches: dict[int, dict[str, list]] = {}
         self._flushed = time.monotonic()
 
     def sample(self, ranks: dict[int, RankProcesses]) -> None:
         t = time.time_ns()
+        now = time.monotonic()
         for rank, processes in ranks.items():
             reader = self._reader(rank, processes.pid)
             if reader is None:
@@ -110,12 +120,18 @@ class RankSampler:
             except OSError:  # the rank has exited
                 self._drop(rank)
                 continue
-            batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
-            batch["t"].append(t)
-            batch["rss_bytes"].append(mem.rss_bytes)
-            batch["hwm_bytes"].append(mem.hwm_bytes)
+            self._add(rank, {"t": t, "rss_bytes": mem.rss_bytes, "hwm_bytes": mem.hwm_bytes}, now)
         if time.monotonic() - self._flushed >= fmt.FLUSH_INTERVAL_S:
             self.flush()
+
+    def _add(self, rank: int, sample: dict, now: float) -> None:
+        budget = self._budgets.get(rank)
+        if budget is None:
+            budget = self._budgets[rank] = WindowBudget(self.steady_interval_s, rank_roles)
+        for kept in budget.take(sample, now, self.steady(rank, now)):
+            batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
+            for name, column in batch.items():
+                column.append(kept[name])
 
     def _reader(self, rank: int, pid: int) -> SelfStatusReader | None:
         held = self._readers.get(rank)
@@ -133,6 +149,12 @@ class RankSampler:
         held = self._readers.pop(rank, None)
         if held is not None:
             held[1].close()
+        budget = self._budgets.get(rank)
+        if budget is not None:  # the exited rank's open window is written, not lost
+            for kept in budget.close():
+                batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
+                for name, column in batch.items():
+                    column.append(kept[name])
 
     def flush(self) -> None:
         for rank, batch in self._batches.items():
@@ -142,9 +164,9 @@ class RankSampler:
         self._flushed = time.monotonic()
 
     def close(self) -> None:
-        self.flush()
         for rank in list(self._readers):
             self._drop(rank)
+        self.flush()
 
 
 class NodeWatcher:
@@ -162,6 +184,8 @@ class NodeWatcher:
         metrics_textfile: Path | None = None,
         rank_interval_s: float | None = None,
         columnar: str = "never",
+        full_rate_s: float = float("inf"),
+        steady_interval_s: float = 0.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.parent_pid = parent_pid
@@ -181,11 +205,13 @@ class NodeWatcher:
         self.cgroup_files = cgroup.locate(root_pid) or cgroup.locate(os.getpid())
         early_warnings: list[tuple[str, str]] = []
         self.metrics: NodeMetrics | None = None
+        self.followers = RankFollowers(self.run_dir)
+        """Each rank's phase and step from its file: the budget's view, and the metrics'."""
         if metrics_port is not None or metrics_textfile is not None:
             self.metrics = NodeMetrics(
                 self.run_dir, job_name(self.run_dir), self.host, port=metrics_port, textfile_dir=metrics_textfile,
                 limit_bytes=guard.limit_bytes if guard else None, guard_fraction=guard.fraction if guard else None,
-                warn=lambda key, message: early_warnings.append((key, message)),
+                warn=lambda key, message: early_warnings.append((key, message)), followers=self.followers,
             )
         self.writer = TimelineWriter(
             fmt.node_path(run_dir, self.host),
@@ -215,11 +241,38 @@ class NodeWatcher:
         self._metrics_errors = 0
         self.rank_interval_s = rank_interval_s
         self.columnar = columnar
-        self.rank_sampler = RankSampler(self.writer) if rank_interval_s else None
+        self.full_rate_s, self.steady_interval_s = full_rate_s, steady_interval_s
+        self._clocks: dict[int, SteadyClock] = {}
+        self._node_budget = WindowBudget(steady_interval_s, node_roles)
+        self.rank_sampler = RankSampler(self.writer, self.rank_steady, steady_interval_s) if rank_interval_s else None
         self.stop_event = threading.Event()
         self._ranks: dict[int, RankProcesses] = {}
         self._next_tree = 0.0
         self._next_pss = 0.0
+
+    def rank_steady(self, rank: int, now: float) -> bool:
+        """The rank's training loop has run past ``full_rate_s`` and it is still in it (its
+        events as followed from its file; the ranks write them as they happen)."""
+        state = self.followers.states.get(rank)
+        if state is None:
+            return False
+        clock = self._clocks.get(rank)
+        if clock is None:
+            clock = self._clocks[rank] = SteadyClock(self.full_rate_s, self.steady_interval_s)
+        return clock.steady(now, state.phase, state.step)
+
+    def node_steady(self, sample: dict, now: float) -> bool:
+        """Every rank of the node is steady: the node sample's bounds stand for its window."""
+        ranks = sample.get("ranks") or {}
+        return bool(ranks) and all(self.rank_steady(int(rank), now) for rank in ranks)
+
+    def _write_sample(self, sample: dict) -> None:
+        """The node sample under the budget: every sample while any rank is loading, initialising,
+        saving or in its first minutes of training; each window's bounds when all are steady."""
+        now = time.monotonic()
+        self.followers.refresh(self._ranks)
+        for kept in self._node_budget.take(sample, now, self.node_steady(sample, now)):
+            self.writer.write(kept)
 
     def _warn(self, key: str, message: str) -> None:
         self.writer.write({"kind": fmt.WARNING, "t": time.time_ns(), "key": key, "message": message})
@@ -385,7 +438,7 @@ class NodeWatcher:
             try:
                 if ticks % every == 0:
                     sample = self.sample_once()
-                    self.writer.write(sample)
+                    self._write_sample(sample)
                     self.enforce_guard(sample)
                     self._update_metrics(sample)
                     self._watch_owner()
@@ -404,6 +457,8 @@ class NodeWatcher:
             self.stop_event.wait(deadline - time.monotonic())
         if self.rank_sampler is not None:
             self.rank_sampler.close()
+        for kept in self._node_budget.close():
+            self.writer.write(kept)
         if self.metrics is not None:
             self.metrics.close()
         self.writer.write({"kind": fmt.ENDED, "t": time.time_ns(), "reason": reason})
@@ -452,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-textfile", type=Path, default=None, help="write the metrics into this directory too")
     parser.add_argument("--rank-interval-s", type=float, default=None,
                         help="sample every rank's /proc/<pid>/status this often (sampler=watcher)")
+    parser.add_argument("--full-rate-s", type=float, default=BY_FIELD["sample_full_rate_s"].default,
+                        help="the sampling budget (sample.full_rate_s): full rate until the ranks' loop has run this long")
+    parser.add_argument("--steady-interval-s", type=float, default=BY_FIELD["sample_steady_interval_s"].default,
+                        help="then each window of this long keeps its bounding samples (sample.steady_interval_s)")
     parser.add_argument("--columnar", default=BY_FIELD["timeline_columnar"].default, choices=BY_FIELD["timeline_columnar"].choices,
                         help="once the ranks have exited, move this node's rank files into Parquet (timeline.columnar)")
     args = parser.parse_args(argv)
@@ -467,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run_dir, args.root_pid, args.interval_s, args.pss_interval_s, host=args.host, guard=guard,
         parent_pid=args.owner_pid, orphan_grace_s=args.guard_grace_s, metrics_port=args.metrics_port,
         metrics_textfile=args.metrics_textfile, rank_interval_s=args.rank_interval_s, columnar=args.columnar,
+        full_rate_s=args.full_rate_s, steady_interval_s=args.steady_interval_s,
     )
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: watcher.request_stop())

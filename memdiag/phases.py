@@ -93,6 +93,9 @@ class PhaseTracker:
         self.step_listeners: list[Callable[[StepRecord], None]] = []
         self.phase_listeners: list[Callable[[str, str], None]] = []
         """Called with ("begin" | "end", phase) after the phase's record is written."""
+        self.device_listener: Callable[[int, int | None], None] | None = None
+        """Called with the device's (allocated, reserved) peaks since the previous boundary, at
+        every boundary where they were read (CUDA): the device series where no thread samples."""
         self.peak_resets = True
         self._reset()
 
@@ -120,6 +123,8 @@ class PhaseTracker:
         self._reset()
         peaks = self.device.read_and_reset_peaks() if self.device else None
         device, reserved = peaks if peaks is not None else (None, None)
+        if device is not None and self.device_listener is not None:
+            self.device_listener(device, reserved)
         for frame in self._stack:
             frame.fold(self.module, host, device, reserved)
 

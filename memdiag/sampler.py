@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 
+from memdiag.budget import SteadyClock, WindowBudget, device_roles, rank_roles
 from memdiag.phases import PhaseTracker
 from memdiag.probes.device import DeviceProbe
 from memdiag.probes.host import SelfStatusReader
@@ -15,9 +16,6 @@ from memdiag.timeline.writer import TimelineWriter
 
 log = logging.getLogger(__name__)
 
-TRAINING_PHASES = frozenset({"", "forward", "backward", "step", "optimizer_step"})
-"""The training loop's phases ("" between steps): where, after ``full_rate_s``, a window's
-bounding samples stand for it. Loading, initialisation, saving and resuming stay at full rate."""
 NVML_INTERVAL_S = 0.1
 """NVML's per-process query costs ~100 us; 10 Hz is plenty for a figure that moves slowly."""
 
@@ -42,12 +40,8 @@ class Sampler:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.interval_s = interval_s
-        self.full_rate_s = full_rate_s
-        self.steady_interval_s = steady_interval_s
-        self._training_since: float | None = None
-        self._envelope: dict[str, tuple[float, dict]] = {}
-        """The open steady window's bounding samples: role -> (value, sample)."""
-        self._envelope_started = 0.0
+        self._clock = SteadyClock(full_rate_s, steady_interval_s)
+        self._budget = WindowBudget(steady_interval_s, rank_roles)
         self._writer = writer
         self._tracker = tracker
         self._device = device
@@ -77,41 +71,17 @@ class Sampler:
         self._running.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._close_envelope()
+        for sample in self._budget.close():
+            self._append(sample)
         self._write_batch()
         self._writer.flush()
-
-    def _steady(self, now: float) -> bool:
-        """In the training loop (its first step done: initialisation is behind) for longer than
-        ``full_rate_s``: from then on a window's bounding samples stand for it."""
-        if not self.steady_interval_s or self._tracker.step < 1 or self._tracker.phase not in TRAINING_PHASES:
-            return False
-        if self._training_since is None:
-            self._training_since = now
-        return now - self._training_since >= self.full_rate_s
 
     def _take(self, record: dict, now: float | None = None) -> None:
         """One tick: written as is at full rate; in steady training, kept only if it bounds its window."""
         now = time.monotonic() if now is None else now
-        if not self._steady(now):
-            self._close_envelope()
-            self._append(record)
-            return
-        if not self._envelope:
-            self._envelope_started = now
-        device = record.get("device_allocated_bytes")
-        for role, value in (("rss_max", record["rss_bytes"]), ("rss_min", -record["rss_bytes"]),
-                            ("device_max", device if device is not None else None)):
-            if value is not None and (role not in self._envelope or value > self._envelope[role][0]):
-                self._envelope[role] = (value, record)
-        if now - self._envelope_started >= self.steady_interval_s:
-            self._close_envelope()
-
-    def _close_envelope(self) -> None:
-        kept = {id(sample): sample for _, sample in self._envelope.values()}
-        for sample in sorted(kept.values(), key=lambda r: r["t"]):
+        steady = self._clock.steady(now, self._tracker.phase, self._tracker.step)
+        for sample in self._budget.take(record, now, steady):
             self._append(sample)
-        self._envelope = {}
 
     def _append(self, record: dict) -> None:
         """Add one tick to the open batch; write the batch once per flush interval."""
@@ -181,3 +151,51 @@ class Sampler:
             if deadline < now:  # fell behind (e.g. a stalled /proc read): skip, don't burst
                 deadline = now + self.interval_s
             self._stop.wait(deadline - now)
+
+
+DEVICE_BATCH_S = 1.0
+"""Device points are written at most once a second (a crash loses at most that): a layer's
+boundary comes many times a second, and one record per boundary would outweigh the points."""
+
+
+class DeviceSeries:
+    """The device's figures where no thread samples the rank (``sampler=watcher`` on CUDA): the
+    allocator's peaks since the previous boundary, read by the phase tracker at every phase and
+    ZeRO-3 sub-module boundary (exact where a polled sample is not), under the sampling budget,
+    written as ``device_samples`` batches. Never raises into the training loop."""
+
+    def __init__(self, writer: TimelineWriter, tracker: PhaseTracker, *, full_rate_s: float = float("inf"),
+                 steady_interval_s: float = 0.0) -> None:
+        self._writer = writer
+        self._tracker = tracker
+        self._clock = SteadyClock(full_rate_s, steady_interval_s)
+        self._budget = WindowBudget(steady_interval_s, device_roles)
+        self._batch: dict[str, list] = {"t": [], "device_allocated_bytes": [], "device_reserved_bytes": []}
+        self._written = time.monotonic()
+        self._errors = 0
+
+    def add(self, allocated: int, reserved: int | None) -> None:
+        try:
+            now = time.monotonic()
+            point = {"t": time.time_ns(), "device_allocated_bytes": allocated, "device_reserved_bytes": reserved}
+            for kept in self._budget.take(point, now, self._clock.steady(now, self._tracker.phase, self._tracker.step)):
+                for name, column in self._batch.items():
+                    column.append(kept[name])
+            if now - self._written >= DEVICE_BATCH_S:
+                self._write()
+        except Exception:  # never into the training loop
+            self._errors += 1
+            if self._errors == 1:
+                log.exception("memdiag: a device point was not recorded; further failures are counted")
+
+    def _write(self) -> None:
+        if self._batch["t"]:
+            self._writer.write({"kind": fmt.DEVICE_SAMPLES, **self._batch})
+        self._batch = {name: [] for name in self._batch}
+        self._written = time.monotonic()
+
+    def close(self) -> None:
+        for kept in self._budget.close():
+            for name, column in self._batch.items():
+                column.append(kept[name])
+        self._write()

@@ -121,9 +121,10 @@ class RunSettings:
     name: str | None = setting(None, "the folder under reports_dir (a case's runs: the case name)", kind="str", commands=frozenset({CMD, API}))
     sample_hz: float = setting(100.0, "samples per second per rank", commands=RECORDING)
     sampler: str = setting(
-        "rank", "where host samples are taken: rank (a thread in every rank) or watcher (the node watcher reads every "
-        "rank's /proc/<pid>/status at sample_hz: no thread in the ranks; phase peaks stay exact; on CUDA the device "
-        "figures are those of the phase boundaries)", choices=("rank", "watcher"), commands=RECORDING)
+        "watcher", "where samples are taken: watcher (the node watcher reads every rank's /proc/<pid>/status at "
+        "sample_hz from outside: no thread in the ranks; on CUDA the allocator is read at the ranks' phase and layer "
+        "boundaries, its peak since the last one) or rank (a sampler thread in every rank polls host and device at "
+        "sample_hz); phase peaks are exact either way", choices=("watcher", "rank"), commands=RECORDING)
     sample_full_rate_s: float = setting(
         120.0, "seconds of the training loop sampled at sample_hz once its first step is done (the rest of the run, "
         "outside the training steps, always is); after them, each sample.steady_interval_s writes only the samples "

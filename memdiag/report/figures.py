@@ -355,6 +355,7 @@ def device_figure(run: Run, summary: Summary) -> go.Figure:
                     y=gib(values[keep]),
                     mode="lines",
                     line={"dash": dash},
+                    connectgaps=True,  # device points read at hook events fall on some samples only
                     name=f"rank {rank} {label}",
                 )
             )

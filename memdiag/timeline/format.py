@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FORMAT_VERSION = "1.5"
+FORMAT_VERSION = "1.6"
 """major.minor: readers refuse an unknown major version and accept any minor. 1.2: a node
 sample's rank entries carry their children (``children``, ``children_pss_bytes``, ``children_roles``)."""
 
@@ -24,6 +24,11 @@ one per tick keeps long runs small and fast to read."""
 RANK_SAMPLES = "rank_samples"
 """A batch of one rank's host figures taken by the node watcher (``sampler=watcher``, 1.4):
 ``rank``, ``t``, ``rss_bytes``, ``hwm_bytes``; the reader joins them to the rank's phases and steps."""
+DEVICE_SAMPLES = "device_samples"
+"""A batch of a rank's device figures read at its hook events, where no sampler thread runs in
+the rank (``sampler=watcher`` on CUDA, 1.6): ``t``, ``device_allocated_bytes``,
+``device_reserved_bytes``, each the highest the allocator held since the previous point (the
+peak ledger's reading at a phase or ZeRO-3 sub-module boundary), under the sampling budget."""
 COLUMNAR = "columnar"
 """A compacted rank file's second record (1.5): its samples are in ``samples_file`` (Parquet,
 ``timeline/columnar.py``) with ``level_rows`` rows at each level of ``level_windows_s``."""
@@ -56,7 +61,7 @@ def sample_batch(**columns: list) -> dict:
 def record_values(record: dict, name: str) -> list:
     """The figures ``name`` of a ``samples`` batch or a single ``sample`` (format 1.0), oldest
     first: live followers (``memdiag top``, the metrics) read both shapes through this."""
-    if record.get("kind") == SAMPLES:
+    if record.get("kind") in (SAMPLES, DEVICE_SAMPLES, RANK_SAMPLES):
         values = record.get(name)
         return values if isinstance(values, list) else []
     value = record.get(name)

@@ -304,6 +304,14 @@ def record_shape_problem(record) -> str | None:
             if not isinstance(column, list) or len(column) != len(t) or not _converts(column, np.float64):
                 return f"column {name} does not match t"
         return None
+    if kind == fmt.DEVICE_SAMPLES:
+        if not isinstance(t, list) or not _converts(t, np.int64):
+            return "t is not a list of integers"
+        for name in ("device_allocated_bytes", "device_reserved_bytes"):
+            column = record.get(name)
+            if not isinstance(column, list) or len(column) != len(t) or not all(_is_number_or_none(v) for v in column):
+                return f"column {name} does not match t"
+        return None
     if kind == fmt.SAMPLES:
         if not isinstance(t, list) or not _converts(t, np.int64):
             return "t is not a list of integers"
@@ -573,6 +581,8 @@ def join_watcher_samples(timeline: RankTimeline, samples: dict[str, np.ndarray])
     columns["rss_bytes"], columns["hwm_bytes"] = samples["rss_bytes"], samples["hwm_bytes"]
     if timeline.header.get("device_source") == SOURCE_CPU_ACCEL:  # the accelerator's "device" is the RSS
         columns["device_allocated_bytes"] = columns["device_reserved_bytes"] = samples["rss_bytes"]
+    else:
+        _join_device_points(t, columns, timeline.events)
     names = [""]
     codes = np.zeros(n, dtype=np.int16)
     for phase in sorted(timeline.phases, key=lambda p: (p.depth, p.begin_ns)):  # inner phases overwrite outer
@@ -587,6 +597,27 @@ def join_watcher_samples(timeline: RankTimeline, samples: dict[str, np.ndarray])
     timeline.t_ns, timeline.columns = t, columns
     timeline.sample_phase_codes, timeline.phase_names = codes, names
     timeline.sample_step = step_n[np.searchsorted(step_t, t, side="right")]
+
+
+def _join_device_points(t: np.ndarray, columns: dict[str, np.ndarray], events: list[dict]) -> None:
+    """The rank's device points (``device_samples``: the allocator's peaks read at its hook
+    events) onto the watcher's sample times: each sample gets the highest point since the
+    sample before it; a sample with none stays NaN (the report joins the line across)."""
+    points: dict[str, list] = {"t": [], "device_allocated_bytes": [], "device_reserved_bytes": []}
+    for event in events:
+        if event.get("kind") == fmt.DEVICE_SAMPLES and isinstance(event.get("t"), list):
+            n = len(event["t"])
+            for name, column in points.items():
+                values = event.get(name)
+                column.extend(values if isinstance(values, list) and len(values) == n else [None] * n)
+    if not points["t"] or not len(t):
+        return
+    at = np.minimum(np.searchsorted(t, np.asarray(points["t"], dtype=np.int64), side="left"), len(t) - 1)
+    for name in ("device_allocated_bytes", "device_reserved_bytes"):
+        values = _as_float(points[name])
+        column = np.full(len(t), -np.inf)
+        np.maximum.at(column, at, np.where(np.isnan(values), -np.inf, values))
+        columns[name] = np.where(np.isinf(column), np.nan, column)
 
 
 def _roles(samples: list[dict], rank: int) -> dict[str, int]:

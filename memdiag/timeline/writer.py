@@ -43,8 +43,12 @@ class TimelineWriter:
     full disk leaves no torn line: the unwritten rest of the line is retried first.
     """
 
-    def __init__(self, path: Path, header: dict, *, hold_bytes: int = HOLD_BYTES) -> None:
+    def __init__(self, path: Path, header: dict, *, hold_bytes: int = HOLD_BYTES,
+                 flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
         self.path = Path(path)
+        self.flush_interval_s = flush_interval_s
+        """0: every record goes to the disk as it is written (a rank with no sampler thread to
+        flush for it: its events, a few a step, are then on disk when the watcher looks)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._lock = threading.Lock()
@@ -84,7 +88,7 @@ class TimelineWriter:
         self.maybe_flush()
 
     def maybe_flush(self) -> None:
-        if time.monotonic() - self._last_flush >= FLUSH_INTERVAL_S:
+        if time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def flush(self, *, force: bool = False) -> None:

@@ -212,9 +212,10 @@ def test_the_run_path_visits_each_launch_module_at_most_twice(tmp_path):
 
 
 def test_sampler_watcher_leaves_the_ranks_without_a_thread_and_reads_alike(tmp_path):
-    """sampler=watcher on the real case: no samples in the rank files (no sampler thread ran
-    there), the node watcher's rank_samples stand in for them, phases and steps joined, and the
-    checks and the report read the run as any other."""
+    """The default, sampler=watcher, on the real case: no samples in the rank files (no sampler
+    thread ran there), the node watcher's rank_samples stand in for them, phases and steps joined,
+    and the checks and the report read the run as any other. The watcher keeps the budget: past
+    sample.full_rate_s of the loop, each window keeps its bounds, for the ranks and the node."""
     import os
 
     import numpy as np
@@ -222,9 +223,9 @@ def test_sampler_watcher_leaves_the_ranks_without_a_thread_and_reads_alike(tmp_p
     from memdiag.timeline import read_run
 
     repo = Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-m", "memdiag", "run", "sampler=watcher", "steps=6", "seq_len=64",
-                             f"reports_dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                            env=os.environ | {"PYTHONPATH": str(repo)})
+    result = subprocess.run([sys.executable, "-m", "memdiag", "run", "steps=24", "seq_len=64", "sample.full_rate_s=0.5",
+                             "sample.steady_interval_s=0.5", f"reports_dir={tmp_path}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900, env=os.environ | {"PYTHONPATH": str(repo)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run_dir,) = (tmp_path / "baichuan2_13b").iterdir()
     for rank in (0, 1):
@@ -234,8 +235,20 @@ def test_sampler_watcher_leaves_the_ranks_without_a_thread_and_reads_alike(tmp_p
     assert '"kind":"rank_samples"' in node.replace(" ", "")
     run = read_run(run_dir)
     for timeline in run.ranks.values():
+        assert timeline.header["sampler"] == "watcher"
         assert len(timeline.t_ns) > 50 and {"forward", "backward"} <= set(timeline.sample_phase)
-        assert timeline.sample_step.max() >= 5
+        assert timeline.sample_step.max() >= 23
         exact = max(p.host_peak_bytes for p in timeline.phases if p.host_peak_bytes)  # VmHWM, read in the rank
         assert 0.5 * exact < np.nanmax(timeline.columns["rss_bytes"]) <= 1.05 * exact
+        # the loop from 1 s past its first step (full_rate_s, and the watcher's view of the rank a
+        # moment behind) to its last: each 0.5 s window keeps its highest and lowest (100 Hz: 50 ticks)
+        steps = [s["t"] for s in timeline.steps]
+        start, end = min(steps) + 1e9, max(steps)
+        windows = (end - start) / 0.5e9
+        assert windows > 2, "the loop was too short to reach the steady state"
+        steady = int(((timeline.t_ns > start) & (timeline.t_ns < end)).sum())
+        assert steady <= 3 * (windows + 1), (steady, windows)
+        (node_timeline,) = run.nodes.values()
+        kept = int(((node_timeline.t_ns > start) & (node_timeline.t_ns < end)).sum())  # 10 Hz: 5 a window
+        assert kept <= 4 * (windows + 1), (kept, windows)
     assert "memdiag: done. loss" in result.stdout and (run_dir / "report.html").stat().st_size > 0

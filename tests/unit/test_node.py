@@ -99,7 +99,7 @@ def test_the_watchers_rank_sampler_reads_ranks_from_outside_and_drops_the_gone(t
     gone = subprocess.Popen(["true"])
     gone.wait()
     writer = TimelineWriter(tmp_path / "node-n0.jsonl", {"host": "n0"})
-    sampler = RankSampler(writer)
+    sampler = RankSampler(writer)  # never steady: every tick
     ranks = {0: RankProcesses(0, os.getpid(), []), 1: RankProcesses(1, gone.pid, [])}
     for _ in range(3):
         sampler.sample(ranks)

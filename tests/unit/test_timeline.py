@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 
 from memdiag.errors import UsageError
@@ -344,3 +346,67 @@ def test_a_rank_sampled_by_the_watcher_reads_like_one_that_sampled_itself(tmp_pa
     assert list(rank.sample_phase) == ["load", "", "forward", ""] and list(rank.sample_step) == [0, 0, 0, 1]
     assert list(rank.columns["device_allocated_bytes"]) == [800, 500, 600, 550]  # the CPU accelerator's "device"
     assert rank.host_peak_bytes() == 900  # the load phase's exact peak, as ever
+
+
+class ScriptedAllocator:
+    """The device interface the phase tracker reads at each boundary, answering with the peaks a
+    CUDA allocator would have reached since the previous read (no CUDA here: the tracker, the
+    device series and the reader are the code under test)."""
+
+    source, is_host_memory = "cuda", False
+
+    def __init__(self, peaks: list[int]) -> None:
+        self.peaks = peaks
+
+    def read_and_reset_peaks(self) -> tuple[int, int]:
+        peak = self.peaks.pop(0)
+        return peak, peak + 100
+
+    def read(self, *, with_nvml: bool = True):
+        from memdiag.probes.device import DeviceMem
+
+        return DeviceMem(1, 2)
+
+    def inactive_split_bytes(self) -> int:
+        return 0
+
+
+def test_device_points_read_at_the_ranks_boundaries_join_the_watchers_samples(tmp_path):
+    """sampler=watcher on CUDA: no thread polls the allocator; the tracker's reads at each phase
+    and layer boundary (the peak since the previous one) are written as device_samples, and each
+    watcher sample gets the highest point since the sample before it."""
+    import time
+
+    from memdiag.phases import PhaseTracker
+    from memdiag.sampler import DeviceSeries
+
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 1}))
+    writer = TimelineWriter(rank_path(tmp_path, 0), {"rank": 0, "host": "n0", "world_size": 1, "sampler": "watcher",
+                                                     "device_source": "cuda"}, flush_interval_s=0.0)
+    allocator = ScriptedAllocator([10, 40, 70, 30, 90, 20, 5])
+    tracker = PhaseTracker(writer.write, allocator)
+    series = DeviceSeries(writer, tracker)
+    tracker.device_listener = series.add
+    times = []
+    tracker.begin("forward")  # reads 10
+    tracker.set_module("layers.0")  # 40
+    tracker.set_module("layers.1")  # 70
+    times.append(time.time_ns())  # a watcher sample here sees 10, 40 and 70
+    tracker.set_module(None)  # 30
+    times.append(time.time_ns())
+    times.append(time.time_ns())  # nothing read between these two samples
+    tracker.end("forward")  # 90
+    tracker.begin("step")  # 20
+    times.append(time.time_ns())
+    tracker.end("step")  # 5, after the last sample: on the last sample
+    series.close()
+    writer.close()
+    node = TimelineWriter(tmp_path / "timeline" / "node-n0.jsonl", {"host": "n0"})
+    node.write({"kind": fmt.RANK_SAMPLES, "rank": 0, "t": times, "rss_bytes": [1, 2, 3, 4], "hwm_bytes": [1, 2, 3, 4]})
+    node.close()
+    rank = read_run(tmp_path).ranks[0]
+    allocated = rank.columns["device_allocated_bytes"]
+    assert list(allocated[:2]) == [70, 30] and np.isnan(allocated[2]) and allocated[3] == 90
+    assert rank.columns["device_reserved_bytes"][0] == 170
+    forward = next(p for p in rank.phases if p.name == "forward")
+    assert forward.device_peak_bytes == 90  # the phase's exact peak, as ever
