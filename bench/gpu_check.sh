@@ -121,6 +121,12 @@ if last.get("reserved_bytes") is None or last.get("nvml_used_bytes") is None:
     problems.append("memory events lack the reconciliation figures")
 if not device_peak or abs(plan["device_allocated_peak_bytes"] - device_peak) / device_peak > 0.10:
     problems.append("plan vs measured allocator peak off by more than 10%")
+points = sum(len(e["t"]) for e in rank.events if e["kind"] == "device_samples")
+print(f"sampler={rank.header.get('sampler')}: {points} device points read at the rank's boundaries")
+if rank.header.get("sampler") == "watcher":  # each point is a peak since the last: their highest is the run's
+    drawn = np.nanmax(rank.columns["device_allocated_bytes"]) if points else 0
+    if not points or abs(drawn - device_peak) > 0.01 * device_peak:
+        problems.append(f"the device series (sampler=watcher) peaks at {fb(drawn)}, not the exact {fb(device_peak)}")
 if run.spec.get("status") != "completed":
     problems.append(f"status {run.spec.get('status')}")
 print("problems:", problems)

@@ -77,10 +77,11 @@ def rank_roles(sample: dict) -> Iterable[tuple[str, float | None]]:
 
 def device_roles(point: dict) -> Iterable[tuple[str, float | None]]:
     """A device point (a peak since the previous boundary) bounds the device figure from above
-    and below: the window's highest peak and the trough between steps."""
+    and below (the window's highest peak and the trough between steps), and NVML's from above."""
     allocated = point.get("device_allocated_bytes")
     yield "device_max", allocated
     yield "device_min", None if allocated is None else -allocated
+    yield "nvml_max", point.get("nvml_used_bytes")
 
 
 def node_roles(sample: dict) -> Iterable[tuple[str, float | None]]:

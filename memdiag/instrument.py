@@ -107,7 +107,8 @@ class Instrumentation:
         self.device_series: DeviceSeries | None = None
         if cuda and not self.samples_here:  # the allocator read at the tracker's boundaries, not polled
             self.device_series = DeviceSeries(self.writer, self.tracker, full_rate_s=settings.sample_full_rate_s,
-                                              steady_interval_s=settings.sample_steady_interval_s)
+                                              steady_interval_s=settings.sample_steady_interval_s,
+                                              nvml_used=self.device.nvml_used)
             self.tracker.device_listener = self.device_series.add
         self.stacks = HostStacks(run_dir, identity.rank, parse_phases(stacks), self.warn_once)
         if not self.stacks.off:

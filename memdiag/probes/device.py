@@ -145,6 +145,10 @@ class DeviceProbe:
 
         return inactive_split(torch.cuda.memory_stats_as_nested_dict(self.index))
 
+    def nvml_used(self) -> int | None:
+        """This process's memory on the device as NVML counts it (~100 us); None where NVML is off."""
+        return self._nvml_process_used()
+
     def _nvml_process_used(self) -> int | None:
         if self._nvml_handle is None:
             return None

@@ -51,8 +51,9 @@ def events_path(jsonl: Path) -> Path:
     return jsonl.with_name(jsonl.name.removesuffix(".jsonl") + ".events.parquet")
 
 
-def sample_levels(t_ns: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarray:
-    """Per sample, the coarsest level that keeps it (0: only the full resolution)."""
+def sample_levels(t_ns: np.ndarray, columns: dict[str, np.ndarray], figures: tuple[str, ...] = LEVEL_FIGURES) -> np.ndarray:
+    """Per sample, the coarsest level that keeps it (0: only the full resolution): each window's
+    last sample and those holding the lowest and highest of each of ``figures``."""
     n = len(t_ns)
     keep = np.zeros(n, dtype=np.uint8)
     if n == 0:
@@ -62,7 +63,7 @@ def sample_levels(t_ns: np.ndarray, columns: dict[str, np.ndarray]) -> np.ndarra
     for level, window_s in enumerate(LEVEL_WINDOWS_S, start=1):
         window = offset // int(window_s * 1e9)
         chosen = [np.flatnonzero(np.append(window[1:] != window[:-1], True))]  # each window's last sample
-        for name in LEVEL_FIGURES:
+        for name in figures:
             values = columns.get(name)
             if values is None or np.all(np.isnan(values)):
                 continue
@@ -257,3 +258,67 @@ def write_columnar(jsonl: Path, header_line: bytes, samples, events: list[dict],
         record |= {"events_file": events_path(jsonl).name, "events": rows[0], "event_level_rows": rows,
                    "steps": sum(1 for e in events if e.get("kind") == fmt.STEP)}
     return b"\n".join([header_line, json.dumps(record, separators=(",", ":")).encode()]) + b"\n"
+
+
+NODE_RANK_FIGURES = ("rss_bytes", "pss_bytes", "children_rss_bytes", "children_pss_bytes")
+"""A node file's per-rank columns, ``rank_<R>_<figure>`` in its Parquet (RSS and PSS with the
+rank's children included, as ``NodeTimeline`` holds them)."""
+NODE_LEVEL_FIGURES = ("ranks_total_bytes", "mem_available_bytes", "cgroup_usage_bytes", "pss_total_bytes")
+
+
+def node_columns(node) -> dict[str, np.ndarray]:
+    """A ``NodeTimeline``'s arrays as the Parquet's columns (wide: one column per rank and figure)."""
+    columns = dict(node.columns)
+    by_figure = {"rss_bytes": node.rank_rss, "pss_bytes": node.rank_pss,
+                 "children_rss_bytes": node.rank_children_rss, "children_pss_bytes": node.rank_children_pss}
+    for figure, per_rank in by_figure.items():
+        for rank, values in per_rank.items():
+            columns[f"rank_{rank}_{figure}"] = values
+    return columns
+
+
+def node_levels(node) -> np.ndarray:
+    """The node samples' levels: per window the ranks' highest and lowest total, the lowest
+    MemAvailable, the highest cgroup usage and PSS total, and the last (what the guard, the
+    forecast and the checks read of a node)."""
+    n = len(node.t_ns)
+    ranks_total = np.full(n, np.nan)
+    if node.rank_rss:
+        stacked = np.vstack(list(node.rank_rss.values()))
+        ranks_total = np.where(np.all(np.isnan(stacked), axis=0), np.nan, np.nansum(stacked, axis=0))
+    figures = {"ranks_total_bytes": ranks_total, "mem_available_bytes": node.columns.get("mem_available_bytes"),
+               "cgroup_usage_bytes": node.columns.get("cgroup_usage_bytes"), "pss_total_bytes": node.pss_total()}
+    return sample_levels(node.t_ns, figures, NODE_LEVEL_FIGURES)
+
+
+def write_node_samples(path: Path, node, keep: np.ndarray) -> list[int]:
+    """A node's samples as Parquet; returns the rows each level holds (level 0 first)."""
+    import pyarrow as pa
+
+    arrays = {"t_ns": pa.array(node.t_ns, type=pa.int64())}
+    for name, values in node_columns(node).items():
+        values = np.asarray(values, dtype=np.float64)
+        missing = np.isnan(values)
+        arrays[name] = pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing, type=pa.int64())
+    arrays["keep"] = pa.array(keep, type=pa.uint8())
+    return _write_table(path, pa.table(arrays), keep, {"host": node.host})
+
+
+def read_node_samples(path: Path, level: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict[int, np.ndarray]]]:
+    """(t_ns, system columns, {figure: {rank: values}}) of a node's samples file at ``level``."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = _in_order(pq.read_table(path, filters=[("keep", ">=", level)] if level else None))
+    system: dict[str, np.ndarray] = {}
+    per_rank: dict[str, dict[int, np.ndarray]] = {figure: {} for figure in NODE_RANK_FIGURES}
+    for name in table.column_names:
+        if name in ("t_ns", "keep", "seq"):
+            continue
+        values = pc.cast(table.column(name), "float64").to_numpy(zero_copy_only=False)
+        if name.startswith("rank_"):
+            rank, figure = name[len("rank_"):].split("_", 1)
+            per_rank.setdefault(figure, {})[int(rank)] = values
+        else:
+            system[name] = values
+    return table.column("t_ns").to_numpy(), system, per_rank

@@ -135,6 +135,8 @@ class NodeTimeline:
     """Rank -> the most children of each role seen at once (``memdiag.procs.child_role``)."""
     rank_samples: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     """Rank -> its host figures the watcher took at ``sample_hz`` (``sampler=watcher``): t, rss_bytes, hwm_bytes."""
+    sample_level_s: float | None = None
+    """A compacted file read at a coarse level: its windows' width (None: every sample)."""
 
     def pss_total(self) -> np.ndarray:
         """Sum of the ranks' PSS on the samples where every live rank had a PSS read."""
@@ -307,8 +309,10 @@ def record_shape_problem(record) -> str | None:
     if kind == fmt.DEVICE_SAMPLES:
         if not isinstance(t, list) or not _converts(t, np.int64):
             return "t is not a list of integers"
-        for name in ("device_allocated_bytes", "device_reserved_bytes"):
+        for name in ("device_allocated_bytes", "device_reserved_bytes", "nvml_used_bytes"):
             column = record.get(name)
+            if name == "nvml_used_bytes" and column is None:
+                continue
             if not isinstance(column, list) or len(column) != len(t) or not all(_is_number_or_none(v) for v in column):
                 return f"column {name} does not match t"
         return None
@@ -513,13 +517,18 @@ def _sample_columns(records: list[dict]) -> tuple[np.ndarray, dict[str, np.ndarr
     return np.array(t, dtype=np.int64), columns, (codes, list(index)), step
 
 
-def read_node_file(path: Path) -> tuple[NodeTimeline | None, list[str]]:
+def read_node_file(path: Path, max_samples: int | None = None) -> tuple[NodeTimeline | None, list[str]]:
+    """One node watcher's timeline. ``max_samples``: a compacted file's samples are read at the
+    finest level within it (every level keeps each window's extremes and its last sample)."""
     records, problems = _read_records(path)
     if not records or records[0].get("kind") != fmt.HEADER:
         problems.append(f"{path.name}: empty or without a header line; no node data")
         return None, problems
     header = records[0]
     _check_version(header, path)
+    compacted = next((r for r in records if r.get("kind") == fmt.COLUMNAR), None)
+    if compacted is not None and "samples_file" in compacted:
+        return _read_compacted_node(path, header, records, compacted, max_samples, problems)
     samples = [r for r in records if r.get("kind") == fmt.SAMPLE]
     ranks = sorted({int(k) for s in samples for k in s.get("ranks", {})})
     def rank_column(rank: int, key: str) -> np.ndarray:
@@ -550,6 +559,34 @@ def read_node_file(path: Path) -> tuple[NodeTimeline | None, list[str]]:
         rank_children_pss={rank: rank_column(rank, "children_pss_bytes") for rank in ranks},
         rank_children_roles={rank: _roles(samples, rank) for rank in ranks},
         rank_samples=_rank_samples(records),
+    )
+    return timeline, problems
+
+
+def _read_compacted_node(path: Path, header: dict, records: list[dict], compacted: dict, max_samples: int | None,
+                         problems: list[str]) -> tuple[NodeTimeline | None, list[str]]:
+    level = columnar.level_for(compacted, max_samples)
+    try:
+        t_ns, system, per_rank = columnar.read_node_samples(path.parent / compacted["samples_file"], level)
+    except (OSError, ValueError) as exc:  # pyarrow's errors are both: a missing or garbled file
+        problems.append(f"{path.name}: its samples ({compacted['samples_file']}) cannot be read ({exc})")
+        t_ns, system, per_rank = np.zeros(0, dtype=np.int64), {}, {}
+    n = len(t_ns)
+    roles = compacted.get("rank_children_roles") if isinstance(compacted.get("rank_children_roles"), dict) else {}
+    timeline = NodeTimeline(
+        host=header.get("host", path.stem.split("-", 1)[1]),
+        path=path,
+        header=header,
+        t_ns=t_ns,
+        columns={name: system.get(name, np.full(n, np.nan)) for name in NODE_COLUMNS},
+        rank_rss=per_rank.get("rss_bytes", {}),
+        rank_pss=per_rank.get("pss_bytes", {}),
+        events=[r for r in records[1:] if r.get("kind") not in (fmt.SAMPLE, fmt.RANK_SAMPLES)],
+        rank_children_rss=per_rank.get("children_rss_bytes", {}),
+        rank_children_pss=per_rank.get("children_pss_bytes", {}),
+        rank_children_roles={int(rank): dict(seen) for rank, seen in roles.items() if isinstance(seen, dict)},
+        rank_samples=_rank_samples(records),
+        sample_level_s=compacted["level_windows_s"][level - 1] if level else None,
     )
     return timeline, problems
 
@@ -603,7 +640,7 @@ def _join_device_points(t: np.ndarray, columns: dict[str, np.ndarray], events: l
     """The rank's device points (``device_samples``: the allocator's peaks read at its hook
     events) onto the watcher's sample times: each sample gets the highest point since the
     sample before it; a sample with none stays NaN (the report joins the line across)."""
-    points: dict[str, list] = {"t": [], "device_allocated_bytes": [], "device_reserved_bytes": []}
+    points: dict[str, list] = {"t": [], "device_allocated_bytes": [], "device_reserved_bytes": [], "nvml_used_bytes": []}
     for event in events:
         if event.get("kind") == fmt.DEVICE_SAMPLES and isinstance(event.get("t"), list):
             n = len(event["t"])
@@ -613,7 +650,7 @@ def _join_device_points(t: np.ndarray, columns: dict[str, np.ndarray], events: l
     if not points["t"] or not len(t):
         return
     at = np.minimum(np.searchsorted(t, np.asarray(points["t"], dtype=np.int64), side="left"), len(t) - 1)
-    for name in ("device_allocated_bytes", "device_reserved_bytes"):
+    for name in ("device_allocated_bytes", "device_reserved_bytes", "nvml_used_bytes"):
         values = _as_float(points[name])
         column = np.full(len(t), -np.inf)
         np.maximum.at(column, at, np.where(np.isnan(values), -np.inf, values))
@@ -631,6 +668,9 @@ def _roles(samples: list[dict], rank: int) -> dict[str, int]:
                 most[role] = max(most.get(role, 0), int(count))
     return most
 
+
+NODE_SAMPLE_WEIGHT = 8
+"""A node sample holds every rank's figures: in a sample budget it counts as this many."""
 
 PARALLEL_MIN_BYTES = 64 * 2**20
 """Below this much timeline data, worker processes cost more than they save."""
@@ -708,8 +748,10 @@ def read_run(path: str | Path, max_samples: int | None = None, max_events: int |
     if not ranks:
         problems.append("no rank timelines with data")
     nodes: dict[str, NodeTimeline] = {}
-    for file in sorted(timeline_dir.glob("node-*.jsonl")):
-        node, file_problems = read_node_file(file)
+    node_files = sorted(timeline_dir.glob("node-*.jsonl"))
+    node_budget = None if max_samples is None else max(1, max_samples // NODE_SAMPLE_WEIGHT // max(1, len(node_files)))
+    for file in node_files:
+        node, file_problems = read_node_file(file, node_budget)
         problems += file_problems
         if node is not None:
             nodes[node.host] = node

@@ -106,6 +106,15 @@ def test_a_compacted_run_reads_and_judges_as_its_jsonl_did(runs, tmp_path):
         lines = (copy / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()
         assert [json.loads(line)["kind"] for line in lines] == ["header", "columnar"]
         assert (copy / "timeline" / f"rank-{rank}.samples.parquet").stat().st_size > 0
+    # sampler=watcher: the ranks' samples were the node file's; they moved with their ranks, and
+    # the node's own samples into its Parquet (wide: a column per rank and figure)
+    import pyarrow.parquet as pq
+
+    (node_file,) = (copy / "timeline").glob("node-*.jsonl")
+    kinds = [json.loads(line)["kind"] for line in node_file.read_text().splitlines()]
+    assert kinds[:2] == ["header", "columnar"] and "sample" not in kinds and "rank_samples" not in kinds
+    table = pq.read_table(node_file.with_name(node_file.name.replace(".jsonl", ".samples.parquet")))
+    assert {"t_ns", "mem_available_bytes", "rank_0_rss_bytes", "rank_1_pss_bytes", "keep", "seq"} <= set(table.column_names)
     ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (original, copy))
     assert {k: v for k, v in theirs.items() if k != "problems"} == {k: v for k, v in ours.items() if k != "problems"}
     where = lambda findings: [{k: v for k, v in f.items() if k != "run"} for f in findings]  # noqa: E731 - the run's path
@@ -123,6 +132,7 @@ def test_each_node_watcher_compacts_its_ranks_files_when_they_exit(tmp_path):
         assert f"rank-{rank}.jsonl -> rank-{rank}.samples.parquet and rank-{rank}.events.parquet" in log, log[-3000:]
         kinds = [json.loads(line)["kind"] for line in (run_dir / "timeline" / f"rank-{rank}.jsonl").read_text().splitlines()]
         assert kinds == ["header", "columnar"]
+    assert "node-" in log and ".jsonl -> node-" in log, log[-3000:]  # the node's own file too
     assert ".samples.parquet" not in result.stdout  # nothing left for the report to compact
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and set(summary["host_peak_bytes_per_rank"]) == {"0", "1"}

@@ -194,3 +194,47 @@ def test_a_disk_that_will_not_take_the_parquet_leaves_the_journal_and_says_so(tm
     assert len(lines) == 1 and lines[0].startswith("rank-0.jsonl stays JSONL: cannot write") and "No space left" in lines[0]
     assert rank_path(tmp_path / "run", 0).read_bytes() == journal
     assert not list((tmp_path / "run" / "timeline").glob("*.parquet*"))
+
+
+def test_a_node_file_moves_into_parquet_and_reads_back_the_same(tmp_path):
+    """A node watcher's file as its writer wrote it: samples of two ranks (PSS and children on
+    some), rank_samples of both, a warning. Compacted with rank 0's samples moved to its rank
+    file: the node's samples read back equal from Parquet, rank 1's rank_samples stay, rank 0's
+    go; a coarse level keeps the node's one-sample high."""
+    from memdiag.timeline.compact import compact_node_file
+    from memdiag.timeline.reader import read_node_file
+
+    path = fmt.node_path(tmp_path, "n0")
+    writer = TimelineWriter(path, {"host": "n0"})
+    rng = np.random.default_rng(0)
+    for i in range(400):  # 40 s at 10 Hz
+        ranks = {str(r): {"pid": 10 + r, "rss_bytes": int(1e9 + rng.integers(0, 1e6)), "children_rss_bytes": 5 * r,
+                          "children": r} for r in (0, 1)}
+        if i == 123:
+            ranks["1"]["rss_bytes"] = int(9e9)  # the node's highest, one sample
+        if i % 10 == 0:
+            ranks["1"] |= {"pss_bytes": int(8e8), "children_pss_bytes": 3, "children_roles": {"forked worker": {"count": 1, "pss_bytes": 3}}}
+        writer.write({"kind": fmt.SAMPLE, "t": T0 + i * 10**8, "mem_total_bytes": 64 * 10**9,
+                      "mem_available_bytes": int(50e9 - i), "cgroup_usage_bytes": None, "ranks": ranks})
+        if i % 4 == 0:
+            for r in (0, 1):
+                writer.write({"kind": fmt.RANK_SAMPLES, "rank": r, "t": [T0 + i * 10**8], "rss_bytes": [1], "hwm_bytes": [2]})
+        if i == 200:
+            writer.write({"kind": fmt.WARNING, "t": T0 + i * 10**8, "key": "x", "message": "a warning"})
+    writer.close()
+    before, problems = read_node_file(path)
+    assert compact_node_file(before, problems, moved_ranks={0}) is None
+    kinds = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
+    assert kinds[:2] == ["header", "columnar"] and "sample" not in kinds
+    after, problems = read_node_file(path)
+    assert not problems and np.array_equal(after.t_ns, before.t_ns)
+    for name in ("rank_rss", "rank_pss", "rank_children_rss", "rank_children_pss"):
+        assert getattr(after, name).keys() == getattr(before, name).keys()
+        for rank, values in getattr(before, name).items():
+            assert np.array_equal(getattr(after, name)[rank], values, equal_nan=True), (name, rank)
+    assert np.array_equal(after.columns["mem_available_bytes"], before.columns["mem_available_bytes"])
+    assert after.rank_children_roles == before.rank_children_roles == {0: {}, 1: {"forked worker": 1}}
+    assert set(after.rank_samples) == {1} and [e["kind"] for e in after.events if e["kind"] != "columnar"] == ["warning"]
+    coarse, _ = read_node_file(path, max_samples=10)  # the 60 s level: one window
+    assert len(coarse.t_ns) < 10 and np.nanmax(coarse.rank_rss[1]) == 9e9 + 5
+    assert coarse.sample_level_s == 60.0

@@ -385,7 +385,7 @@ def test_device_points_read_at_the_ranks_boundaries_join_the_watchers_samples(tm
                                                      "device_source": "cuda"}, flush_interval_s=0.0)
     allocator = ScriptedAllocator([10, 40, 70, 30, 90, 20, 5])
     tracker = PhaseTracker(writer.write, allocator)
-    series = DeviceSeries(writer, tracker)
+    series = DeviceSeries(writer, tracker, nvml_used=lambda: 500)  # NVML: at most every 0.1 s
     tracker.device_listener = series.add
     times = []
     tracker.begin("forward")  # reads 10
@@ -407,6 +407,6 @@ def test_device_points_read_at_the_ranks_boundaries_join_the_watchers_samples(tm
     rank = read_run(tmp_path).ranks[0]
     allocated = rank.columns["device_allocated_bytes"]
     assert list(allocated[:2]) == [70, 30] and np.isnan(allocated[2]) and allocated[3] == 90
-    assert rank.columns["device_reserved_bytes"][0] == 170
+    assert rank.columns["device_reserved_bytes"][0] == 170 and rank.columns["nvml_used_bytes"][0] == 500
     forward = next(p for p in rank.phases if p.name == "forward")
     assert forward.device_peak_bytes == 90  # the phase's exact peak, as ever
