@@ -1,11 +1,12 @@
 """Report size and build time for a long, wide run: 16 ranks x 1 hour x 100 Hz.
 
-Writes a synthetic run directory in the real format: every tick goes through memdiag's own
-sampler logic (its sampling budget: full rate for the training loop's first
-``sample.full_rate_s``, then each window's bounding samples) into its TimelineWriter, steps as
-the hooks write them, with a spike on rank 7 that must survive the budget and the report's
-downsampling; then times `memdiag report` on it. Bytes per rank-hour are printed side by side
-without and with the budget.
+Writes a synthetic run directory in the real format as the default recorder writes it
+(``sampler=watcher``): every tick of every rank goes through the node watcher's budget code
+(full rate for the training loop's first ``sample.full_rate_s``, then each window's bounding
+samples) into the node's TimelineWriter, with the node's own 10 Hz samples under the same
+budget, steps in the rank files, and a spike on rank 7 that must survive the budget and the
+report's downsampling; then times `memdiag report` on it. Bytes per rank-hour (rank files and
+the node file, per rank) are printed side by side without and with the budget.
 
     python bench/report_scaling.py [--ranks 16] [--hours 1] [--hz 100]
 """
@@ -34,58 +35,81 @@ FULL_RATE_S = BY_FIELD["sample_full_rate_s"].default
 STEADY_INTERVAL_S = BY_FIELD["sample_steady_interval_s"].default
 
 
-def write_rank(run_dir: Path, rank: int, ranks: int, seconds: float, hz: float, budget: bool = True) -> None:
-    t0 = 1_800_000_000 * 10**9
+def rank_ticks(rank: int, seconds: float, hz: float, step_s: float = 2.0):
+    """A rank's RSS at every tick (a step every ``step_s``, a one-tick spike on SPIKE_RANK), its phase and step."""
     n = int(seconds * hz)
-    t = t0 + (np.arange(n) * (1e9 / hz)).astype(np.int64)
     rng = np.random.default_rng(rank)
-    step_s = 2.0
     steps = (np.arange(n) / hz // step_s).astype(np.int64)
     within = (np.arange(n) / hz) % step_s
     rss = (30 * 2**30 + steps * 1e5 + 2**30 * np.sin(within / step_s * np.pi) + rng.normal(0, 2**24, n)).astype(np.int64)
     if rank == SPIKE_RANK:
-        rss[n // 2] += SPIKE_BYTES  # one sample: downsampling must keep it
+        rss[n // 2] += SPIKE_BYTES  # one sample: the budget and the downsampling must keep it
     phase = np.where(within < 0.8, "forward", np.where(within < 1.7, "backward", "step"))
-    header = {"rank": rank, "local_rank": rank % 8, "world_size": ranks, "local_world_size": 8, "host": f"node{rank // 8}",
-              "sample_hz": hz, "device_source": fmt.SOURCE_SYNTHETIC, "device_total_bytes": 64 * 2**30}
-    steps_at = [(int(t0 + k * step_s * 1e9), k) for k in range(1, int(steps[-1]) + 1)]
-    if budget:
-        header |= {"sample_full_rate_s": FULL_RATE_S, "sample_steady_interval_s": STEADY_INTERVAL_S}
-    writer = TimelineWriter(rank_path(run_dir, rank), header)
-    if budget:  # what memdiag's sampler keeps of these ticks, through its own code
-        from types import SimpleNamespace
+    return rss, phase, steps
 
-        from memdiag.sampler import Sampler
 
-        tracker = SimpleNamespace(step=0, phase="")
-        sampler = Sampler(writer, tracker, None, 1 / hz, full_rate_s=FULL_RATE_S, steady_interval_s=STEADY_INTERVAL_S)
-        phases, step_list = phase.tolist(), steps.tolist()
-        rss_list, device_list, t_list = rss.tolist(), (rss // 2).tolist(), t.tolist()
-        next_step = 0
-        for i in range(n):
-            while next_step < len(steps_at) and steps_at[next_step][0] <= t_list[i]:
-                writer.write({"kind": fmt.STEP, "t": steps_at[next_step][0], "step": steps_at[next_step][1], "loss": 2.0,
-                              "tokens": 2048, "step_time_s": step_s})
-                next_step += 1
-            tracker.step, tracker.phase = step_list[i], phases[i]
-            sampler._take({"kind": fmt.SAMPLE, "t": t_list[i], "phase": phases[i], "step": step_list[i],
-                           "rss_bytes": rss_list[i], "hwm_bytes": rss_list[i], "device_allocated_bytes": device_list[i],
-                           "device_reserved_bytes": device_list[i] + 2**28}, now=i / hz)
-        sampler.stop()  # the open window and batch written, as at a rank's exit
+def write_node(run_dir: Path, node: int, rank_ids: list[int], ranks: int, seconds: float, hz: float, budget: bool = True) -> None:
+    """One node as the default recorder writes it (``sampler=watcher``): each rank's file holds
+    its events (here its steps), and the node watcher's file the ranks' samples at ``hz``
+    (``rank_samples``) and its own node samples at 10 Hz; with ``budget``, both through the
+    watcher's own budget code (memdiag/budget.py): full rate for the loop's first
+    ``sample.full_rate_s``, then each window's bounds."""
+    from memdiag.budget import SteadyClock, WindowBudget, node_roles, rank_roles
+
+    t0 = 1_800_000_000 * 10**9
+    step_s = 2.0
+    n = int(seconds * hz)
+    t = (t0 + (np.arange(n) * (1e9 / hz)).astype(np.int64)).tolist()
+    ticks = {rank: rank_ticks(rank, seconds, hz, step_s) for rank in rank_ids}
+    for rank in rank_ids:
+        header = {"rank": rank, "local_rank": rank % 8, "world_size": ranks, "local_world_size": 8, "host": f"node{node}",
+                  "sample_hz": hz, "sampler": "watcher", "device_source": fmt.SOURCE_SYNTHETIC, "device_total_bytes": 64 * 2**30,
+                  "sample_full_rate_s": FULL_RATE_S, "sample_steady_interval_s": STEADY_INTERVAL_S if budget else 0.0}
+        writer = TimelineWriter(rank_path(run_dir, rank), header)
+        for k in range(1, int(seconds // step_s) + 1):
+            writer.write({"kind": fmt.STEP, "t": int(t0 + k * step_s * 1e9), "step": k, "loss": 2.0, "tokens": 2048, "step_time_s": step_s})
         writer.close()
-        return
-    batch = int(hz * fmt.FLUSH_INTERVAL_S) or 1
-    step_done = 0
-    for start in range(0, n, batch):
-        end = min(start + batch, n)
-        writer.write(fmt.sample_batch(
-            t=t[start:end].tolist(), phase=phase[start:end].tolist(), step=steps[start:end].tolist(),
-            rss_bytes=rss[start:end].tolist(), hwm_bytes=rss[start:end].tolist(),
-            device_allocated_bytes=(rss[start:end] // 2).tolist(), device_reserved_bytes=(rss[start:end] // 2 + 2**28).tolist(),
-        ))
-        while step_done < steps[end - 1]:
-            step_done += 1
-            writer.write({"kind": fmt.STEP, "t": int(t0 + step_done * step_s * 1e9), "step": step_done, "loss": 2.0, "tokens": 2048, "step_time_s": step_s})
+    window = STEADY_INTERVAL_S if budget else 0.0
+    clocks = {rank: SteadyClock(FULL_RATE_S, window) for rank in rank_ids}
+    budgets = {rank: WindowBudget(window, rank_roles) for rank in rank_ids}
+    node_budget = WindowBudget(window, node_roles)
+    lists = {rank: (rss.tolist(), phase.tolist(), steps.tolist()) for rank, (rss, phase, steps) in ticks.items()}
+    writer = TimelineWriter(fmt.node_path(run_dir, f"node{node}"), {"host": f"node{node}", "interval_s": 0.1, "pss_interval_s": 1.0})
+    every = max(1, round(hz * fmt.FLUSH_INTERVAL_S))  # the watcher's 10 Hz node tick and its flush
+    batches: dict[int, dict[str, list]] = {}
+    for i in range(n):
+        now = i / hz
+        steady = {}
+        for rank, (rss, phase, steps) in lists.items():
+            steady[rank] = clocks[rank].steady(now, phase[i], steps[i])
+            for kept in budgets[rank].take({"t": t[i], "rss_bytes": rss[i], "hwm_bytes": rss[i]}, now, steady[rank]):
+                batch = batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
+                for name, column in batch.items():
+                    column.append(kept[name])
+        if i % every == 0:
+            entries = {str(rank): {"pid": 1000 + rank, "rss_bytes": lists[rank][0][i], "children_rss_bytes": 0, "children": 0}
+                       for rank in rank_ids}
+            if i % (every * 10) == 0:  # PSS once a second
+                for rank, entry in entries.items():
+                    entry |= {"pss_bytes": entry["rss_bytes"] - 2**28, "children_pss_bytes": 0}
+            sample = {"kind": fmt.SAMPLE, "t": t[i], "mem_total_bytes": 2 * 2**40, "mem_available_bytes": 2**40 - i,
+                      "cgroup_usage_bytes": None, "cgroup_peak_bytes": None, "cgroup_limit_bytes": None, "ranks": entries}
+            for kept in node_budget.take(sample, now, all(steady.values())):
+                writer.write(kept)
+            for rank, batch in batches.items():
+                if batch["t"]:
+                    writer.write({"kind": fmt.RANK_SAMPLES, "rank": rank, **batch})
+            batches = {}
+    for rank, budget_ in budgets.items():
+        for kept in budget_.close():
+            batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
+            for name in ("t", "rss_bytes", "hwm_bytes"):
+                batches[rank][name].append(kept[name])
+    for rank, batch in batches.items():
+        writer.write({"kind": fmt.RANK_SAMPLES, "rank": rank, **batch})
+    for kept in node_budget.close():
+        writer.write(kept)
+    writer.write({"kind": fmt.ENDED, "t": t[-1], "reason": "the job ended"})
     writer.close()
 
 
@@ -163,6 +187,41 @@ def write_compacted_rank(run_dir: Path, rank: int, ranks: int, seconds: float, h
     path.write_bytes(columnar.write_columnar(path, json.dumps(header, separators=(",", ":")).encode(), samples, events, lines, keep))
 
 
+def write_compacted_node(run_dir: Path, node: int, rank_ids: list[int], seconds: float) -> None:
+    """A node file as compaction leaves it, written through compaction's own
+    ``columnar.write_node_samples``: the node samples the budget keeps (10 Hz for the first
+    ``sample.full_rate_s``, then about three a window: the ranks' highest and lowest total and the
+    PSS read), every rank's figures in them."""
+    from memdiag.timeline import columnar
+    from memdiag.timeline.reader import NODE_COLUMNS, NodeTimeline
+
+    t0 = 1_800_000_000 * 10**9
+    full = np.arange(int(FULL_RATE_S * 10)) / 10
+    later = FULL_RATE_S + np.repeat(np.arange(int(seconds - FULL_RATE_S)), 3) + np.tile([0.0, 0.3, 0.8], int(seconds - FULL_RATE_S))
+    at_s = np.concatenate([full, later])
+    n = len(at_s)
+    rng = np.random.default_rng(node)
+    within = (at_s % 10.0) / 10.0
+    rss = {rank: ((30 * 2**30 + 2**30 * np.sin(within * np.pi) + rng.normal(0, 2**24, n)) // 4096 * 4096) for rank in rank_ids}
+    pss_at = np.isclose(at_s % 1.0, 0.0)
+    host = f"node{node}"
+    timeline = NodeTimeline(
+        host=host, path=fmt.node_path(run_dir, host), header={}, t_ns=t0 + (at_s * 1e9).astype(np.int64),
+        columns={name: np.full(n, np.nan) for name in NODE_COLUMNS} | {"mem_total_bytes": np.full(n, 2.0 * 2**40),
+                                                                        "mem_available_bytes": 2.0**40 - at_s},
+        rank_rss=rss, rank_pss={rank: np.where(pss_at, values - 2**28, np.nan) for rank, values in rss.items()},
+        events=[], rank_children_rss={rank: np.zeros(n) for rank in rank_ids},
+        rank_children_pss={rank: np.where(pss_at, 0.0, np.nan) for rank in rank_ids},
+    )
+    samples_file = columnar.samples_path(timeline.path)
+    rows = columnar.write_node_samples(samples_file, timeline, columnar.node_levels(timeline))
+    header = {"kind": fmt.HEADER, "t": t0, "format_version": fmt.FORMAT_VERSION, "host": host, "interval_s": 0.1}
+    record = {"kind": fmt.COLUMNAR, "t": int(timeline.t_ns[-1]), "samples_file": samples_file.name, "samples": rows[0],
+              "level_rows": rows, "level_windows_s": list(columnar.LEVEL_WINDOWS_S), "rank_children_roles": {}}
+    ended = {"kind": fmt.ENDED, "t": int(timeline.t_ns[-1]), "reason": "the job ended"}
+    timeline.path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in (header, record, ended)))
+
+
 def long_run(ranks: int, hours: float, hz: float, step_s: float, micro_steps: int) -> int:
     seconds = hours * 3600
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,8 +237,11 @@ def long_run(ranks: int, hours: float, hz: float, step_s: float, micro_steps: in
         jsonl_bytes = sum(len(line) + 1 for line in lines) / hours  # what one rank's events take as JSONL
         for rank in range(ranks):
             write_compacted_rank(run_dir, rank, ranks, seconds, hz, step_s, events, lines, keep)
+        for node in range((ranks + 7) // 8):
+            write_compacted_node(run_dir, node, list(range(node * 8, min(ranks, node * 8 + 8))), seconds)
         written = time.perf_counter() - started
-        samples_size = sum(p.stat().st_size for p in (run_dir / "timeline").glob("*.samples.parquet"))
+        node_size = sum(p.stat().st_size for p in (run_dir / "timeline").glob("node-*.samples.parquet"))
+        samples_size = sum(p.stat().st_size for p in (run_dir / "timeline").glob("rank-*.samples.parquet"))
         events_size = sum(p.stat().st_size for p in (run_dir / "timeline").glob("*.events.parquet"))
         started = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "memdiag", "report", str(run_dir)], cwd=REPO, capture_output=True, text=True)
@@ -196,6 +258,9 @@ def long_run(ranks: int, hours: float, hz: float, step_s: float, micro_steps: in
     print(f"{'samples (Parquet)':24} {samples_size / 2**20:8.1f} MiB   ({samples_size / ranks / hours / 2**20:.2f} MiB per rank-hour)")
     print(f"{'events (Parquet)':24} {events_size / 2**20:8.1f} MiB   ({events_size / ranks / hours / 2**20:.2f} MiB per rank-hour; "
           f"{jsonl_bytes / 2**20:.2f} MiB as JSONL)")
+    print(f"{'node samples (Parquet)':24} {node_size / 2**20:8.1f} MiB   ({node_size / ranks / hours / 2**20:.2f} MiB per rank-hour)")
+    total = samples_size + events_size + node_size
+    print(f"{'all of it':24} {total / 2**20:8.1f} MiB   ({total / ranks / hours / 2**20:.2f} MiB per rank-hour)")
     print(f"{'memdiag report time':24} {took:8.1f} s     (target <= 60 s for 512 x 24 h)")
     print(f"{'report.html size':24} {html / 2**20:8.2f} MiB")
     print(f"{'one-sample spike kept':24} {'yes' if spike_kept else 'NO':>8}")
@@ -217,19 +282,21 @@ def main() -> int:
     seconds = args.hours * 3600
     with tempfile.TemporaryDirectory() as tmp:
         # bytes per rank-hour, side by side: every sample (before the budget) and what the sampler keeps
+        # one node of 8 ranks: its rank files and its watcher's file, per rank-hour
         sizes = {}
+        per_node = min(8, args.ranks)
         for budget in (False, True):
             one = Path(tmp) / f"one-{budget}"
             (one / "timeline").mkdir(parents=True)
-            write_rank(one, 0, 1, seconds, args.hz, budget=budget)
-            sizes[budget] = (one / "timeline" / "rank-0.jsonl").stat().st_size / args.hours
+            write_node(one, 0, list(range(per_node)), per_node, seconds, args.hz, budget=budget)
+            sizes[budget] = sum(p.stat().st_size for p in (one / "timeline").iterdir()) / args.hours / per_node
         run_dir = Path(tmp) / "run"
         (run_dir / "timeline").mkdir(parents=True)
         (run_dir / "run.json").write_text(json.dumps({"world_size": args.ranks, "status": "completed", "host_limit_bytes": 500 * 2**30,
                                                       "timeline_columnar": "always"}))
         started = time.perf_counter()
-        for rank in range(args.ranks):
-            write_rank(run_dir, rank, args.ranks, seconds, args.hz)
+        for node in range((args.ranks + 7) // 8):
+            write_node(run_dir, node, list(range(node * 8, min(args.ranks, node * 8 + 8))), args.ranks, seconds, args.hz)
         written = time.perf_counter() - started
         size_in = sum(p.stat().st_size for p in (run_dir / "timeline").iterdir())
         took = {}

@@ -12,6 +12,7 @@ It writes ``timeline/node-<host>.jsonl`` in the rank files' format.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
@@ -35,6 +36,8 @@ from memdiag.timeline import format as fmt
 from memdiag.timeline.writer import TimelineWriter
 
 TREE_REFRESH_S = 0.5
+DISCOVERY_INTERVAL_S = 2.0
+"""How often the watcher looks for rank files it has not read the header of."""
 
 
 def parse_environ_rank(data: bytes) -> int | None:
@@ -249,6 +252,35 @@ class NodeWatcher:
         self._ranks: dict[int, RankProcesses] = {}
         self._next_tree = 0.0
         self._next_pss = 0.0
+        self._next_discovery = 0.0
+        self._headers: dict[str, dict] = {}
+
+    def _declared_ranks(self) -> dict[int, RankProcesses]:
+        """Ranks that named this node and their pid in their timeline file's header, in the job's
+        process tree, though no ``RANK`` was in their environment when they started (a process
+        recording itself with ``memdiag.record``, workers whose framework sets ``RANK`` later):
+        the watcher samples them and the guard counts them as it does the launcher's ranks."""
+        now = time.monotonic()
+        if now >= self._next_discovery:
+            self._next_discovery = now + DISCOVERY_INTERVAL_S
+            for path in (self.run_dir / fmt.TIMELINE_DIR).glob("rank-*.jsonl"):
+                if path.name in self._headers:
+                    continue
+                try:
+                    with open(path, "rb") as f:
+                        header = json.loads(f.readline())
+                except (OSError, ValueError):  # not whole yet: the next look reads it
+                    continue
+                if isinstance(header, dict) and header.get("kind") == fmt.HEADER:
+                    self._headers[path.name] = header
+        declared = {h["rank"]: h["pid"] for h in self._headers.values() if h.get("host") == self.host
+                    and isinstance(h.get("rank"), int) and isinstance(h.get("pid"), int)}
+        if not declared:
+            return {}
+        children = procs.children_map()
+        job = {self.root_pid, *procs.descendants(self.root_pid, children)}
+        return {rank: RankProcesses(rank, pid, procs.descendants(pid, children), procs.start_ticks(pid))
+                for rank, pid in declared.items() if pid in job}
 
     def rank_steady(self, rank: int, now: float) -> bool:
         """The rank's training loop has run past ``full_rate_s`` and it is still in it (its
@@ -281,6 +313,7 @@ class NodeWatcher:
         now = time.monotonic()
         if now >= self._next_tree:
             found = find_ranks(self.root_pid) if self._root_alive() else {}
+            found |= {rank: ranked for rank, ranked in self._declared_ranks().items() if rank not in found}
             # a rank whose launcher died is re-parented, not gone: keep following it
             for rank, old in self._ranks.items():
                 if rank not in found and procs.alive(old.pid, old.start_ticks):

@@ -36,6 +36,7 @@ def test_the_python_api_writes_a_whole_run_directory(tmp_path, mode, ranks):
         phases = {p.name for p in timeline.phases}
         assert {"ds_initialize", "forward", "backward", "step"} <= phases
         assert len(timeline.steps) == 3 and all(s["loss"] > 0 for s in timeline.steps)
+        assert len(timeline.t_ns) > 10  # sampled by the watcher local rank 0 started (sampler=watcher)
     for name in ("summary.json", "findings.json", "report.html"):
         assert (run_dir / name).stat().st_size > 0
     # rank 0 ends on the console as `memdiag run` ends a run: how it ended, then the report, once

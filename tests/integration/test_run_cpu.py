@@ -27,14 +27,17 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def rank_samples(records):
-    """The sampler writes batches (``samples``, one column per field): one dict per tick."""
+def rank_samples(run_dir, rank):
+    """The rank's host samples as written, one dict per tick: by the node watcher
+    (``rank_samples`` batches, sampler=watcher, the default) or by the rank's own sampler
+    (``samples`` batches, sampler=rank)."""
     out = []
-    for record in records:
-        if record["kind"] == "samples":
-            keys = [k for k in record if k != "kind"]
-            out += [dict(zip(keys, row)) for row in zip(*(record[k] for k in keys))]
-    return out
+    for path in [run_dir / "timeline" / f"rank-{rank}.jsonl", *(run_dir / "timeline").glob("node-*.jsonl")]:
+        for record in read_jsonl(path):
+            if record["kind"] == "samples" or (record["kind"] == "rank_samples" and record["rank"] == rank):
+                keys = [k for k in record if k not in ("kind", "rank")]
+                out += [dict(zip(keys, row)) for row in zip(*(record[k] for k in keys))]
+    return sorted(out, key=lambda sample: sample["t"])
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +68,12 @@ def test_both_ranks_recorded_every_phase_in_order(cpu_run):
         assert begins.count("forward") == 4
         ends = [r for r in records if r["kind"] == "phase_end"]
         assert all(r["host_peak_bytes"] > 0 for r in ends)
-        samples = rank_samples(records)
+        samples = rank_samples(run_dir, rank)
         assert len(samples) > 50
         assert all(b["t"] > a["t"] for a, b in zip(samples, samples[1:]))
-        seen = {s["phase"] for s in samples}
+        from memdiag.timeline import read_run
+
+        seen = set(read_run(run_dir).ranks[rank].sample_phase)  # each sample joined to the rank's phases
         assert "forward" in seen
         assert seen & {"model_build", "zero_init"}  # samples carry the innermost phase
 
@@ -80,7 +85,7 @@ def test_loss_is_finite_and_summary_matches_the_timeline(cpu_run):
     assert summary["tokens_per_s_per_device"] > 0
     for rank in (0, 1):
         records = read_jsonl(run_dir / "timeline" / f"rank-{rank}.jsonl")
-        sample_max = max(r["rss_bytes"] for r in rank_samples(records))
+        sample_max = max(r["rss_bytes"] for r in rank_samples(run_dir, rank))
         phase_max = max(r["host_peak_bytes"] for r in records if r["kind"] == "phase_end")
         assert summary["host_peak_bytes_per_rank"][str(rank)] == max(sample_max, phase_max)
     node_peak = next(iter(summary["host_peak_bytes_per_node"].values()))

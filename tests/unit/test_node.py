@@ -110,3 +110,50 @@ def test_the_watchers_rank_sampler_reads_ranks_from_outside_and_drops_the_gone(t
     assert {b["rank"] for b in batches} == {0}
     assert sum(len(b["t"]) for b in batches) == 3
     assert all(rss > 10 * 2**20 and hwm >= rss for b in batches for rss, hwm in zip(b["rss_bytes"], b["hwm_bytes"]))
+
+
+def test_a_rank_that_named_itself_in_its_file_is_sampled_without_rank_in_its_environment(tmp_path):
+    """A process recording itself (memdiag.record in a script started by hand, or a worker whose
+    framework sets RANK after it started) has no RANK in /proc/<pid>/environ; its file's header
+    names its rank, node and pid, and the watcher over its process tree samples it from there. A
+    header naming a process outside the tree, or another node, is not taken."""
+    import json
+
+    script = (
+        "import os, sys, time\n"
+        "from memdiag.timeline import TimelineWriter, rank_path\n"
+        "w = TimelineWriter(rank_path(sys.argv[1], 0), {'rank': 0, 'host': 'n0', 'pid': os.getpid()})\n"
+        "w.close()\n"
+        "block = bytearray(40 * 2**20)\n"
+        "time.sleep(30)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MEMDIAG_SINGLE_PROCESS")}
+    env["PYTHONPATH"] = str(__import__("pathlib").Path(__file__).resolve().parents[2])
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env)
+    from memdiag.timeline import TimelineWriter, rank_path
+
+    outsider = TimelineWriter(rank_path(tmp_path, 5), {"rank": 5, "host": "n0", "pid": os.getpid()})  # not in the tree
+    outsider.close()
+    elsewhere = TimelineWriter(rank_path(tmp_path, 6), {"rank": 6, "host": "n1", "pid": child.pid})  # another node's
+    elsewhere.close()
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (tmp_path / "timeline" / "rank-0.jsonl").exists():
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert find_ranks(child.pid) == {}  # nothing in its environment says it is a rank
+        watcher = NodeWatcher(tmp_path, child.pid, interval_s=0.05, host="n0", rank_interval_s=0.01)
+        for _ in range(5):
+            sample = watcher.sample_once()
+            watcher.writer.write(sample)
+            watcher.rank_sampler.sample(watcher._ranks)
+            time.sleep(0.06)
+        watcher.rank_sampler.close()
+        watcher.writer.close()
+    finally:
+        child.kill()
+        child.wait()
+    assert set(sample["ranks"]) == {"0"} and sample["ranks"]["0"]["pid"] == child.pid
+    records = [json.loads(line) for line in (tmp_path / "timeline" / "node-n0.jsonl").read_text().splitlines()]
+    rss = [v for r in records if r["kind"] == "rank_samples" and r["rank"] == 0 for v in r["rss_bytes"]]
+    assert len(rss) >= 5 and min(rss) > 40 * 2**20
