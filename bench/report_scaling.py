@@ -87,19 +87,20 @@ def write_node(run_dir: Path, node: int, rank_ids: list[int], ranks: int, second
                 for name, column in batch.items():
                     column.append(kept[name])
         if i % every == 0:
-            entries = {str(rank): {"pid": 1000 + rank, "rss_bytes": lists[rank][0][i], "children_rss_bytes": 0, "children": 0}
-                       for rank in rank_ids}
-            if i % (every * 10) == 0:  # PSS once a second
+            entries = {str(rank): {"rss_bytes": lists[rank][0][i], "children_rss_bytes": 0} for rank in rank_ids}
+            if i % (every * 10) == 0:  # PSS once a second, with the pid and the children count (node._as_written)
                 for rank, entry in entries.items():
-                    entry |= {"pss_bytes": entry["rss_bytes"] - 2**28, "children_pss_bytes": 0}
+                    entry |= {"pid": 1000 + int(rank), "children": 0, "pss_bytes": entry["rss_bytes"] - 2**28, "children_pss_bytes": 0}
             sample = {"kind": fmt.SAMPLE, "t": t[i], "mem_total_bytes": 2 * 2**40, "mem_available_bytes": 2**40 - i,
                       "cgroup_usage_bytes": None, "cgroup_peak_bytes": None, "cgroup_limit_bytes": None, "ranks": entries}
             for kept in node_budget.take(sample, now, all(steady.values())):
                 writer.write(kept)
-            for rank, batch in batches.items():
-                if batch["t"]:
-                    writer.write({"kind": fmt.RANK_SAMPLES, "rank": rank, **batch})
-            batches = {}
+            # the watcher's flush: every 0.1 s, or once a window while every rank is steady
+            if not all(steady.values()) or i % max(1, round(hz * window)) == 0:
+                for rank, batch in batches.items():
+                    if batch["t"]:
+                        writer.write({"kind": fmt.RANK_SAMPLES, "rank": rank, **batch})
+                batches = {}
     for rank, budget_ in budgets.items():
         for kept in budget_.close():
             batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
@@ -290,6 +291,14 @@ def main() -> int:
             (one / "timeline").mkdir(parents=True)
             write_node(one, 0, list(range(per_node)), per_node, seconds, args.hz, budget=budget)
             sizes[budget] = sum(p.stat().st_size for p in (one / "timeline").iterdir()) / args.hours / per_node
+            if budget:  # the hours after the first: what a day's run costs per hour
+                later, since = 0, 1_800_000_000 * 10**9 + int(FULL_RATE_S + 60) * 10**9
+                for path in (one / "timeline").iterdir():
+                    for line in path.read_bytes().split(b"\n"):
+                        if line:
+                            t = json.loads(line).get("t")
+                            later += len(line) + 1 if (t[0] if isinstance(t, list) else t or 0) >= since else 0
+                steady = later / ((seconds - FULL_RATE_S - 60) / 3600) / per_node
         run_dir = Path(tmp) / "run"
         (run_dir / "timeline").mkdir(parents=True)
         (run_dir / "run.json").write_text(json.dumps({"world_size": args.ranks, "status": "completed", "host_limit_bytes": 500 * 2**30,
@@ -320,6 +329,8 @@ def main() -> int:
     print(f"{'bytes per rank-hour':24} {sizes[False] / 2**20:8.2f} MiB every sample, {sizes[True] / 2**20:.2f} MiB with the "
           f"budget (full rate for {FULL_RATE_S:g} s of training, then {STEADY_INTERVAL_S:g} s windows' bounds): "
           f"{sizes[False] / sizes[True]:.1f}x smaller   (target <= 2 MiB)")
+    print(f"{'  once steady':24} {steady / 2**20:8.2f} MiB per rank-hour after the loop's first {FULL_RATE_S:g} s at full rate "
+          f"(their {sizes[True] / 2**20 - steady / 2**20:.2f} MiB of this {args.hours:g} h run are spread over a day's in a long run)")
     rank_hours = args.ranks * args.hours
     print(f"{'compacted, per rank-hour':24} {(parquet + events) / rank_hours / 2**20:8.2f} MiB (Parquet: every kept sample and event, "
           f"with their levels; JSONL: the headers): {size_in / (parquet + events):.1f}x smaller than the JSONL it replaces, "

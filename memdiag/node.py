@@ -114,6 +114,7 @@ class RankSampler:
     def sample(self, ranks: dict[int, RankProcesses]) -> None:
         t = time.time_ns()
         now = time.monotonic()
+        all_steady = True
         for rank, processes in ranks.items():
             reader = self._reader(rank, processes.pid)
             if reader is None:
@@ -123,18 +124,23 @@ class RankSampler:
             except OSError:  # the rank has exited
                 self._drop(rank)
                 continue
-            self._add(rank, {"t": t, "rss_bytes": mem.rss_bytes, "hwm_bytes": mem.hwm_bytes}, now)
-        if time.monotonic() - self._flushed >= fmt.FLUSH_INTERVAL_S:
+            all_steady = self._add(rank, {"t": t, "rss_bytes": mem.rss_bytes, "hwm_bytes": mem.hwm_bytes}, now) and all_steady
+        # while every rank is steady its samples wait for their window's end anyway: one batch a
+        # window instead of one a flush interval (a batch's own bytes outweighed its two samples)
+        if time.monotonic() - self._flushed >= (self.steady_interval_s if all_steady and ranks else fmt.FLUSH_INTERVAL_S):
             self.flush()
 
-    def _add(self, rank: int, sample: dict, now: float) -> None:
+    def _add(self, rank: int, sample: dict, now: float) -> bool:
+        """The rank's sample through its budget; whether the rank is steady."""
         budget = self._budgets.get(rank)
         if budget is None:
             budget = self._budgets[rank] = WindowBudget(self.steady_interval_s, rank_roles)
-        for kept in budget.take(sample, now, self.steady(rank, now)):
+        steady = self.steady(rank, now)
+        for kept in budget.take(sample, now, steady):
             batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
             for name, column in batch.items():
                 column.append(kept[name])
+        return steady
 
     def _reader(self, rank: int, pid: int) -> SelfStatusReader | None:
         held = self._readers.get(rank)
@@ -170,6 +176,14 @@ class RankSampler:
         for rank in list(self._readers):
             self._drop(rank)
         self.flush()
+
+
+def _as_written(sample: dict) -> dict:
+    """A node sample as the file keeps it: a rank's ``pid`` and ``children`` count only with its
+    once-a-second PSS read (no reader needs them every tick; they were a quarter of the bytes)."""
+    ranks = {rank: entry if "pss_bytes" in entry else {k: v for k, v in entry.items() if k not in ("pid", "children")}
+             for rank, entry in sample.get("ranks", {}).items()}
+    return {**sample, "ranks": ranks}
 
 
 class NodeWatcher:
@@ -303,7 +317,7 @@ class NodeWatcher:
         saving or in its first minutes of training; each window's bounds when all are steady."""
         now = time.monotonic()
         self.followers.refresh(self._ranks)
-        for kept in self._node_budget.take(sample, now, self.node_steady(sample, now)):
+        for kept in self._node_budget.take(_as_written(sample), now, self.node_steady(sample, now)):
             self.writer.write(kept)
 
     def _warn(self, key: str, message: str) -> None:
