@@ -511,7 +511,8 @@ def node_figures(run: Run, summary: Summary) -> dict[str, go.Figure]:
                 fig.add_trace(go.Scatter(x=x, y=gib(np.nan_to_num(children[keep])), mode="lines", stackgroup="ranks",
                                          line={"dash": "dot"}, name=f"rank {rank} children RSS ({roles})"))
         pss = node.pss_total()
-        has_pss = ~np.isnan(pss)
+        has_pss = np.flatnonzero(~np.isnan(pss))
+        has_pss = has_pss[minmax_indices(pss[has_pss])]  # read once a second: a day's run has 86,400
         fig.add_trace(
             go.Scatter(x=seconds(node.t_ns[has_pss], t0), y=gib(pss[has_pss]), mode="lines+markers",
                        line={"dash": "dot", "width": 2}, name="sum of PSS (shared pages once)")
@@ -614,7 +615,8 @@ def build_figures(run: Run, summary: Summary, findings: list[dict] | None = None
     figures = {"host": host_figure(run, summary)}
     if findings:
         add_finding_marks(figures["host"], run, findings)
-    figures.update(node_figures(run, summary))
+    if len(run.ranks) <= MAX_RANK_LINES:  # past it each node's stacked view is on its own page
+        figures.update(node_figures(run, summary))
     device = device_figure(run, summary)
     if device.data:  # a run with no device figures (no CUDA, no CPU accelerator) gets a note instead
         figures["device"] = device

@@ -276,7 +276,7 @@ def write_node_pages(run: Run, out_dir: Path, main_page: str = "report.html") ->
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
 
-    from memdiag.report.figures import MAX_RANK_LINES, device_figure, host_figure
+    from memdiag.report.figures import MAX_RANK_LINES, device_figure, host_figure, node_figures
     from memdiag.summary import ranks_by_host, summarize
 
     if len(run.ranks) <= MAX_RANK_LINES:
@@ -291,7 +291,11 @@ def write_node_pages(run: Run, out_dir: Path, main_page: str = "report.html") ->
         body = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
                 f"<style>{STYLE}</style><script src='{PLOTLY_JS}'></script></head><body>",
                 f"<h1>{html.escape(title)}</h1><p><a href='{html.escape(main_page)}'>the run's report</a></p>"]
-        for name, figure in (("host", host_figure(part, part_summary)), ("device", device_figure(part, part_summary))):
+        stacked = list(node_figures(part, part_summary).values())
+        for name, figure in (("host", host_figure(part, part_summary)), ("node", stacked[0] if stacked else None),
+                             ("device", device_figure(part, part_summary))):
+            if figure is None:
+                continue
             if figure.data:
                 body.append(f"<section class='figure' data-figure='{name}' data-expected-traces='{len(figure.data)}'>"
                             + pio.to_html(figure, full_html=False, include_plotlyjs=False, div_id=f"fig-{name}",
