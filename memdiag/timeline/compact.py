@@ -32,16 +32,28 @@ def wanted(mode: str, size_bytes: int) -> bool:
     return mode == "always" or (mode == "auto" and size_bytes >= AUTO_MIN_BYTES)
 
 
+def _not_compactable(problems: list[str], events: list[dict]) -> str | None:
+    if problems:
+        return "the reader skipped lines of it"
+    if any(e.get("kind") == fmt.COLUMNAR for e in events):
+        return "already columnar"
+    return None
+
+
+def _journal(jsonl: Path) -> tuple[bytes, list[bytes]]:
+    """A JSONL file's header line and its other lines, as the writer wrote them."""
+    header, *rest = jsonl.read_bytes().split(b"\n")
+    return header, [line for line in rest if line.strip()]
+
+
 def compact_rank(timeline: RankTimeline, problems: list[str]) -> str | None:
     """Move one rank file's samples and events into Parquet. ``timeline`` is the file as the
     reader read it whole; returns why it was left as it is, or None when it was compacted."""
     jsonl = timeline.path
-    if problems:
-        return "the reader skipped lines of it"
-    if any(e.get("kind") == fmt.COLUMNAR for e in timeline.events):
-        return "already columnar"
-    header, *rest = jsonl.read_bytes().split(b"\n")
-    lines = [line for line in rest if line.strip()]
+    why = _not_compactable(problems, timeline.events)
+    if why:
+        return why
+    header, lines = _journal(jsonl)
     # the writer's own lines (json.dumps with "kind" first); the events keep their bytes and order
     event_lines = [line for line in lines if not line.startswith(_SAMPLE_PREFIXES)]
     # sampler=watcher: the samples are the node file's, joined to the rank by the reader; they
@@ -76,13 +88,18 @@ def compact_rank(timeline: RankTimeline, problems: list[str]) -> str | None:
             return "it did not read back the same"
         os.replace(tmp, jsonl)
     except (OSError, WriteFailed) as exc:
-        tmp.unlink(missing_ok=True)
-        for path in written:
-            path.unlink(missing_ok=True)
-        if isinstance(exc, WriteFailed):
-            raise
-        raise WriteFailed(jsonl, exc, 0) from None
+        _failed(jsonl, exc, tmp, *written)
     return None
+
+
+def _failed(jsonl: Path, exc: OSError | WriteFailed, *partial: Path):
+    """A compaction the disk cut short: its partial files removed, the JSONL in charge, and the
+    failure raised as ``WriteFailed`` (the report says it in one line)."""
+    for path in partial:
+        path.unlink(missing_ok=True)
+    if isinstance(exc, WriteFailed):
+        raise exc
+    raise WriteFailed(jsonl, exc, 0) from None
 
 
 def setting_of(spec: dict) -> str:
@@ -100,12 +117,10 @@ def compact_node_file(node: NodeTimeline, problems: list[str], moved_ranks: set[
     ranks' Parquet). Its events stay JSONL beside a ``columnar`` record: they are few. Returns why
     it was left as it is, or None when it was compacted."""
     jsonl = node.path
-    if problems:
-        return "the reader skipped lines of it"
-    if any(e.get("kind") == fmt.COLUMNAR for e in node.events):
-        return "already columnar"
-    header, *rest = jsonl.read_bytes().split(b"\n")
-    lines = [line for line in rest if line.strip()]
+    why = _not_compactable(problems, node.events)
+    if why:
+        return why
+    header, lines = _journal(jsonl)
     moved = tuple(_rank_samples_prefix(rank) for rank in sorted(moved_ranks))
     kept = [line for line in lines if not line.startswith(_NODE_SAMPLE_PREFIX) and not (moved and line.startswith(moved))]
     kept_rank_samples = {rank for rank in node.rank_samples if rank not in moved_ranks}
@@ -137,11 +152,7 @@ def compact_node_file(node: NodeTimeline, problems: list[str], moved_ranks: set[
             return "it did not read back the same"
         os.replace(tmp, jsonl)
     except (OSError, WriteFailed) as exc:
-        tmp.unlink(missing_ok=True)
-        samples_file.unlink(missing_ok=True)
-        if isinstance(exc, WriteFailed):
-            raise
-        raise WriteFailed(jsonl, exc, 0) from None
+        _failed(jsonl, exc, tmp, samples_file)
     return None
 
 
