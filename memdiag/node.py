@@ -136,11 +136,14 @@ class RankSampler:
         if budget is None:
             budget = self._budgets[rank] = WindowBudget(self.steady_interval_s, rank_roles)
         steady = self.steady(rank, now)
-        for kept in budget.take(sample, now, steady):
-            batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
-            for name, column in batch.items():
-                column.append(kept[name])
+        self._keep(rank, budget.take(sample, now, steady))
         return steady
+
+    def _keep(self, rank: int, samples: list[dict]) -> None:
+        batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
+        for sample in samples:
+            for name, column in batch.items():
+                column.append(sample[name])
 
     def _reader(self, rank: int, pid: int) -> SelfStatusReader | None:
         held = self._readers.get(rank)
@@ -160,10 +163,7 @@ class RankSampler:
             held[1].close()
         budget = self._budgets.get(rank)
         if budget is not None:  # the exited rank's open window is written, not lost
-            for kept in budget.close():
-                batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
-                for name, column in batch.items():
-                    column.append(kept[name])
+            self._keep(rank, budget.close())
 
     def flush(self) -> None:
         for rank, batch in self._batches.items():
@@ -269,7 +269,7 @@ class NodeWatcher:
         self._next_discovery = 0.0
         self._headers: dict[str, dict] = {}
 
-    def _declared_ranks(self) -> dict[int, RankProcesses]:
+    def _declared_ranks(self, found: set[int]) -> dict[int, RankProcesses]:
         """Ranks that named this node and their pid in their timeline file's header, in the job's
         process tree, though no ``RANK`` was in their environment when they started (a process
         recording itself with ``memdiag.record``, workers whose framework sets ``RANK`` later):
@@ -288,8 +288,8 @@ class NodeWatcher:
                 if isinstance(header, dict) and header.get("kind") == fmt.HEADER:
                     self._headers[path.name] = header
         declared = {h["rank"]: h["pid"] for h in self._headers.values() if h.get("host") == self.host
-                    and isinstance(h.get("rank"), int) and isinstance(h.get("pid"), int)}
-        if not declared:
+                    and isinstance(h.get("rank"), int) and isinstance(h.get("pid"), int) and h["rank"] not in found}
+        if not declared:  # the usual case: the launcher's ranks carry RANK, found by the tree walk already
             return {}
         children = procs.children_map()
         job = {self.root_pid, *procs.descendants(self.root_pid, children)}
@@ -327,7 +327,7 @@ class NodeWatcher:
         now = time.monotonic()
         if now >= self._next_tree:
             found = find_ranks(self.root_pid) if self._root_alive() else {}
-            found |= {rank: ranked for rank, ranked in self._declared_ranks().items() if rank not in found}
+            found |= self._declared_ranks(set(found))
             # a rank whose launcher died is re-parented, not gone: keep following it
             for rank, old in self._ranks.items():
                 if rank not in found and procs.alive(old.pid, old.start_ticks):
