@@ -85,7 +85,8 @@ run = read_run(sys.argv[1])
 plan = json.load(open(sys.argv[2]))["layouts"][0]
 rank = run.ranks[0]
 print("device source:", rank.header.get("device_source"), "| total", fb(rank.header.get("device_total_bytes")),
-      "| nvml", rank.header.get("nvml_module"))
+      "| nvml", rank.header.get("nvml_module"),
+      "| the watcher's NVML:", [(n.header.get("nvml"), n.header.get("nvml_module")) for n in run.nodes.values()])
 for column in ("device_allocated_bytes", "device_reserved_bytes", "nvml_used_bytes", "rss_bytes"):
     values = rank.columns[column]
     print(f"sampled max {column:24} {fb(np.nanmax(values)) if np.any(~np.isnan(values)) else 'n/a'}")
@@ -116,7 +117,7 @@ if not reconciled or any(r.reserved_peak_bytes is None or r.reserved_peak_bytes 
 if "torch.cuda" not in str(rank.header.get("device_source")):
     problems.append("the CUDA probe was not chosen")
 if not np.any(~np.isnan(rank.columns["nvml_used_bytes"])):
-    problems.append("no NVML figure")
+    problems.append("no NVML figure (sampler=watcher: the node watcher reads it, format 1.7)")
 if last.get("reserved_bytes") is None or last.get("nvml_used_bytes") is None:
     problems.append("memory events lack the reconciliation figures")
 if not device_peak or abs(plan["device_allocated_peak_bytes"] - device_peak) / device_peak > 0.10:

@@ -68,20 +68,21 @@ class WindowBudget:
 
 
 def rank_roles(sample: dict) -> Iterable[tuple[str, float | None]]:
-    """A rank's sample bounds its RSS from above and below and its device figure from above."""
+    """A rank's sample bounds its RSS from above and below, and its device figures (the
+    allocator's, NVML's) from above."""
     rss = sample.get("rss_bytes")
     yield "rss_max", rss
     yield "rss_min", None if rss is None else -rss
     yield "device_max", sample.get("device_allocated_bytes")
+    yield "nvml_max", sample.get("nvml_used_bytes")
 
 
 def device_roles(point: dict) -> Iterable[tuple[str, float | None]]:
     """A device point (a peak since the previous boundary) bounds the device figure from above
-    and below (the window's highest peak and the trough between steps), and NVML's from above."""
+    and below (the window's highest peak and the trough between steps)."""
     allocated = point.get("device_allocated_bytes")
     yield "device_max", allocated
     yield "device_min", None if allocated is None else -allocated
-    yield "nvml_max", point.get("nvml_used_bytes")
 
 
 def node_roles(sample: dict) -> Iterable[tuple[str, float | None]]:

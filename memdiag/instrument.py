@@ -20,7 +20,7 @@ from memdiag import hooks
 from memdiag.failure import exception_record
 from memdiag.phases import PhaseTracker
 from memdiag.device_stacks import DeviceStacks
-from memdiag.probes.device import SOURCE_CUDA, DeviceProbe
+from memdiag.probes.device import SOURCE_CUDA, DeviceProbe, nvml_module
 from memdiag.sampler import DeviceSeries, Sampler
 from memdiag.settings import RunSettings, parse_stacks_device, recorder_from_env
 from memdiag.stacks import HostStacks, parse_phases
@@ -86,7 +86,7 @@ class Instrumentation:
             "device_total_bytes": self.device.total_bytes if self.device else None,
         }
         if self.device is not None and not self.device.is_host_memory:
-            header["nvml_module"] = _nvml_module()
+            header["nvml_module"] = nvml_module()
         device_steps = parse_stacks_device(stacks_device)
         cuda = self.device is not None and self.device.source == SOURCE_CUDA
         if device_steps and not cuda:
@@ -107,8 +107,7 @@ class Instrumentation:
         self.device_series: DeviceSeries | None = None
         if cuda and not self.samples_here:  # the allocator read at the tracker's boundaries, not polled
             self.device_series = DeviceSeries(self.writer, self.tracker, full_rate_s=settings.sample_full_rate_s,
-                                              steady_interval_s=settings.sample_steady_interval_s,
-                                              nvml_used=self.device.nvml_used)
+                                              steady_interval_s=settings.sample_steady_interval_s)
             self.tracker.device_listener = self.device_series.add
         self.stacks = HostStacks(run_dir, identity.rank, parse_phases(stacks), self.warn_once)
         if not self.stacks.off:
@@ -171,23 +170,6 @@ class Instrumentation:
         if self.device_series is not None:
             self.device_series.close()
         self.writer.close()
-
-
-def _nvml_module() -> str | None:
-    """Which pynvml answers, and its version: an old ``pynvml`` package shadows nvidia-ml-py's
-    module of the same name, and releases before 12.535.77 misread current drivers' process lists."""
-    try:
-        import importlib.metadata
-
-        import pynvml
-
-        try:
-            version = importlib.metadata.version("nvidia-ml-py")
-        except importlib.metadata.PackageNotFoundError:
-            version = "not nvidia-ml-py"
-        return f"{pynvml.__file__} ({version})"
-    except Exception as exc:
-        return f"unavailable ({exc})"
 
 
 def _chain_excepthook(record) -> None:

@@ -29,6 +29,7 @@ from memdiag.budget import SteadyClock, WindowBudget, node_roles, rank_roles
 from memdiag.guard import GuardConfig, guard_reason, py_spy_dump
 from memdiag.metrics import NodeMetrics, job_name
 from memdiag.probes import cgroup
+from memdiag.probes.device import NVML_INTERVAL_S, SOURCE_CUDA, ProcessNvml, nvml_module
 from memdiag.probes.host import SelfStatusReader, read_meminfo, read_proc_status, read_pss_bytes
 from memdiag.rankstate import RankFollowers
 from memdiag.settings import BY_FIELD
@@ -101,11 +102,17 @@ class RankSampler:
     come from its events as the watcher follows its file. A rank that has exited is dropped."""
 
     def __init__(self, writer: TimelineWriter, steady: Callable[[int, float], bool] = lambda rank, now: False,
-                 steady_interval_s: float = 0.0) -> None:
+                 steady_interval_s: float = 0.0,
+                 nvml: Callable[[dict[int, RankProcesses]], dict[int, int | None]] | None = None) -> None:
         self.writer = writer
         self.steady = steady
         """Whether a rank is in steady training now (the watcher's view of its events)."""
         self.steady_interval_s = steady_interval_s
+        self.nvml = nvml
+        """Where a GPU is: NVML's figure of each rank's process, read at most every NVML_INTERVAL_S
+        (one query per device for all ranks, out of the ranks); the other ticks write null."""
+        self._columns = ("t", "rss_bytes", "hwm_bytes", *(("nvml_used_bytes",) if nvml is not None else ()))
+        self._next_nvml = 0.0
         self._readers: dict[int, tuple[int, SelfStatusReader]] = {}
         self._budgets: dict[int, WindowBudget] = {}
         self._batches: dict[int, dict[str, list]] = {}
@@ -114,6 +121,10 @@ class RankSampler:
     def sample(self, ranks: dict[int, RankProcesses]) -> None:
         t = time.time_ns()
         now = time.monotonic()
+        nvml: dict[int, int | None] = {}
+        if self.nvml is not None and now >= self._next_nvml:
+            self._next_nvml = now + NVML_INTERVAL_S
+            nvml = self.nvml(ranks)
         all_steady = True
         for rank, processes in ranks.items():
             reader = self._reader(rank, processes.pid)
@@ -124,7 +135,10 @@ class RankSampler:
             except OSError:  # the rank has exited
                 self._drop(rank)
                 continue
-            all_steady = self._add(rank, {"t": t, "rss_bytes": mem.rss_bytes, "hwm_bytes": mem.hwm_bytes}, now) and all_steady
+            sample = {"t": t, "rss_bytes": mem.rss_bytes, "hwm_bytes": mem.hwm_bytes}
+            if self.nvml is not None:
+                sample["nvml_used_bytes"] = nvml.get(rank)
+            all_steady = self._add(rank, sample, now) and all_steady
         # while every rank is steady its samples wait for their window's end anyway: one batch a
         # window instead of one a flush interval (a batch's own bytes outweighed its two samples)
         if time.monotonic() - self._flushed >= (self.steady_interval_s if all_steady and ranks else fmt.FLUSH_INTERVAL_S):
@@ -140,7 +154,7 @@ class RankSampler:
         return steady
 
     def _keep(self, rank: int, samples: list[dict]) -> None:
-        batch = self._batches.setdefault(rank, {"t": [], "rss_bytes": [], "hwm_bytes": []})
+        batch = self._batches.setdefault(rank, {name: [] for name in self._columns})
         for sample in samples:
             for name, column in batch.items():
                 column.append(sample[name])
@@ -178,12 +192,21 @@ class RankSampler:
         self.flush()
 
 
-def _as_written(sample: dict) -> dict:
+NO_CHILDREN = {"children_rss_bytes": 0, "children": 0, "children_pss_bytes": 0}
+"""A rank entry's figures left out of the file while the rank has no children (1.7): the reader
+reads them as 0. Most ranks have none; with them written, eight ranks' samples were a third larger."""
+
+
+def as_written(sample: dict) -> dict:
     """A node sample as the file keeps it: a rank's ``pid`` and ``children`` count only with its
-    once-a-second PSS read (no reader needs them every tick; they were a quarter of the bytes)."""
-    ranks = {rank: entry if "pss_bytes" in entry else {k: v for k, v in entry.items() if k not in ("pid", "children")}
-             for rank, entry in sample.get("ranks", {}).items()}
-    return {**sample, "ranks": ranks}
+    once-a-second PSS read (no reader needs them every tick; they were a quarter of the bytes),
+    and no children's figures for a rank without children."""
+    def entry_as_written(entry: dict) -> dict:
+        with_pss = "pss_bytes" in entry
+        return {k: v for k, v in entry.items()
+                if (with_pss or k not in ("pid", "children")) and not (k in NO_CHILDREN and v == 0 and not entry.get("children"))}
+
+    return {**sample, "ranks": {rank: entry_as_written(entry) for rank, entry in sample.get("ranks", {}).items()}}
 
 
 class NodeWatcher:
@@ -230,6 +253,9 @@ class NodeWatcher:
                 limit_bytes=guard.limit_bytes if guard else None, guard_fraction=guard.fraction if guard else None,
                 warn=lambda key, message: early_warnings.append((key, message)), followers=self.followers,
             )
+        self.nvml = ProcessNvml(self._warn) if rank_interval_s else None
+        """``sampler=watcher``: NVML's series read here for every rank (the ranks read it only with
+        their categorised memory records, for the reconciliation)."""
         self.writer = TimelineWriter(
             fmt.node_path(run_dir, self.host),
             {
@@ -241,6 +267,8 @@ class NodeWatcher:
                 "pss_interval_s": pss_interval_s,
                 "cgroup_version": self.cgroup_files.version if self.cgroup_files else None,
                 "metrics_url": self.metrics.url if self.metrics else None,
+                "nvml": None if self.nvml is None else "per process" if self.nvml.started() else self.nvml.off,
+                "nvml_module": nvml_module() if self.nvml is not None and self.nvml.started() else None,
                 "guard": None if guard is None else {
                     "limit_bytes": guard.limit_bytes,
                     "fraction": guard.fraction,
@@ -261,7 +289,8 @@ class NodeWatcher:
         self.full_rate_s, self.steady_interval_s = full_rate_s, steady_interval_s
         self._clocks: dict[int, SteadyClock] = {}
         self._node_budget = WindowBudget(steady_interval_s, node_roles)
-        self.rank_sampler = RankSampler(self.writer, self.rank_steady, steady_interval_s) if rank_interval_s else None
+        nvml = self._nvml_used if self.nvml is not None and self.nvml.started() else None  # a CPU machine: no column
+        self.rank_sampler = RankSampler(self.writer, self.rank_steady, steady_interval_s, nvml) if rank_interval_s else None
         self.stop_event = threading.Event()
         self._ranks: dict[int, RankProcesses] = {}
         self._next_tree = 0.0
@@ -307,6 +336,18 @@ class NodeWatcher:
             clock = self._clocks[rank] = SteadyClock(self.full_rate_s, self.steady_interval_s)
         return clock.steady(now, state.phase, state.step)
 
+    def _nvml_used(self, ranks: dict[int, RankProcesses]) -> dict[int, int | None]:
+        """NVML's figure of each rank's process, also for the live metrics; a CUDA rank whose
+        allocator holds memory and that NVML does not list is a reason to say why, once."""
+        states = self.followers.states
+        on_device = {rank for rank in ranks if rank in states and states[rank].device_source == SOURCE_CUDA
+                     and (states[rank].figures.get("device_allocated_bytes") or 0) > 0}
+        figures = self.nvml.used({rank: processes.pid for rank, processes in ranks.items()}, on_device)
+        for rank, used in figures.items():
+            if used is not None and rank in states:
+                states[rank].figures["nvml_used_bytes"] = used
+        return figures
+
     def node_steady(self, sample: dict, now: float) -> bool:
         """Every rank of the node is steady: the node sample's bounds stand for its window."""
         ranks = sample.get("ranks") or {}
@@ -317,7 +358,7 @@ class NodeWatcher:
         saving or in its first minutes of training; each window's bounds when all are steady."""
         now = time.monotonic()
         self.followers.refresh(self._ranks)
-        for kept in self._node_budget.take(_as_written(sample), now, self.node_steady(sample, now)):
+        for kept in self._node_budget.take(as_written(sample), now, self.node_steady(sample, now)):
             self.writer.write(kept)
 
     def _warn(self, key: str, message: str) -> None:

@@ -25,6 +25,8 @@ class RankState:
     """The phase of the rank's latest own sample (``sampler=rank``), for a file without phase records."""
     figures: dict[str, float] = field(default_factory=dict)
     seen_phases: bool = False
+    device_source: str | None = None
+    """The rank's device (its header's ``device_source``): whether NVML should list its process."""
 
     @property
     def phase(self) -> str:
@@ -34,7 +36,9 @@ class RankState:
 
     def feed(self, record: dict) -> None:
         kind = record.get("kind")
-        if kind == fmt.PHASE_BEGIN and isinstance(record.get("phase"), str):
+        if kind == fmt.HEADER:
+            self.device_source = record.get("device_source")
+        elif kind == fmt.PHASE_BEGIN and isinstance(record.get("phase"), str):
             self.seen_phases = True
             self.open_phases.append(record["phase"])
         elif kind == fmt.PHASE_END and record.get("phase") in self.open_phases:

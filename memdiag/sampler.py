@@ -6,20 +6,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 from memdiag.budget import SteadyClock, WindowBudget, device_roles, rank_roles
 from memdiag.phases import PhaseTracker
-from memdiag.probes.device import DeviceProbe
+from memdiag.probes.device import NVML_INTERVAL_S, DeviceProbe
 from memdiag.probes.host import SelfStatusReader
 from memdiag.timeline import format as fmt
 from memdiag.timeline.writer import TimelineWriter
 
 log = logging.getLogger(__name__)
-
-NVML_INTERVAL_S = 0.1
-"""NVML's per-process query costs ~100 us; 10 Hz is plenty for a figure that moves slowly."""
-
 
 class Sampler:
     """Samples host RSS/HWM and device memory at ``interval_s`` on deadlines (no drift).
@@ -163,30 +158,23 @@ class DeviceSeries:
     """The device's figures where no thread samples the rank (``sampler=watcher`` on CUDA): the
     allocator's peaks since the previous boundary, read by the phase tracker at every phase and
     ZeRO-3 sub-module boundary (exact where a polled sample is not), under the sampling budget,
-    written as ``device_samples`` batches. Never raises into the training loop."""
+    written as ``device_samples`` batches. Never raises into the training loop. NVML is not read
+    here: the node watcher reads it for every rank at once (``probes.device.ProcessNvml``)."""
 
     def __init__(self, writer: TimelineWriter, tracker: PhaseTracker, *, full_rate_s: float = float("inf"),
-                 steady_interval_s: float = 0.0, nvml_used: Callable[[], int | None] | None = None) -> None:
+                 steady_interval_s: float = 0.0) -> None:
         self._writer = writer
         self._tracker = tracker
-        self._nvml_used = nvml_used
-        """NVML's figure for this process, read at a boundary at most every NVML_INTERVAL_S."""
-        self._next_nvml = 0.0
         self._clock = SteadyClock(full_rate_s, steady_interval_s)
         self._budget = WindowBudget(steady_interval_s, device_roles)
-        self._batch: dict[str, list] = {"t": [], "device_allocated_bytes": [], "device_reserved_bytes": [],
-                                        "nvml_used_bytes": []}
+        self._batch: dict[str, list] = {"t": [], "device_allocated_bytes": [], "device_reserved_bytes": []}
         self._written = time.monotonic()
         self._errors = 0
 
     def add(self, allocated: int, reserved: int | None) -> None:
         try:
             now = time.monotonic()
-            point = {"t": time.time_ns(), "device_allocated_bytes": allocated, "device_reserved_bytes": reserved,
-                     "nvml_used_bytes": None}
-            if self._nvml_used is not None and now >= self._next_nvml:
-                self._next_nvml = now + NVML_INTERVAL_S
-                point["nvml_used_bytes"] = self._nvml_used()
+            point = {"t": time.time_ns(), "device_allocated_bytes": allocated, "device_reserved_bytes": reserved}
             for kept in self._budget.take(point, now, self._clock.steady(now, self._tracker.phase, self._tracker.step)):
                 for name, column in self._batch.items():
                     column.append(kept[name])

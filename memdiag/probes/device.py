@@ -202,6 +202,96 @@ def _running_processes(pynvml, handle) -> list:
     raise RuntimeError("this driver answers no compute-process query")
 
 
+def nvml_module() -> str | None:
+    """Which pynvml answers, and its version: an old ``pynvml`` package shadows nvidia-ml-py's
+    module of the same name, and releases before 12.535.77 misread current drivers' process lists."""
+    try:
+        import importlib.metadata
+
+        import pynvml
+
+        try:
+            version = importlib.metadata.version("nvidia-ml-py")
+        except importlib.metadata.PackageNotFoundError:
+            version = "not nvidia-ml-py"
+        return f"{pynvml.__file__} ({version})"
+    except Exception as exc:
+        return f"unavailable ({exc})"
+
+
+NVML_INTERVAL_S = 0.1
+"""NVML's per-process query costs ~100 us; 10 Hz is plenty for a figure that moves slowly."""
+
+
+class ProcessNvml:
+    """NVML's device memory per process, read by the node watcher for its ranks (``sampler=watcher``:
+    out of the ranks, which keep only their allocator reads). One compute-process query per
+    device per read; a PID's figure is summed over the devices (a rank's stray context on
+    another device is its own memory too). A machine without NVML answers nothing, quietly."""
+
+    def __init__(self, warn: Callable[[str, str], None], nvml=None) -> None:
+        self.warn = warn
+        self._nvml = nvml
+        """The pynvml module (tests give a scripted one: no GPU here)."""
+        self._handles: list | None = None
+        self.off: str | None = None
+        """Why nothing is read (NVML missing, no device, NVML stopped answering), or None."""
+        self._said: set[str] = set()
+
+    def started(self) -> bool:
+        if self._handles is None and self.off is None:
+            try:
+                if self._nvml is None:
+                    import pynvml
+
+                    self._nvml = pynvml
+                self._nvml.nvmlInit()
+                self._handles = [self._nvml.nvmlDeviceGetHandleByIndex(i) for i in range(self._nvml.nvmlDeviceGetCount())]
+            except Exception as exc:  # no driver here: a CPU machine, nothing to say
+                self.off = f"NVML unavailable ({exc})"
+            else:
+                self.off = None if self._handles else "NVML lists no device"
+        return self.off is None
+
+    def used(self, pids: dict[int, int], on_device: set[int] = frozenset()) -> dict[int, int | None]:
+        """Each rank's PID's device memory as NVML counts it, None where NVML lists it on no
+        device. ``on_device``: the ranks whose allocator already holds memory; one of them
+        missing from NVML's lists while others are listed says why, once."""
+        if not pids or not self.started():
+            return {}
+        by_pid: dict[int, int] = {}
+        listed: set[int] = set()
+        try:
+            for handle in self._handles:
+                for proc in _running_processes(self._nvml, handle):
+                    listed.add(proc.pid)
+                    used = getattr(proc, "usedGpuMemory", None)
+                    if used is not None:
+                        by_pid[proc.pid] = by_pid.get(proc.pid, 0) + int(used)
+        except Exception as exc:
+            self.off = f"NVML stopped answering ({exc})"
+            self.warn("nvml_failed", self.off + "; NVML's figure is not recorded from here on")
+            return {}
+        figures = {rank: by_pid.get(pid) for rank, pid in pids.items()}
+        missing = sorted(rank for rank in on_device if rank in pids and pids[rank] not in listed)
+        if missing and listed:
+            self._once("nvml_pid_namespace", (
+                f"NVML lists {len(listed)} process(es) ({', '.join(str(p) for p in sorted(listed)[:4])}) but not rank(s) "
+                f"{', '.join(map(str, missing[:8]))} (PID(s) {', '.join(str(pids[r]) for r in missing[:8])}) that hold device "
+                "memory: a container without the host's PID namespace shows host PIDs; run the job with the host's PID "
+                "namespace (docker --pid=host, Kubernetes hostPID: true) to record NVML's per-process figure"))
+        hidden = sorted(rank for rank, pid in pids.items() if pid in listed and pid not in by_pid)
+        if hidden:
+            self._once("nvml_hidden", f"NVML lists rank(s) {', '.join(map(str, hidden[:8]))} without a memory figure (a MIG "
+                       "device, or a driver that hides it from unprivileged users): NVML's figure is not recorded for them")
+        return figures
+
+    def _once(self, key: str, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.warn(key, message)
+
+
 NO_PROCESS = "NVML lists no process on this device"
 """``process_used``'s answer before this process has touched the device: not a reason to fall back."""
 

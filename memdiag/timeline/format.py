@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-FORMAT_VERSION = "1.6"
+FORMAT_VERSION = "1.7"
 """major.minor: readers refuse an unknown major version and accept any minor. 1.2: a node
-sample's rank entries carry their children (``children``, ``children_pss_bytes``, ``children_roles``)."""
+sample's rank entries carry their children (``children``, ``children_pss_bytes``, ``children_roles``).
+1.7: a rank without children has no children figures in node samples (read as 0)."""
 
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"

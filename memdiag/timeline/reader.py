@@ -535,8 +535,10 @@ def read_node_file(path: Path, max_samples: int | None = None) -> tuple[NodeTime
         values = []
         for sample in samples:
             entry = sample.get("ranks", {}).get(str(rank))
-            if entry is None or key not in entry:
+            if entry is None or (key not in entry and not _no_children_figure(entry, key)):
                 values.append(np.nan)
+            elif key not in entry:
+                values.append(0.0)
             elif key == "rss_bytes":
                 values.append(entry["rss_bytes"] + entry.get("children_rss_bytes", 0))
             else:
@@ -596,15 +598,22 @@ def _rank_samples(records: list[dict]) -> dict[int, dict[str, np.ndarray]]:
     parts: dict[int, dict[str, list]] = {}
     for record in records:
         if record.get("kind") == fmt.RANK_SAMPLES:
-            into = parts.setdefault(int(record["rank"]), {"t": [], "rss_bytes": [], "hwm_bytes": []})
+            into = parts.setdefault(int(record["rank"]), {name: [] for name in ("t", *WATCHER_FIGURES)})
+            n = len(record["t"])
             for name, column in into.items():
-                column.extend(record[name])
+                values = record.get(name)  # nvml_used_bytes only where the watcher reads NVML (1.7)
+                column.extend(values if isinstance(values, list) and len(values) == n else [None] * n)
     joined = {}
     for rank, columns in parts.items():
         t = np.array(columns["t"], dtype=np.int64)
         order = np.argsort(t, kind="stable")
-        joined[rank] = {"t": t[order], **{name: _as_float(columns[name])[order] for name in ("rss_bytes", "hwm_bytes")}}
+        joined[rank] = {"t": t[order], **{name: _as_float(columns[name])[order] for name in WATCHER_FIGURES}}
     return joined
+
+
+WATCHER_FIGURES = ("rss_bytes", "hwm_bytes", "nvml_used_bytes")
+"""What the node watcher reads of each rank (``rank_samples``): its /proc figures and, where a GPU
+is, NVML's figure for its process."""
 
 
 def join_watcher_samples(timeline: RankTimeline, samples: dict[str, np.ndarray]) -> None:
@@ -620,6 +629,9 @@ def join_watcher_samples(timeline: RankTimeline, samples: dict[str, np.ndarray])
         columns["device_allocated_bytes"] = columns["device_reserved_bytes"] = samples["rss_bytes"]
     else:
         _join_device_points(t, columns, timeline.events)
+        nvml = samples.get("nvml_used_bytes")
+        if nvml is not None and np.isfinite(nvml).any():  # 1.7: NVML read by the watcher, at these very times
+            columns["nvml_used_bytes"] = nvml
     names = [""]
     codes = np.zeros(n, dtype=np.int16)
     for phase in sorted(timeline.phases, key=lambda p: (p.depth, p.begin_ns)):  # inner phases overwrite outer
@@ -655,6 +667,12 @@ def _join_device_points(t: np.ndarray, columns: dict[str, np.ndarray], events: l
         column = np.full(len(t), -np.inf)
         np.maximum.at(column, at, np.where(np.isnan(values), -np.inf, values))
         columns[name] = np.where(np.isinf(column), np.nan, column)
+
+
+def _no_children_figure(entry: dict, key: str) -> bool:
+    """A rank entry leaves its children's figures out while it has none (1.7): RSS every
+    sample, PSS with the rank's own."""
+    return key == "children_rss_bytes" or (key == "children_pss_bytes" and "pss_bytes" in entry)
 
 
 def _roles(samples: list[dict], rank: int) -> dict[str, int]:

@@ -108,3 +108,81 @@ def test_ds_accelerator_cpu_is_honoured_before_cuda(monkeypatch, value):
     monkeypatch.setenv("DS_ACCELERATOR", value)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine
     assert DeviceProbe.detect(0).source == SOURCE_CPU_ACCEL
+
+
+class ScriptedNvml:
+    """pynvml's calls the node watcher makes, answering from a script (CI has no GPU): two
+    devices, their compute processes as nvidia-ml-py returns them."""
+
+    class NVMLError_FunctionNotFound(Exception):
+        pass
+
+    def __init__(self, devices: list[list[Proc]], fail_init: Exception | None = None) -> None:
+        self.devices = devices
+        self.fail_init = fail_init
+        self.queries = 0
+
+    def nvmlInit(self) -> None:
+        if self.fail_init is not None:
+            raise self.fail_init
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.devices)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Proc]:
+        self.queries += 1
+        if isinstance(self.devices[handle], Exception):
+            raise self.devices[handle]
+        return self.devices[handle]
+
+
+def test_the_watchers_nvml_reads_every_ranks_process_summed_over_devices_and_says_why_once():
+    from memdiag.probes.device import ProcessNvml
+
+    warned = []
+    nvml = ScriptedNvml([[Proc(100, 5 * 2**30), Proc(101, 300 * 2**20)], [Proc(101, 6 * 2**30), Proc(999, 2**30)]])
+    reader = ProcessNvml(lambda key, message: warned.append(key), nvml)
+    assert reader.started()
+    # rank 1 also holds a context on device 0 (the classic stray context): NVML counts it as its own
+    assert reader.used({0: 100, 1: 101, 2: 102}) == {0: 5 * 2**30, 1: 6 * 2**30 + 300 * 2**20, 2: None}
+    assert nvml.queries == 2 and warned == []  # one query per device for all ranks; rank 2 not on a device yet: no reason to warn
+    # a container without the host's PID namespace: NVML lists host PIDs, none of the ranks'
+    nvml.devices = [[Proc(40100, 5 * 2**30)], [Proc(40101, 6 * 2**30)]]
+    assert reader.used({0: 100, 1: 101}, on_device={0, 1}) == {0: None, 1: None}
+    assert reader.used({0: 100, 1: 101}, on_device={0, 1}) == {0: None, 1: None}
+    assert warned == ["nvml_pid_namespace"]  # said once, with the fix
+    nvml.devices = [[Proc(100, None)], []]  # MIG, or a driver hiding the figure
+    assert reader.used({0: 100}) == {0: None} and warned[-1] == "nvml_hidden"
+    nvml.devices = [RuntimeError("GPU is lost"), []]
+    assert reader.used({0: 100}) == {} and warned[-1] == "nvml_failed" and reader.off
+    assert reader.used({0: 100}) == {}  # and stays off, never raising
+
+
+def test_no_nvml_on_this_machine_is_quiet_and_the_watcher_writes_no_nvml_column(tmp_path):
+    import json
+
+    from memdiag.node import RankProcesses, RankSampler
+    from memdiag.probes.device import ProcessNvml
+    from memdiag.timeline import TimelineWriter
+
+    warned = []
+    absent = ProcessNvml(lambda key, message: warned.append(key), ScriptedNvml([], fail_init=OSError("libnvidia-ml.so.1: not found")))
+    assert not absent.started() and "not found" in absent.off and absent.used({0: 1}) == {} and warned == []
+    import os
+
+    for nvml, expect in ((None, None), (lambda ranks: {0: 7 * 2**30}, 7 * 2**30)):
+        path = tmp_path / f"node-{expect}.jsonl"
+        writer = TimelineWriter(path, {"host": "n0"})
+        sampler = RankSampler(writer, nvml=nvml)
+        for _ in range(3):
+            sampler.sample({0: RankProcesses(0, os.getpid(), [])})
+        sampler.close()
+        writer.close()
+        (batch,) = [json.loads(line) for line in path.read_text().splitlines() if '"rank_samples"' in line]
+        if expect is None:
+            assert "nvml_used_bytes" not in batch  # a CPU machine's file carries no column of nulls
+        else:  # read at most every 0.1 s: the first tick, null on the next ones (they come within microseconds)
+            assert batch["nvml_used_bytes"][0] == expect and batch["nvml_used_bytes"][1:] == [None, None]

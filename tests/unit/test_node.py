@@ -1,5 +1,6 @@
 """Node watcher: parsers on literal /proc text, rank discovery on a real process tree."""
 
+import json
 import os
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def test_find_ranks_and_sample_on_a_real_tree(tmp_path):
         time.sleep(1.0)  # let rank 1 touch its 30 MiB
         watcher = NodeWatcher(tmp_path, launcher.pid, interval_s=0.05, pss_interval_s=0.1, host="testnode")
         for _ in range(4):
-            watcher.writer.write(watcher.sample_once())
+            watcher._write_sample(watcher.sample_once())  # as the watcher's loop writes them
             time.sleep(0.06)
         watcher.writer.close()
     finally:
@@ -86,12 +87,19 @@ def test_find_ranks_and_sample_on_a_real_tree(tmp_path):
     assert node.rank_rss[1][-1] - node.rank_rss[0][-1] > 25 * 2**20  # rank 1 holds 30 MiB more
     assert node.columns["mem_total_bytes"][0] > 0
     assert not all(v != v for v in node.pss_total())  # at least one complete PSS sample
+    # rank 0 has no children: the file leaves their figures out (1.7) and the reader reads 0, not "unread"
+    written = [json.loads(line)["ranks"] for line in node.path.read_text().splitlines() if '"kind":"sample"' in line]
+    assert written and all(not {"children_rss_bytes", "children", "children_pss_bytes"} & set(r["0"]) for r in written)
+    assert all("children_rss_bytes" in r["1"] for r in written)
+    assert list(node.rank_children_rss[0]) == [0.0] * len(written) and node.rank_children_rss[1][-1] > 0
+    with_pss = ["pss_bytes" in r["0"] for r in written]
+    assert any(with_pss)
+    assert [v == 0.0 for v in node.rank_children_pss[0]] == with_pss  # 0 where PSS was read, NaN between
 
 
 def test_the_watchers_rank_sampler_reads_ranks_from_outside_and_drops_the_gone(tmp_path):
     """sampler=watcher: each rank's /proc/<pid>/status through one open descriptor, batched per
     rank; a rank that has exited is dropped, never raised."""
-    import json
 
     from memdiag.node import RankProcesses, RankSampler
     from memdiag.timeline import TimelineWriter
@@ -117,7 +125,6 @@ def test_a_rank_that_named_itself_in_its_file_is_sampled_without_rank_in_its_env
     framework sets RANK after it started) has no RANK in /proc/<pid>/environ; its file's header
     names its rank, node and pid, and the watcher over its process tree samples it from there. A
     header naming a process outside the tree, or another node, is not taken."""
-    import json
 
     script = (
         "import os, sys, time\n"

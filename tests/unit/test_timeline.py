@@ -385,7 +385,7 @@ def test_device_points_read_at_the_ranks_boundaries_join_the_watchers_samples(tm
                                                      "device_source": "cuda"}, flush_interval_s=0.0)
     allocator = ScriptedAllocator([10, 40, 70, 30, 90, 20, 5])
     tracker = PhaseTracker(writer.write, allocator)
-    series = DeviceSeries(writer, tracker, nvml_used=lambda: 500)  # NVML: at most every 0.1 s
+    series = DeviceSeries(writer, tracker)  # NVML is the watcher's (1.7), not read here
     tracker.device_listener = series.add
     times = []
     tracker.begin("forward")  # reads 10
@@ -402,11 +402,32 @@ def test_device_points_read_at_the_ranks_boundaries_join_the_watchers_samples(tm
     series.close()
     writer.close()
     node = TimelineWriter(tmp_path / "timeline" / "node-n0.jsonl", {"host": "n0"})
-    node.write({"kind": fmt.RANK_SAMPLES, "rank": 0, "t": times, "rss_bytes": [1, 2, 3, 4], "hwm_bytes": [1, 2, 3, 4]})
+    node.write({"kind": fmt.RANK_SAMPLES, "rank": 0, "t": times, "rss_bytes": [1, 2, 3, 4], "hwm_bytes": [1, 2, 3, 4],
+                "nvml_used_bytes": [500, None, None, 600]})  # NVML as the watcher read it, at most every 0.1 s
     node.close()
     rank = read_run(tmp_path).ranks[0]
     allocated = rank.columns["device_allocated_bytes"]
     assert list(allocated[:2]) == [70, 30] and np.isnan(allocated[2]) and allocated[3] == 90
-    assert rank.columns["device_reserved_bytes"][0] == 170 and rank.columns["nvml_used_bytes"][0] == 500
+    assert rank.columns["device_reserved_bytes"][0] == 170
+    nvml = rank.columns["nvml_used_bytes"]
+    assert nvml[0] == 500 and np.isnan(nvml[1:3]).all() and nvml[3] == 600
+    records = [json.loads(line) for line in rank_path(tmp_path, 0).read_text().splitlines()]
+    assert all("nvml_used_bytes" not in r for r in records if r["kind"] == fmt.DEVICE_SAMPLES)
     forward = next(p for p in rank.phases if p.name == "forward")
     assert forward.device_peak_bytes == 90  # the phase's exact peak, as ever
+
+
+def test_a_format_1_6_run_with_nvml_in_the_ranks_device_points_reads_as_it_did(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 1}))
+    writer = TimelineWriter(rank_path(tmp_path, 0), {"rank": 0, "host": "n0", "world_size": 1, "sampler": "watcher",
+                                                     "device_source": "cuda", "format_version": "1.6"})
+    writer.write({"kind": fmt.DEVICE_SAMPLES, "t": [15, 25], "device_allocated_bytes": [70, 80],
+                  "device_reserved_bytes": [90, 95], "nvml_used_bytes": [500, None]})
+    writer.close()
+    node = TimelineWriter(tmp_path / "timeline" / "node-n0.jsonl", {"host": "n0", "format_version": "1.6"})
+    node.write({"kind": fmt.RANK_SAMPLES, "rank": 0, "t": [10, 20, 30], "rss_bytes": [1, 2, 3], "hwm_bytes": [1, 2, 3]})
+    node.close()
+    rank = read_run(tmp_path).ranks[0]
+    assert list(rank.columns["device_allocated_bytes"][1:]) == [70, 80]
+    nvml = rank.columns["nvml_used_bytes"]
+    assert np.isnan(nvml[0]) and nvml[1] == 500 and np.isnan(nvml[2])
