@@ -186,3 +186,35 @@ def test_no_nvml_on_this_machine_is_quiet_and_the_watcher_writes_no_nvml_column(
             assert "nvml_used_bytes" not in batch  # a CPU machine's file carries no column of nulls
         else:  # read at most every 0.1 s: the first tick, null on the next ones (they come within microseconds)
             assert batch["nvml_used_bytes"][0] == expect and batch["nvml_used_bytes"][1:] == [None, None]
+
+
+def test_the_watcher_gives_each_cuda_rank_nvmls_figure_for_the_metrics_and_says_why_when_nvml_hides_it(tmp_path):
+    """The node watcher's NVML, through its own code on a scripted NVML: a CUDA rank (its file's
+    header) whose allocator holds memory and that NVML does not list gets the reason once, in the
+    node file; a listed rank's figure reaches the followers the live metrics read."""
+    import json
+    import os
+
+    from memdiag.node import NodeWatcher, RankProcesses
+    from memdiag.probes.device import SOURCE_CUDA, ProcessNvml
+    from memdiag.timeline import TimelineWriter, rank_path
+    from memdiag.timeline import format as fmt
+
+    for rank in (0, 1):
+        writer = TimelineWriter(rank_path(tmp_path, rank), {"rank": rank, "host": "n0", "device_source": SOURCE_CUDA})
+        writer.write({"kind": fmt.PHASE_BEGIN, "t": 1, "phase": "forward", "step": 1, "device_allocated_bytes": 2**30})
+        writer.close()
+    watcher = NodeWatcher(tmp_path, os.getpid(), host="n0", rank_interval_s=0.01)
+    watcher.nvml = ProcessNvml(watcher._warn, ScriptedNvml([[Proc(4000, 3 * 2**30), Proc(98765, 2**30)]]))
+    ranks = {0: RankProcesses(0, 4000, []), 1: RankProcesses(1, 4001, [])}
+    watcher.followers.refresh(ranks)
+    assert watcher._nvml_used(ranks) == {0: 3 * 2**30, 1: None}
+    assert watcher.followers.states[0].figures["nvml_used_bytes"] == 3 * 2**30  # what the metrics serve
+    assert "nvml_used_bytes" not in watcher.followers.states[1].figures
+    watcher._nvml_used(ranks)
+    watcher.writer.close()
+    warnings = [json.loads(line) for line in (tmp_path / "timeline" / "node-n0.jsonl").read_text().splitlines()
+                if '"warning"' in line]
+    assert [w["key"] for w in warnings if w["key"].startswith("nvml")] == ["nvml_pid_namespace"]
+    (said,) = [w["message"] for w in warnings if w["key"] == "nvml_pid_namespace"]
+    assert "rank(s) 1 (PID(s) 4001)" in said and "hostPID" in said
