@@ -133,8 +133,11 @@ class RunSettings:
     sample_steady_interval_s: float = setting(
         1.0, "after sample.full_rate_s, the window whose bounding samples are written (0: every sample, always)",
         key="sample.steady_interval_s", commands=RECORDING)
-    stacks: str = setting("load", "phases whose host allocation stacks memray records in every rank (what was live at the "
-                          "phase's peak, by line): load, a comma list (load,ds_initialize), all, or off", commands=RECORDING)
+    stacks: str = setting("auto", "phases whose host allocation stacks memray records in every rank (what was live at the "
+                          "phase's peak, by line): auto (each phase's first occurrence: load, ds_initialize, the first "
+                          "forward, backward and optimizer step, the first checkpoint save; the steps after them run "
+                          "untraced), load, a comma list (load,ds_initialize), all (every step too), or off",
+                          commands=RECORDING)
     stacks_device: str = setting("steps:2", "CUDA only: record the device allocator's history (PyTorch's memory snapshot) "
                                  "from deepspeed.initialize through this many optimizer steps, then keep what was live at "
                                  "their peak by stack: steps:N, or off", key="stacks.device", commands=RECORDING)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,14 +28,33 @@ FRAMES = 12
 """Frames kept per stack, innermost first."""
 
 
-def parse_phases(text: str | None) -> frozenset[str] | None:
-    """``stacks=`` as phases to capture: None for all, an empty set for none."""
+AUTO = "auto"
+"""Every phase's first occurrence: load, deepspeed.initialize, the first forward, backward and
+optimizer step, the first checkpoint save or load. A ZeRO-3 rank's host peak is set in one of
+them (the loop's later steps reuse what the first allocated: optimizer states and pinned buffers
+are made at initialize or lazily in the first step), so whichever phase holds the run's host
+peak has its stacks, at a cost paid once per phase rather than per step."""
+
+
+@dataclass(frozen=True)
+class StackPhases:
+    """What ``stacks=`` asks for: ``phases`` None for every phase, empty for none; ``first_only``
+    captures each phase once, at its first occurrence."""
+
+    phases: frozenset[str] | None
+    first_only: bool = False
+
+
+def parse_phases(text: str | None) -> StackPhases:
+    """``stacks=`` as the phases to capture: auto, all, off, or a comma list of phase names."""
     text = (text or "").strip()
+    if text == AUTO:
+        return StackPhases(None, first_only=True)
     if text == "all":
-        return None
+        return StackPhases(None)
     if text in ("", "off", "none", "false"):
-        return frozenset()
-    return frozenset(part.strip() for part in text.split(",") if part.strip())
+        return StackPhases(frozenset())
+    return StackPhases(frozenset(part.strip() for part in text.split(",") if part.strip()))
 
 
 def table_path(run_dir: Path, rank: int, phase: str) -> Path:
@@ -45,21 +65,27 @@ class HostStacks:
     """memray around the chosen phases of one rank (one capture at a time: an inner phase of
     a captured one is inside its capture)."""
 
-    def __init__(self, run_dir: Path, rank: int, phases: frozenset[str] | None, warn: Callable[[str, str], None]) -> None:
+    def __init__(self, run_dir: Path, rank: int, choice: StackPhases, warn: Callable[[str, str], None]) -> None:
         self.run_dir = Path(run_dir)
         self.rank = rank
-        self.phases = phases
+        self.phases = choice.phases
+        self.first_only = choice.first_only
         self.warn = warn
         self._tracker = None
         self._phase: str | None = None
         self._started = 0.0
-        self.off = phases is not None and not phases
+        self._seen: set[str] = set()
+        """Phases begun so far (``first_only``: an inner phase first seen inside another's capture
+        counts as captured there, so the loop's second step starts no capture)."""
+        self.off = self.phases is not None and not self.phases
 
     def wanted(self, phase: str) -> bool:
         return not self.off and (self.phases is None or phase in self.phases)
 
     def begin(self, phase: str) -> None:
-        if self._tracker is not None or not self.wanted(phase):
+        first = phase not in self._seen
+        self._seen.add(phase)
+        if self._tracker is not None or not self.wanted(phase) or (self.first_only and not first):
             return
         try:
             import memray
@@ -83,7 +109,8 @@ class HostStacks:
             tracker.__exit__(None, None, None)
             captured_s = time.monotonic() - self._started
             reduce_capture(tracker_path(self.run_dir, self.rank, phase), table_path(self.run_dir, self.rank, phase),
-                           rank=self.rank, phase=phase, captured_s=captured_s)
+                           rank=self.rank, phase=phase, captured_s=captured_s,
+                           occurrence="first" if self.first_only else "last")
         except Exception as exc:
             self.warn("stacks_reduce", f"the {phase} phase's allocation stacks could not be reduced: {exc!r}")
 
@@ -98,7 +125,8 @@ def tracker_path(run_dir: Path, rank: int, phase: str) -> Path:
     return Path(run_dir) / STACKS_DIR / f"host-rank-{rank}-{phase}.bin"
 
 
-def reduce_capture(capture: Path, out: Path, *, rank: int, phase: str, captured_s: float | None = None) -> dict:
+def reduce_capture(capture: Path, out: Path, *, rank: int, phase: str, captured_s: float | None = None,
+                   occurrence: str = "last") -> dict:
     """memray's allocations live at the capture's high-water mark, grouped by stack, the largest
     first, each with the deepest frame in the user's own code."""
     import memray
@@ -111,8 +139,8 @@ def reduce_capture(capture: Path, out: Path, *, rank: int, phase: str, captured_
             frames = [[function, filename, int(line)] for function, filename, line in record.stack_trace(max_stacks=FRAMES)]
             users = next((f for f in frames if is_users(f[1])), None)
             rows.append({"bytes": int(record.size), "count": int(record.n_allocations), "frames": frames, "user_frame": users})
-    table = {"rank": rank, "phase": phase, "peak_bytes": peak, "captured_s": captured_s, "capture": capture.name,
-             "stacks": rows}
+    table = {"rank": rank, "phase": phase, "occurrence": occurrence, "peak_bytes": peak, "captured_s": captured_s,
+             "capture": capture.name, "stacks": rows}
     out.write_text(json.dumps(table, indent=1))
     return table
 
@@ -184,13 +212,14 @@ def stack_rows(table: dict, top: int = 10) -> list[dict[str, str]]:
 
 
 def lowest_rank_tables(run_dir: Path) -> list[dict]:
-    """One table per captured phase: the lowest rank's."""
+    """One table per captured phase, the lowest rank's, the largest peak first (the phases a
+    report shows first are the ones that could bind)."""
     chosen: dict[str, dict] = {}
     for table in read_tables(run_dir):
         phase = table.get("phase", "?")
         if phase not in chosen or table.get("rank", 0) < chosen[phase].get("rank", 0):
             chosen[phase] = table
-    return list(chosen.values())
+    return sorted(chosen.values(), key=lambda t: -(t.get("peak_bytes") or 0))
 
 
 CITED_SHARE = 0.05
@@ -215,7 +244,17 @@ def cite(table: dict | None, top: int = 3) -> tuple[str, list[dict]]:
     kind = "device " if table.get("kind") == "device" else ""
     text = ", ".join(f"{format_bytes(c['bytes'])} at {c['file']}:{c['line']} ({c['function']})" if c["file"]
                      else f"{format_bytes(c['bytes'])} in {c['function'] or 'code with no Python frame'}" for c in cited)
-    return f"; top {kind}stacks at rank {table.get('rank')}'s {table.get('phase')} peak: {text}", cited
+    return f"; top {kind}stacks at rank {table.get('rank')}'s {phase_label(table)} peak: {text}", cited
+
+
+REPEATED_PHASES = frozenset({"forward", "backward", "step", "optimizer_step", "checkpoint_save", "checkpoint_load"})
+
+
+def phase_label(table: dict) -> str:
+    """The captured phase as a reader says it: "first backward" where only a repeated phase's
+    first occurrence was recorded (``stacks=auto``)."""
+    phase = str(table.get("phase"))
+    return f"first {phase}" if table.get("occurrence") == "first" and phase in REPEATED_PHASES else phase
 
 
 def cite_phase(run_dir: Path, phases: list[str], stacks_setting: str | None) -> tuple[str, list[dict]]:

@@ -586,7 +586,9 @@ def stacks_figure(table: dict) -> go.Figure | None:
     stacks = table.get("stacks") or []
     if not stacks:
         return None
-    root = f"{table.get('phase')} peak"
+    from memdiag.stacks import phase_label
+
+    root = f"{phase_label(table)} peak"
     ids, labels, parents, values = [root], [root], [""], [float(sum(s["bytes"] for s in stacks))]
     index = {root: 0}
     for stack in stacks:
@@ -604,7 +606,7 @@ def stacks_figure(table: dict) -> go.Figure | None:
                               hovertemplate="%{label}<br>%{value:,.0f} bytes<extra></extra>", maxdepth=5))
     fig.update_layout(
         height=420, margin={"t": 60, "l": 10, "r": 10, "b": 10},
-        title=f"What was live at the {table.get('phase')} phase's {kind} peak, rank {table.get('rank')} "
+        title=f"What was live at the {root[:-len(' peak')]} phase's {kind} peak, rank {table.get('rank')} "
               f"({format_bytes(table.get('peak_bytes'))}), by stack<br><sup>outermost frame first; click a box to "
               "zoom in</sup>",
     )

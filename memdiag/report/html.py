@@ -241,12 +241,12 @@ def _findings_html(findings: list[dict]) -> str:
 
 def _stacks_html(run: Run) -> str:
     """Which lines held the host memory at each captured phase's peak (memray, ``stacks=``)."""
-    from memdiag.stacks import STACKS_DIR, lowest_rank_tables, stack_rows
+    from memdiag.stacks import STACKS_DIR, lowest_rank_tables, phase_label, stack_rows
 
     parts = []
     for table in lowest_rank_tables(run.path):
         parts.append(
-            f"<h3>{html.escape(str(table.get('phase')))} phase: live at its host peak "
+            f"<h3>{html.escape(phase_label(table))} phase: live at its host peak "
             f"({format_bytes(table.get('peak_bytes'))}, rank {table.get('rank')})</h3>" + _table(stack_rows(table))
             + f"<p class='note'>memray's capture: {html.escape(STACKS_DIR + '/' + str(table.get('capture')))} "
             "(<code>memray flamegraph</code>, <code>memray summary</code>); the other ranks' beside it</p>"

@@ -148,7 +148,7 @@ def write_markdown(run: Run, summary: Summary, findings: list[dict], pngs: list[
         lines.append(f"- **[{finding['severity']}] {finding['id']}**: {finding['message']}")
         if finding.get("fix"):
             lines += ["  ```python", *("  " + line for line in finding["fix"].splitlines()), "  ```"]
-    from memdiag.stacks import lowest_rank_tables, stack_rows
+    from memdiag.stacks import lowest_rank_tables, phase_label, stack_rows
 
     from memdiag.device_stacks import read_device_tables
 
@@ -156,7 +156,7 @@ def write_markdown(run: Run, summary: Summary, findings: list[dict], pngs: list[
         rows = stack_rows(table, top=5)
         where = "device peak" if table.get("kind") == "device" else "host peak"
         tool = "PyTorch's memory snapshot" if table.get("kind") == "device" else "memray"
-        lines += ["", f"**Live at the {table.get('phase')} phase's {where}** (rank {table.get('rank')}, "
+        lines += ["", f"**Live at the {phase_label(table)} phase's {where}** (rank {table.get('rank')}, "
                   f"{format_bytes(table.get('peak_bytes'))}; {tool})", ""]
         lines += _table(list(rows[0]), [list(r.values()) for r in rows]) if rows else []
     plan = _plan_rows(run)

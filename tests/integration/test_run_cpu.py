@@ -109,6 +109,27 @@ def test_report_is_self_contained_with_a_trace_per_rank(cpu_run):
         assert f"<th>{column}</th>" in html
 
 
+def test_default_stacks_capture_each_phase_once_and_the_later_steps_run_untraced(cpu_run):
+    """stacks=auto: memray's capture of each phase's first occurrence, so the phase holding the
+    host peak has its stacks whichever it is; the first forward's capture ended before the second
+    forward began."""
+    import memray
+
+    _, run_dir = cpu_run
+    for rank in (0, 1):
+        tables = {p.name: json.loads(p.read_text()) for p in (run_dir / "stacks").glob(f"host-rank-{rank}-*.json")}
+        phases = {t["phase"] for t in tables.values()}
+        assert {"load", "ds_initialize", "forward", "backward", "step"} <= phases
+        assert not phases & {"model_build", "zero_init"}  # inside load's capture
+        assert all(t["occurrence"] == "first" and t["stacks"] for t in tables.values())
+        forward = tables[f"host-rank-{rank}-forward.json"]
+        with memray.FileReader(run_dir / "stacks" / forward["capture"]) as reader:
+            ended_ns = reader.metadata.end_time.timestamp() * 1e9  # memray's local time, as a naive datetime
+        begins = [r["t"] for r in read_jsonl(run_dir / "timeline" / f"rank-{rank}.jsonl")
+                  if r["kind"] == "phase_begin" and r["phase"] == "forward"]
+        assert ended_ns < begins[1], "the second forward ran untraced"
+
+
 def test_no_leftovers_outside_the_run_dir(cpu_run):
     _, run_dir = cpu_run
     assert not (run_dir / "tmp").exists()
@@ -128,6 +149,8 @@ def test_reference_loading_runs_and_a_checkpoint_is_saved_and_resumed(tmp_path):
         assert begins.index("checkpoint_save") > last_step
         assert begins.index("checkpoint_load") > begins.index("checkpoint_save")
     assert list((run_dir / "checkpoint").rglob("*optim_states.pt")), "each rank wrote its optimizer shard"
+    # the save and the resume are phases of their own, so stacks=auto captured them
+    assert {"checkpoint_save", "checkpoint_load"} <= {p.stem.split("-", 3)[-1] for p in (run_dir / "stacks").glob("host-rank-0-*.json")}
 
 
 def test_categorised_memory_is_exact(cpu_run):
