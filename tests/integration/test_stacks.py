@@ -4,6 +4,7 @@ in a known function is the top stack with its size, and the raw capture opens wi
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,24 @@ def test_stacks_off_captures_nothing(tmp_path):
     (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
     assert not (run_dir / "stacks").exists() or not any((run_dir / "stacks").glob("host-*"))
     assert "run again with stacks=load" in _what_if_host_limit(run_dir)["message"]
+
+
+def test_without_memray_one_line_says_stacks_are_off_and_the_run_records_the_rest(tmp_path):
+    """memray missing (another platform or Python): the rank says so once, every other figure is
+    recorded, the run ends well and the finding says which stacks= would have named the line."""
+    shadow = tmp_path / "shadow" / "memray"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("memray is not built for this platform")\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "run", f"reports_dir={tmp_path / 'reports'}", "--", sys.executable, str(SCRIPT)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    said = [line for line in result.stdout.splitlines() if line.startswith("memdiag: warning:") and "stacks" in line]
+    assert len(said) == 1 and "host allocation stacks are off" in said[0] and "not built for this platform" in said[0]
+    (run_dir,) = (tmp_path / "reports" / "custom").iterdir()
+    assert not list(run_dir.glob("stacks/host-*"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert max(summary["host_peak_bytes_per_node"].values()) > 64 * 2**20  # the buffer is in the host figures
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "completed"
