@@ -49,11 +49,18 @@ def check(run: Run) -> list[Finding]:
 LOAD_PHASE_NAMES = ("load", "init", "model_build", "zero_init", "checkpoint_load")
 
 
+ENCLOSING_PHASES = {"optimizer_step": "step"}
+"""Phases that run inside another one the rank records (the load family aside): ZeRO-3's
+optimizer step runs inside the engine's step, whose capture holds it."""
+
+
 def binding_phases(phase: str | None) -> list[str]:
     """The phase that held the peak, then the captured phase that encloses it (innermost first)."""
     if not phase:
         return []
-    return [phase, "load"] if phase in LOAD_PHASE_NAMES and phase != "load" else [phase]
+    if phase in LOAD_PHASE_NAMES and phase != "load":
+        return [phase, "load"]
+    return [phase, ENCLOSING_PHASES[phase]] if phase in ENCLOSING_PHASES else [phase]
 
 
 def phase_at_peak(ranks, series) -> str | None:

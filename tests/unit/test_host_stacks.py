@@ -31,8 +31,13 @@ def later_buffer() -> bytearray:
     return bytearray(40 * 2**20)
 
 
+def optimizer_buffer() -> bytearray:
+    return bytearray(8 * 2**20)
+
+
 def drive(stacks: HostStacks) -> list:
-    """A rank's phases in order, a buffer held in each forward: 24 MiB in the first, 40 MiB after."""
+    """A rank's phases in order, a buffer held in each forward (24 MiB in the first, 40 MiB after)
+    and in each optimizer step (8 MiB)."""
     held = []
     for phase in ("load", "zero_init"):
         stacks.begin(phase)
@@ -44,6 +49,7 @@ def drive(stacks: HostStacks) -> list:
         stacks.end("forward")
         stacks.begin("step")
         stacks.begin("optimizer_step")  # inside the step's capture the first time
+        held.append(optimizer_buffer())
         stacks.end("optimizer_step")
         stacks.end("step")
     return held
@@ -53,7 +59,7 @@ def test_auto_captures_each_phase_at_its_first_occurrence_only(tmp_path):
     warnings = []
     stacks = HostStacks(tmp_path, 0, parse_phases("auto"), lambda key, message: warnings.append(message))
     held = drive(stacks)
-    assert not warnings and len(held) == 3
+    assert not warnings and len(held) == 6
     tables = {t["phase"]: t for t in read_tables(tmp_path)}
     # zero_init began inside load's capture and optimizer_step inside the first step's: neither
     # starts a capture of its own later
@@ -85,3 +91,17 @@ def test_a_second_tracker_turns_stacks_off_with_one_warning(tmp_path):
         drive(stacks)
     assert len(warnings) == 1 and warnings[0][0] == "stacks" and "off" in warnings[0][1]
     assert not read_tables(tmp_path / "run")
+
+
+def test_a_peak_in_the_optimizer_step_cites_the_first_step_s_capture(tmp_path):
+    """ZeRO-3's optimizer step runs inside the engine's step: under stacks=auto its first
+    occurrence is inside the first step's capture, and host_limit cites that."""
+    from memdiag.checks.host_limit import binding_phases
+    from memdiag.stacks import cite_phase
+
+    stacks = HostStacks(tmp_path, 0, parse_phases("auto"), lambda key, message: None)
+    held = drive(stacks)
+    assert held
+    text, cited = cite_phase(tmp_path, binding_phases("optimizer_step"), "auto")
+    assert "rank 0's first step peak" in text and cited[0]["function"] == "optimizer_buffer"
+    assert binding_phases("zero_init") == ["zero_init", "load"] and binding_phases("backward") == ["backward"]
