@@ -22,8 +22,9 @@ from pathlib import Path
 
 from memdiag.cache import cache_root
 from memdiag.errors import UsageError
+from memdiag.plan.step_peaks import StepPeaks
 
-CACHE_VERSION = 3
+CACHE_VERSION = 5
 PROBE_SEQ = (256, 512)
 """Sequence lengths the forward is run at; two points fit the s and s^2 terms exactly."""
 ATTN_IMPLEMENTATION = {"plain": "eager", "sdpa_math": "sdpa", "fused": "sdpa"}
@@ -71,6 +72,8 @@ class ModelFacts:
     """Elements of each parameter in ``named_parameters()`` order, tied ones once (the order
     ZeRO-3's ``mark_persistent_parameters`` walks)."""
     saved: SavedBytes | None = None
+    peaks: StepPeaks | None = None
+    """The step's activation peak by stage, forward and backward counted (``memdiag.plan.step_peaks``)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +82,9 @@ class ModelFacts:
     def from_dict(cls, data: dict) -> ModelFacts:
         data = dict(data)
         saved = data.pop("saved", None)
+        peaks = data.pop("peaks", None)
         data["tensor_numels"] = tuple(data.get("tensor_numels") or ())
-        return cls(**data, saved=SavedBytes(**saved) if saved else None)
+        return cls(**data, saved=SavedBytes(**saved) if saved else None, peaks=StepPeaks.from_dict(peaks) if peaks else None)
 
 
 def cache_dir() -> Path:
@@ -219,13 +223,20 @@ def _hf_config(config: dict, model_class, trust_remote_code: bool | None, **chan
         ) from None
 
 
-def _build(hf_config, model_class, trust_remote_code: bool):
+def _build(hf_config, model_class, trust_remote_code: bool, dtype=None):
+    """The model; ``dtype``: the torch dtype trained in, over the config's own ``torch_dtype`` (a
+    config saved as float32 would otherwise build, and count, fp32 activations)."""
     from transformers import AutoModelForCausalLM
 
     if model_class is not None:
         return model_class(hf_config)
     try:
-        return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        if dtype is None:
+            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+        try:
+            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, dtype=dtype)
+        except TypeError:  # transformers before 4.56 names it torch_dtype
+            return AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, torch_dtype=dtype)
     except ValueError as exc:
         raise UsageError(f"transformers cannot build a causal LM from this config: {exc}") from None
 
@@ -281,8 +292,33 @@ def count(config: dict, *, dtype: str, attention: str, model_class=None, trust_r
         tensor_numels=tuple(p.numel() for _, p in model.named_parameters()),
         saved=saved_bytes(config, hf_config_for=lambda **c: _hf_config(config, model_class, remote, **c),
                           layers_key=layers_key, model_class=model_class, remote=remote, dtype=dtype, attention=attention),
+        peaks=_step_peaks(lambda **c: _hf_config(config, model_class, remote, **c), layers_key=layers_key,
+                          model_class=model_class, remote=remote, dtype=dtype, attention=attention),
     )
     return facts_
+
+
+def _step_peaks(hf_config_for, *, layers_key: str, model_class, remote: bool, dtype: str, attention: str) -> StepPeaks:
+    import torch
+
+    from memdiag.plan import step_peaks
+
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+
+    def build(layers: int):
+        hf_config = hf_config_for(**{layers_key: layers})
+        if model_class is None:
+            hf_config._attn_implementation = ATTN_IMPLEMENTATION[attention]
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch_dtype)  # built in the dtype trained in (a .to() cannot swap fakes)
+        try:
+            return _build(hf_config, model_class, remote, torch_dtype).train()
+        finally:
+            torch.set_default_dtype(previous)
+
+    probe = hf_config_for()
+    vocab = int(getattr(getattr(probe, "text_config", None) or probe, "vocab_size"))
+    return step_peaks.count(build, vocab=vocab, dtype=dtype, attention=attention, context=lambda: _attention_backend(attention))
 
 
 def _tied_elements(model) -> int:
@@ -316,7 +352,7 @@ def _saved_in_forward(hf_config, model_class, remote: bool, dtype: str, attentio
     with FakeTensorMode(allow_non_fake_inputs=True):
         torch.set_default_dtype(torch_dtype)  # built in the dtype trained in (a .to() cannot swap fakes)
         try:
-            model = _build(hf_config, model_class, remote).train()
+            model = _build(hf_config, model_class, remote, torch_dtype).train()
         finally:
             torch.set_default_dtype(previous)
         vocab = int(getattr(getattr(hf_config, "text_config", None) or hf_config, "vocab_size"))

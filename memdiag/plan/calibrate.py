@@ -21,7 +21,7 @@ import numpy as np
 from memdiag.checks.loadphase import run_loads
 from memdiag.errors import UsageError
 from memdiag.plan.model import Architecture
-from memdiag.plan.terms import DEVICE_USED_ONLY, DTYPE_BYTES, Coefficients, Settings, activation_terms, device_terms, host_terms, saved_bytes
+from memdiag.plan.terms import DEVICE_USED_ONLY, DTYPE_BYTES, Coefficients, Settings, device_terms, forward_saved_bytes, host_terms
 from memdiag.summary import summarize
 from memdiag.tables import render
 from memdiag.timeline import read_run
@@ -124,7 +124,6 @@ def cuda_reserve_layers(run: Run, arch: Architecture, settings: Settings) -> flo
 
 def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
     dev = device_terms(obs.arch, obs.settings, obs.world, c)
-    act = activation_terms(obs.arch, obs.settings, c)
     load, steady = host_terms(
         obs.arch, obs.settings, local_ranks=obs.local_ranks, world=obs.world,
         runtime_context_bytes=0, cpu_accelerator=obs.cpu_accelerator, c=c,
@@ -133,7 +132,7 @@ def predict(obs: Observation, c: Coefficients) -> dict[str, float]:
         "parameters": dev["parameters"],
         "gradients": dev["gradients"],
         "optimizer_states": dev["optimizer_states"],
-        "saved_activations": saved_bytes(act),
+        "saved_activations": forward_saved_bytes(obs.arch, obs.settings, c),
         "runtime_base_per_rank": c.host_runtime_bytes,
         "host_load_per_node": sum(load.values()),
         "host_peak_per_node": max(sum(load.values()), sum(steady.values())),
@@ -150,9 +149,8 @@ def steady_features(obs: Observation, c: Coefficients) -> tuple[np.ndarray, floa
     """One rank's steady host RAM as ``features . coefficients + known``: the features are the
     training-state bytes, the model's parameter count and 1; known is runtime + activations."""
     dev = device_terms(obs.arch, obs.settings, obs.world, c)
-    act = activation_terms(obs.arch, obs.settings, c)
     states = dev["parameters"] + dev["gradients"] + dev["optimizer_states"]
-    known = c.host_runtime_bytes + saved_bytes(act)
+    known = c.host_runtime_bytes + forward_saved_bytes(obs.arch, obs.settings, c)
     return np.array([states, float(obs.arch.num_parameters), 1.0]), known
 
 

@@ -36,7 +36,7 @@ class Coefficients:
     allocator_reserve_fraction: float = 0.05
     """ZeRO-1/2: the caching allocator's reserve and fragmentation over the allocated peak
     (an assumption)."""
-    allocator_reserve_layers: float = 11.2
+    allocator_reserve_layers: float = 10.6
     """ZeRO-3: what the caching allocator holds reserved above the allocated peak, in decoder
     layers' worth of gathered 16-bit parameters (each layer's all-gather buffers are freed on
     a side stream, and their blocks stay cached). Fitted on the published device figures
@@ -190,9 +190,10 @@ def persistent_elements(arch: Architecture, param_threshold: float, model_thresh
     return cache[key]
 
 
-def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[str, float]:
-    """Saved-for-backward bytes at the end of the forward, plus the backward's transient.
-    Counted from the model's forward when ``arch.facts`` has them, else the formula above."""
+def _saved_terms(arch: Architecture, s: Settings, c: Coefficients) -> tuple[float, float, float, float, float]:
+    """(kept per layer, kept scores per layer, one layer's saved, its scores, the head's saved) at the
+    end of the forward, from the counted forward when ``arch.facts`` has it, else the formula above;
+    under checkpointing a layer keeps its input only."""
     b, seq, h, i, a, v = s.micro_batch, s.seq_len, arch.hidden_size, arch.intermediate_size, arch.num_heads, arch.vocab_size
     scale = DTYPE_BYTES[s.dtype] / 2
     layer = (c.layer_sbh * seq * b * h + c.layer_sbi * seq * b * i) * scale
@@ -202,29 +203,71 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
     measured = _measured_layer(arch, s)
     if measured is not None:
         layer, scores, head = measured
-    if s.activation_checkpointing:  # layer inputs kept; one layer recomputed at a time
-        layers, all_scores = arch.num_layers * 2 * seq * b * h * scale + layer, scores
-    else:
-        layers, all_scores = arch.num_layers * layer, arch.num_layers * scores
-    transient_scores = 0.0 if s.flash_attn else c.backward_transient_as2b * a * seq * seq * b * scale
     if s.fused_cross_entropy:
-        return {
-            "activations": layers,
-            "attention_scores": all_scores,
-            "fused_linear_cross_entropy": fused_linear_ce_bytes(b * seq, h, v, DTYPE_BYTES[s.dtype]),
-            "backward_transient": transient_scores,
-        }
-    return {
-        "activations": layers,
-        "attention_scores": all_scores,
-        "logits_and_loss": head,
-        "backward_transient": max(transient_scores, c.backward_transient_sbv * seq * b * v),
-    }
+        head = fused_linear_ce_bytes(b * seq, h, v, DTYPE_BYTES[s.dtype])
+    if s.activation_checkpointing:
+        return 2 * seq * b * h * scale, 0.0, layer, scores, head
+    return layer, scores, layer, scores, head
 
 
-def saved_bytes(act: dict[str, float]) -> float:
-    """What the forward keeps for the backward: the activation terms but the backward's transient."""
-    return sum(v for k, v in act.items() if k != "backward_transient")
+def forward_saved_bytes(arch: Architecture, s: Settings, c: Coefficients) -> float:
+    """What the forward keeps for the backward (what memdiag measures with ``saved_tensors_hooks``):
+    every layer's kept tensors and the head's (under checkpointing, one recomputed layer too)."""
+    kept, kept_scores, layer, scores, head = _saved_terms(arch, s, c)
+    total = arch.num_layers * (kept + kept_scores) + head
+    return total + (layer + scores if s.activation_checkpointing else 0.0)
+
+
+def _counted_stages(arch: Architecture, s: Settings) -> dict[str, float] | None:
+    """Each stage's activation peak of the step (``memdiag.plan.step_peaks``), when the model's
+    forward and backward were counted on the attention path planned."""
+    peaks = arch.facts.peaks if arch.facts is not None else None
+    if peaks is None or peaks.attention != s.attention:
+        return None
+    fits = peaks.stages(s.activation_checkpointing)
+    if fits is None:
+        return None
+    return fits
+
+
+def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[str, float]:
+    """The step's activation memory at its peak, named. The step passes through stages that never
+    overlap (``memdiag.plan.step_peaks``): the forward, the loss's and head's backward with every
+    layer's kept tensors, and the layers' backward after the head's tensors are freed (where a
+    checkpointed layer is recomputed). The terms are those of the stage with the highest peak:
+    ``activations`` and ``attention_scores`` are what every layer keeps through it, the rest is held
+    once (``logits_and_loss`` in the forward or the head's backward, ``recomputed_layer`` or
+    ``layer_backward`` in the layers', ``fused_linear_cross_entropy`` with Liger's kernel)."""
+    b, seq, L = s.micro_batch, s.seq_len, arch.num_layers
+    fits = _counted_stages(arch, s)
+    if fits is not None:
+        scale = DTYPE_BYTES[s.dtype] / DTYPE_BYTES[arch.facts.peaks.dtype]
+        stages = {}
+        for stage, f in fits.items():
+            linear, squared = f.per_layer(seq)
+            stages[stage] = (L * b * linear * scale, L * b * squared * scale, (b * (f.u * seq + f.v * seq * seq) + f.w) * scale)
+        if s.fused_cross_entropy:
+            # no logits: the forward and the head's backward hold Liger's buffers over the kept tensors
+            fused = fused_linear_ce_bytes(b * seq, arch.hidden_size, arch.vocab_size, DTYPE_BYTES[s.dtype])
+            kept, kept_scores, _ = stages["head"]
+            stages["forward"] = stages["head"] = (kept, kept_scores, fused)
+    else:
+        kept, kept_scores, layer, scores, head = _saved_terms(arch, s, c)
+        flash = s.flash_attn
+        layer_transient = 0.0 if flash else c.backward_transient_as2b * arch.num_heads * seq * seq * b * DTYPE_BYTES[s.dtype] / 2
+        head_transient = 0.0 if s.fused_cross_entropy else c.backward_transient_sbv * seq * b * arch.vocab_size
+        stages = {"head": (L * kept, L * kept_scores, head + head_transient)}
+        if s.activation_checkpointing:
+            stages["layers"] = (L * kept, 0.0, layer + scores + layer_transient)
+        else:
+            stages["layers"] = (L * kept, L * kept_scores, layer_transient)
+    binding = max(stages, key=lambda k: sum(stages[k]))
+    kept, kept_scores, once = stages[binding]
+    if binding == "layers":
+        name = "recomputed_layer" if s.activation_checkpointing else "layer_backward"
+    else:
+        name = "fused_linear_cross_entropy" if s.fused_cross_entropy else "logits_and_loss"
+    return {"activations": kept, "attention_scores": kept_scores, name: max(once, 0.0)}
 
 
 def fused_linear_ce_bytes(tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> float:
@@ -350,10 +393,9 @@ def host_terms(
     if cpu_accelerator:  # the CPU accelerator keeps the "device" in host RAM
         dev = device_terms(arch, s, world, c)
         states = dev["parameters"] + dev["gradients"] + dev["optimizer_states"]
-        act = activation_terms(arch, s, c)
         steady["training_states"] = local_ranks * c.host_state_factor * states
         steady["model_sized_buffers"] = local_ranks * c.host_bytes_per_model_param * n
-        steady["activations"] = local_ranks * saved_bytes(act)
+        steady["activations"] = local_ranks * forward_saved_bytes(arch, s, c)
         steady["rank_fixed"] = local_ranks * c.host_rank_fixed_bytes
     if s.dataloader_workers:
         per_worker = c.host_dataloader_worker_bytes + worker_copied_bytes(s.dataloader_dataset_bytes, s.dataloader_workers)

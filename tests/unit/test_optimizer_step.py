@@ -85,7 +85,7 @@ def test_a_fused_linear_cross_entropy_keeps_no_logits():
     # Liger's chunk: next_power_of_2(8192 rows / ceil(128256 / 4096) = 32) = 256 rows of logits at a time
     assert fused["fused_linear_cross_entropy"] == 2 * (2 * 8192 * 4096 + 128256 * 4096 + 256 * 128256)
     assert fused_linear_ce_bytes(8192, 4096, 128256, 2) < plain["logits_and_loss"] / 2
-    assert fused["backward_transient"] < plain["backward_transient"]
+    assert sum(fused.values()) < sum(plain.values())  # no logits gradient in the backward either
 
 
 def test_dataloader_workers_are_planned_per_rank_from_the_command_or_the_settings(tmp_path):

@@ -1,0 +1,129 @@
+"""The step's activation peak by stage, counted in FakeTensorMode: the fits reproduce a direct count,
+the stages never add up, and the count agrees with what a real bf16 CPU step allocates."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from memdiag.plan import arch as arch_mod  # noqa: E402
+from memdiag.plan import step_peaks  # noqa: E402
+from memdiag.plan.model import Architecture  # noqa: E402
+from memdiag.plan.terms import Coefficients, Settings, activation_terms, forward_saved_bytes  # noqa: E402
+
+LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 688,
+    "num_attention_heads": 4, "num_key_value_heads": 4, "num_hidden_layers": 6, "vocab_size": 8000,
+    "max_position_embeddings": 16384, "torch_dtype": "float32", "tie_word_embeddings": False,
+}
+
+
+def _build(layers, attention="sdpa"):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA.items() if k not in ("model_type", "architectures")} | {"num_hidden_layers": layers})
+    config._attn_implementation = attention
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        return LlamaForCausalLM(config).train()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _direct(layers, seq, checkpointing, attention="sdpa"):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = _build(layers, attention)
+        if checkpointing:
+            assert step_peaks.enable_checkpointing(model)
+        return step_peaks.measure(model, torch.randint(0, LLAMA["vocab_size"], (1, seq)))[1]
+
+
+@pytest.fixture(scope="module")
+def counted():
+    return step_peaks.count(_build, vocab=LLAMA["vocab_size"], dtype="bf16", attention="fused")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_each_stage_fit_reproduces_a_direct_count_at_another_size(counted, checkpointing):
+    # fitted on 1 and 2 layers at 1k-4k tokens, asked for 5 layers at 8k and at 1.5k
+    for seq in (8192, 1536):
+        direct = _direct(5, seq, checkpointing)
+        for stage, fit in counted.stages(checkpointing).items():
+            assert fit.at(5, seq) == pytest.approx(direct[stage], rel=1e-3), (stage, seq)
+
+
+def test_parameter_gradients_are_not_activations():
+    # the embedding's gradient (8000 x 256 bf16 = 4 MB) would set the layers' stage at short
+    # sequences: it is ZeRO's bucket's to plan, and every stage grows with the sequence without it
+    short, long = _direct(2, 64, False), _direct(2, 128, False)
+    assert short["layers"] < 8000 * 256 * 2
+    assert long["layers"] > short["layers"]
+
+
+def test_checkpointing_keeps_one_hidden_state_per_layer(counted):
+    fit = counted.stages(True)["head"]
+    assert fit.x == pytest.approx(2 * LLAMA["hidden_size"])  # bf16 bytes per token per layer
+    assert fit.y == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_float32_config_counts_the_dtype_trained_in():
+    facts = arch_mod.facts(LLAMA, dtype="bf16", attention="fused")
+    # the config was saved as float32; the run trains in bf16: 2 bytes a hidden element kept
+    assert facts.peaks.checkpointed["head"].x == pytest.approx(2 * LLAMA["hidden_size"])
+
+
+def test_the_recomputed_layer_and_the_logits_are_never_counted_together():
+    facts = arch_mod.facts(LLAMA, dtype="bf16", attention="fused")
+    arch = Architecture.from_facts(facts)
+    for seq in (512, 4096, 65536):
+        s = Settings(seq_len=seq, attention="fused", activation_checkpointing=True)
+        terms = activation_terms(arch, s, Coefficients())
+        assert ("logits_and_loss" in terms) != ("recomputed_layer" in terms), terms
+        stages = facts.peaks.checkpointed
+        assert sum(terms.values()) == pytest.approx(max(f.at(arch.num_layers, seq) for f in stages.values()), rel=1e-9)
+        # what the forward keeps is less than the sum of every part, more than the layers' inputs
+        assert forward_saved_bytes(arch, s, Coefficients()) > terms["activations"]
+
+
+REAL_STEP = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = json.loads(sys.argv[1]); seq = int(sys.argv[2]); ckpt = sys.argv[3] == "1"
+    config = LlamaConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")})
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).to(torch.bfloat16).train()
+    if ckpt:
+        model.gradient_checkpointing_enable()
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
+    ids = torch.randint(0, config.vocab_size, (1, seq))
+    model(input_ids=ids[:, :8], labels=ids[:, :8]).loss.backward()  # warm: first-call caches
+    def status(key):
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    base = status("VmRSS:")
+    model(input_ids=ids, labels=ids).loss.backward()
+    print(status("VmHWM:") - base)
+""")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_counted_peak_is_what_a_real_bf16_cpu_step_allocates(counted, checkpointing):
+    # glibc returns each freed block above 64 KiB to the kernel at once, so the process's peak RSS
+    # growth over one step is the peak of its live tensors (plus pages of no tensor)
+    seq = 4096
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", REAL_STEP, json.dumps(LLAMA), str(seq), "1" if checkpointing else "0"],
+                         capture_output=True, text=True, env=env, timeout=600, check=True)
+    measured = int(out.stdout.strip().splitlines()[-1])
+    planned = max(f.at(LLAMA["num_hidden_layers"], seq) for f in counted.stages(checkpointing).values())
+    print(f"checkpointing={checkpointing}: planned {planned / 2**20:.1f} MiB, real step {measured / 2**20:.1f} MiB")
+    assert planned == pytest.approx(measured, rel=0.15)
