@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from memdiag.plan.model import Architecture
+from memdiag.plan.step_peaks import StageFit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +219,7 @@ def forward_saved_bytes(arch: Architecture, s: Settings, c: Coefficients) -> flo
     return total + (layer + scores if s.activation_checkpointing else 0.0)
 
 
-def _counted_stages(arch: Architecture, s: Settings) -> dict[str, float] | None:
+def _counted_stages(arch: Architecture, s: Settings) -> dict[str, StageFit] | None:
     """Each stage's activation peak of the step (``memdiag.plan.step_peaks``), when the model's
     forward and backward were counted on the attention path planned."""
     peaks = arch.facts.peaks if arch.facts is not None else None
@@ -262,12 +263,12 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
         else:
             stages["layers"] = (L * kept, L * kept_scores, layer_transient)
     binding = max(stages, key=lambda k: sum(stages[k]))
-    kept, kept_scores, once = stages[binding]
+    kept, kept_scores, once = (max(v, 0.0) for v in stages[binding])  # a fit's zero can come out as -1e-9
     if binding == "layers":
         name = "recomputed_layer" if s.activation_checkpointing else "layer_backward"
     else:
         name = "fused_linear_cross_entropy" if s.fused_cross_entropy else "logits_and_loss"
-    return {"activations": kept, "attention_scores": kept_scores, name: max(once, 0.0)}
+    return {"activations": kept, "attention_scores": kept_scores, name: once}
 
 
 def fused_linear_ce_bytes(tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> float:

@@ -1,17 +1,13 @@
 """The step's activation peak by stage, counted in FakeTensorMode: the fits reproduce a direct count,
 the stages never add up, and the count agrees with what a real bf16 CPU step allocates."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from bench import step_peaks as step_peaks_bench  # noqa: E402
 from memdiag.plan import arch as arch_mod  # noqa: E402
 from memdiag.plan import step_peaks  # noqa: E402
 from memdiag.plan.model import Architecture  # noqa: E402
@@ -93,37 +89,15 @@ def test_the_recomputed_layer_and_the_logits_are_never_counted_together():
         assert forward_saved_bytes(arch, s, Coefficients()) > terms["activations"]
 
 
-REAL_STEP = textwrap.dedent("""
-    import json, sys, torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    config = json.loads(sys.argv[1]); seq = int(sys.argv[2]); ckpt = sys.argv[3] == "1"
-    config = LlamaConfig(**{k: v for k, v in config.items() if k not in ("model_type", "architectures")})
-    config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config).to(torch.bfloat16).train()
-    if ckpt:
-        model.gradient_checkpointing_enable()
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
-    ids = torch.randint(0, config.vocab_size, (1, seq))
-    model(input_ids=ids[:, :8], labels=ids[:, :8]).loss.backward()  # warm: first-call caches
-    def status(key):
-        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
-    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
-    base = status("VmRSS:")
-    model(input_ids=ids, labels=ids).loss.backward()
-    print(status("VmHWM:") - base)
-""")
-
-
+@pytest.mark.parametrize("attention", ["fused", "plain"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_the_counted_peak_is_what_a_real_bf16_cpu_step_allocates(counted, checkpointing):
-    # glibc returns each freed block above 64 KiB to the kernel at once, so the process's peak RSS
-    # growth over one step is the peak of its live tensors (plus pages of no tensor)
+def test_the_counted_peak_is_what_a_real_bf16_cpu_step_allocates(checkpointing, attention):
+    # bench/step_peaks.py's own measurement: the peak RSS growth of one real bf16 step, glibc
+    # returning every freed block above 64 KiB at once, so RSS follows the live tensors
     seq = 4096
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", REAL_STEP, json.dumps(LLAMA), str(seq), "1" if checkpointing else "0"],
-                         capture_output=True, text=True, env=env, timeout=600, check=True)
-    measured = int(out.stdout.strip().splitlines()[-1])
-    planned = max(f.at(LLAMA["num_hidden_layers"], seq) for f in counted.stages(checkpointing).values())
-    print(f"checkpointing={checkpointing}: planned {planned / 2**20:.1f} MiB, real step {measured / 2**20:.1f} MiB")
-    assert planned == pytest.approx(measured, rel=0.15)
+    config = {k: v for k, v in LLAMA.items() if k not in ("architectures", "torch_dtype")}
+    measured = step_peaks_bench.real_step_peak(config, seq, checkpointing, attention)
+    planned, kept = step_peaks_bench.planned(config, seq, checkpointing, attention)
+    print(f"{attention} checkpointing={checkpointing}: planned {planned / 2**20:.1f} MiB, real step {measured / 2**20:.1f} MiB")
+    assert planned == pytest.approx(measured, rel=0.10)
+    assert planned > kept  # the backward's transients (or the recomputed layer) are in the peak
