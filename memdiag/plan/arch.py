@@ -298,7 +298,7 @@ def count(config: dict, *, dtype: str, attention: str, model_class=None, trust_r
     return facts_
 
 
-def _step_peaks(hf_config_for, *, layers_key: str, model_class, remote: bool, dtype: str, attention: str) -> StepPeaks:
+def _step_peaks(hf_config_for, *, layers_key: str, model_class, remote: bool, dtype: str, attention: str) -> StepPeaks | None:
     import torch
 
     from memdiag.plan import step_peaks
@@ -318,7 +318,14 @@ def _step_peaks(hf_config_for, *, layers_key: str, model_class, remote: bool, dt
 
     probe = hf_config_for()
     vocab = int(getattr(getattr(probe, "text_config", None) or probe, "vocab_size"))
-    return step_peaks.count(build, vocab=vocab, dtype=dtype, attention=attention, context=lambda: _attention_backend(attention))
+    try:
+        return step_peaks.count(build, vocab=vocab, dtype=dtype, attention=attention, context=lambda: _attention_backend(attention))
+    except Exception as exc:  # a model's own kernel or autograd Function FakeTensorMode cannot run
+        import sys
+
+        print(f"memdiag: warning: the model's backward could not be counted ({type(exc).__name__}: {str(exc)[:160]}); "
+              "its step peak is planned from the forward's saved bytes and the formula's transients", file=sys.stderr)
+        return None
 
 
 def _tied_elements(model) -> int:

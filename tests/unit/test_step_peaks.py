@@ -101,3 +101,19 @@ def test_the_counted_peak_is_what_a_real_bf16_cpu_step_allocates(checkpointing, 
     print(f"{attention} checkpointing={checkpointing}: planned {planned / 2**20:.1f} MiB, real step {measured / 2**20:.1f} MiB")
     assert planned == pytest.approx(measured, rel=0.10)
     assert planned > kept  # the backward's transients (or the recomputed layer) are in the peak
+
+
+def test_a_backward_that_cannot_be_counted_is_planned_from_the_forward(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("MEMDIAG_CACHE", str(tmp_path))
+
+    def custom_kernel(*args, **kwargs):
+        raise RuntimeError("an autograd Function FakeTensorMode cannot run")
+
+    monkeypatch.setattr(step_peaks, "count", custom_kernel)
+    facts = arch_mod.facts(dict(LLAMA, hidden_size=128), dtype="bf16", attention="fused")
+    assert facts.peaks is None and facts.saved is not None
+    assert "memdiag: warning: the model's backward could not be counted (RuntimeError" in capsys.readouterr().err
+    s = Settings(seq_len=4096, attention="fused", activation_checkpointing=True)
+    terms = activation_terms(Architecture.from_facts(facts), s, Coefficients())
+    # the formula's stages: still never the logits and the recomputed layer together
+    assert ("logits_and_loss" in terms) != ("recomputed_layer" in terms)
