@@ -225,10 +225,7 @@ def _counted_stages(arch: Architecture, s: Settings) -> dict[str, StageFit] | No
     peaks = arch.facts.peaks if arch.facts is not None else None
     if peaks is None or peaks.attention != s.attention:
         return None
-    fits = peaks.stages(s.activation_checkpointing)
-    if fits is None:
-        return None
-    return fits
+    return peaks.stages(s.activation_checkpointing)
 
 
 def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[str, float]:
