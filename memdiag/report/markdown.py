@@ -4,6 +4,8 @@ exported with plotly's static export (kaleido) driving the system's Chromium."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -43,13 +45,32 @@ def export_pngs(figures: dict[str, go.Figure], out_dir: Path) -> tuple[list[Path
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     try:
-        for name in wanted:
-            path = out_dir / f"{name}.png"
-            staggered(figures[name], PNG_WIDTH_PX).write_image(str(path), width=PNG_WIDTH_PX, height=520, scale=1)
-            written.append(path)
+        with quiet_exporter_logs():
+            for name in wanted:
+                path = out_dir / f"{name}.png"
+                staggered(figures[name], PNG_WIDTH_PX).write_image(str(path), width=PNG_WIDTH_PX, height=520, scale=1)
+                written.append(path)
     except Exception as exc:  # a browser that will not start: the Markdown still says everything
         return written, f"static export failed: {exc}"
     return written, None
+
+
+EXPORTER_LOGGERS = ("choreographer", "kaleido", "logistro")
+"""Loggers of plotly's static exporter: they log, with a traceback, DevTools messages from Chromium
+they could not decode and then ignore; a failed export still reaches ``export_pngs`` as an error."""
+
+
+@contextlib.contextmanager
+def quiet_exporter_logs():
+    loggers = [logging.getLogger(name) for name in EXPORTER_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 PNG_WIDTH_PX = 1100
