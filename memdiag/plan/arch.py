@@ -22,7 +22,7 @@ from pathlib import Path
 
 from memdiag.cache import cache_root
 from memdiag.errors import UsageError
-from memdiag.plan.step_peaks import StepPeaks
+from memdiag.plan.step_peaks import StepPeaks, decoder_layers
 
 CACHE_VERSION = 5
 PROBE_SEQ = (256, 512)
@@ -241,14 +241,6 @@ def _build(hf_config, model_class, trust_remote_code: bool, dtype=None):
         raise UsageError(f"transformers cannot build a causal LM from this config: {exc}") from None
 
 
-def _layers(model) -> list:
-    """The repeated decoder layers: the longest ``ModuleList`` in the model."""
-    import torch
-
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    return max(lists, key=len) if lists else []
-
-
 def _num_layers_key(hf_config) -> str:
     for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
         if hasattr(hf_config, key):
@@ -270,7 +262,7 @@ def count(config: dict, *, dtype: str, attention: str, model_class=None, trust_r
     unique = {id(p): p for p in model.parameters()}
     n = sum(p.numel() for p in unique.values())
     tied = _tied_elements(model)
-    layers = _layers(model)
+    layers = decoder_layers(model)
     largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=n)
     largest_tensor = max((p.numel() for p in unique.values()), default=0)
     text = getattr(hf_config, "text_config", None) or hf_config

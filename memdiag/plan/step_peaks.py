@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 STAGES = ("forward", "head", "layers")
 PROBE_LAYERS = (1, 2)
@@ -47,13 +47,13 @@ class StageFit:
         """(s-linear, s^2) bytes each layer holds through the stage."""
         return self.x * seq, self.y * seq * seq
 
-    def once(self, seq: int) -> float:
+    def once(self, seq: int, batch: int = 1) -> float:
         """Bytes held once, not per layer (the head's tensors, a recomputed layer, transients)."""
-        return self.u * seq + self.v * seq * seq + self.w
+        return batch * (self.u * seq + self.v * seq * seq) + self.w
 
     def at(self, layers: int, seq: int, batch: int = 1) -> float:
         linear, squared = self.per_layer(seq)
-        return batch * (layers * (linear + squared) + self.u * seq + self.v * seq * seq) + self.w
+        return batch * layers * (linear + squared) + self.once(seq, batch)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,9 +66,6 @@ class StepPeaks:
 
     def stages(self, checkpointing: bool) -> dict[str, StageFit] | None:
         return self.checkpointed if checkpointing else self.plain
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> StepPeaks:
@@ -172,7 +169,8 @@ def _real_masks():
         masking_utils._ignore_causal_mask_sdpa = original
 
 
-def _layers(model):
+def decoder_layers(model) -> list:
+    """The repeated decoder layers: the longest ``ModuleList`` in the model."""
     import torch
 
     lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
@@ -192,15 +190,14 @@ def enable_checkpointing(model) -> bool:
     return True
 
 
-def measure(model, ids) -> tuple[int, dict[str, int]]:
-    """(bytes live at the end of the forward, each stage's peak) for one forward and backward of
-    ``model`` (built in FakeTensorMode) on ``ids``."""
+def measure(model, ids) -> dict[str, int]:
+    """Each stage's peak for one forward and backward of ``model`` (built in FakeTensorMode) on ``ids``."""
     import torch
     from torch.utils._pytree import tree_flatten
 
     existing = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     tracker = LiveBytes(existing)
-    layers = _layers(model)
+    layers = decoder_layers(model)
     last = layers[-1] if len(layers) else None
     after_last = {"armed": False}
 
@@ -231,13 +228,12 @@ def measure(model, ids) -> tuple[int, dict[str, int]]:
     try:
         with tracker.mode(), _real_masks():
             loss = model(input_ids=ids, labels=ids).loss
-            end = tracker.live
             tracker.stage = "head"
             loss.backward()
     finally:
         for h in handles:
             h.remove()
-    return end, tracker.peaks()
+    return tracker.peaks()
 
 
 def _drop_grad(tracker: LiveBytes):
@@ -283,6 +279,6 @@ def count(build, *, vocab: int, dtype: str, attention: str, context=contextlib.n
                     break
                 for seq in PROBE_SEQ:
                     with context():
-                        measured[layers, seq] = measure(model, torch.randint(0, vocab, (1, seq)))[1]
+                        measured[layers, seq] = measure(model, torch.randint(0, vocab, (1, seq)))
         results[checkpointing] = fit(measured) if len(measured) == len(PROBE_LAYERS) * len(PROBE_SEQ) else None
     return StepPeaks(plain=results[False], checkpointed=results[True], attention=attention, dtype=dtype)

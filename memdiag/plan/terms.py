@@ -243,7 +243,7 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
         stages = {}
         for stage, f in fits.items():
             linear, squared = f.per_layer(seq)
-            stages[stage] = (L * b * linear * scale, L * b * squared * scale, (b * (f.u * seq + f.v * seq * seq) + f.w) * scale)
+            stages[stage] = (L * b * linear * scale, L * b * squared * scale, f.once(seq, b) * scale)
         if s.fused_cross_entropy:
             # no logits: the forward and the head's backward hold Liger's buffers over the kept tensors
             fused = fused_linear_ce_bytes(b * seq, arch.hidden_size, arch.vocab_size, DTYPE_BYTES[s.dtype])
@@ -251,8 +251,7 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
             stages["forward"] = stages["head"] = (kept, kept_scores, fused)
     else:
         kept, kept_scores, layer, scores, head = _saved_terms(arch, s, c)
-        flash = s.flash_attn
-        layer_transient = 0.0 if flash else c.backward_transient_as2b * arch.num_heads * seq * seq * b * DTYPE_BYTES[s.dtype] / 2
+        layer_transient = 0.0 if s.flash_attn else c.backward_transient_as2b * arch.num_heads * seq * seq * b * DTYPE_BYTES[s.dtype] / 2
         head_transient = 0.0 if s.fused_cross_entropy else c.backward_transient_sbv * seq * b * arch.vocab_size
         stages = {"head": (L * kept, L * kept_scores, head + head_transient)}
         if s.activation_checkpointing:
