@@ -111,11 +111,16 @@ class RunConfig(RunSettings):
             raise UsageError(f"node_rank={self.node_rank!r} must be an integer in 0..{self.nnodes - 1} (nnodes={self.nnodes})")
         if self.node_rank is not None and not self.run_dir:
             raise UsageError("node_rank= needs run_dir=DIR: the run directory every node writes into")
+
+    def check_case_model_length(self) -> None:
+        """``seq_len`` against the case's own model; a plan of another model (``--model-config``,
+        a launch command's ``--model_name_or_path``) is not held to the case's maximum."""
         if self.seq_len > int(self.model.get("model_max_length", self.seq_len)):
             raise UsageError(f"seq_len={self.seq_len} exceeds model.model_max_length={self.model['model_max_length']}")
 
     def check_launchable(self) -> None:
         """What only a launch needs: the nodes it spans, and values the case's training can run."""
+        self.check_case_model_length()
         if self.nnodes > 1 and self.node_rank is None and not self.nodes_here and not self.hostfile:
             raise UsageError(
                 f"layout {self.layout} spans {self.nnodes} nodes: give hostfile=FILE (memdiag starts each node over ssh), "

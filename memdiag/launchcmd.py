@@ -271,6 +271,21 @@ def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
                            "give optimizer=torch_foreach to count one fp32 copy of the stepped partition")
     if "--resume_from_checkpoint" in opts:
         take("--resume_from_checkpoint", "resume=true")
+    _read_saving(opts, trainer, launch, take)
+
+
+def _read_saving(opts: dict[str, str | None], trainer: bool, launch: Launch, take) -> None:
+    """Whether the run saves a checkpoint: the Trainer saves every ``save_steps`` (500) unless
+    ``--save_strategy no``, and a Trainer script's ``save_model`` gathers the model at the end."""
+    strategy = opts.get("--save_strategy")
+    if strategy is not None:
+        saves = strategy.strip().lower() != "no"
+        take("--save_strategy", f"save={str(saves).lower()}")
+    elif opts.get("--save_steps") is not None:
+        take("--save_steps", "save=true")
+    elif trainer:
+        launch.tokens.append("save=true")
+        launch.read.append("--save_strategy not given -> save=true (the HF Trainer saves every 500 steps by default)")
 
 
 def _read_weights(model_dir: Path, launch: Launch) -> None:

@@ -252,6 +252,19 @@ def _num_layers_key(hf_config) -> str:
 
 
 def count(config: dict, *, dtype: str, attention: str, model_class=None, trust_remote_code: bool | None = None) -> ModelFacts:
+    from transformers.utils import logging as hf_logging
+
+    # the count builds and steps the model as a Trainer would: transformers' advice to a training
+    # run (use_cache with checkpointing, ...) is not the user's to read
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return _count(config, dtype=dtype, attention=attention, model_class=model_class, trust_remote_code=trust_remote_code)
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def _count(config: dict, *, dtype: str, attention: str, model_class, trust_remote_code: bool | None) -> ModelFacts:
     import torch
 
     remote = bool(config.get("auto_map")) if trust_remote_code is None else trust_remote_code

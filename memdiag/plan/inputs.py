@@ -93,6 +93,7 @@ def for_run(config, model_config: Path | None = None) -> tuple[Architecture, Set
         arch = Architecture.from_hf_config(model_config, dtype=config.dtype, attention=counted_on)
         attention = counted_on if config.attention != "auto" else auto_attention(arch)
     else:
+        config.check_case_model_length()
         attention = config.attention_path
         arch = Architecture.for_case(config.case, config.model, dtype=config.dtype, attention=attention)
     ds = load_ds_config(config, hidden_size=arch.hidden_size)  # HF's "auto" buckets follow the planned model

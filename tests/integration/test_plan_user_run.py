@@ -45,7 +45,7 @@ def same(a: dict, b: dict) -> None:
 
 def test_the_ds_config_the_command_and_the_keys_give_one_answer(user_dir):
     settings = ["micro_batch=2", "grad_accum=4", "dtype=bf16", "activation_checkpointing=true", "seq_len=1024", "load=zero_init",
-                "checkpoint_format=safetensors", "checkpoint_shards=2"]
+                "checkpoint_format=safetensors", "checkpoint_shards=2", "save=true"]  # a Trainer saves unless --save_strategy no
     by_file = plan(user_dir, "--model-config", "Llama-2-7b-hf", "--ds-config", "ds_z3_offload.json", "--layout", "2x8", *settings)
     by_keys = plan(user_dir, "--model-config", "Llama-2-7b-hf", "--layout", "2x8", *settings,
                    "offload=params", "pin_memory=true", "save_16bit_weights=true", "zero.stage=3")
@@ -58,6 +58,6 @@ def test_the_ds_config_the_command_and_the_keys_give_one_answer(user_dir):
     assert by_file["ds_config"]["zero_optimization"]["reduce_bucket_size"] == 4096 * 4096  # "auto", as the Trainer fills it
     # the keys do not carry the file's buckets: compare what they share, and the file's own answer to the command's
     same(by_file["layouts"][0], by_command["command"]["layout"])
-    for key in ("offload", "pin_memory", "save_16bit_weights", "micro_batch", "grad_accum", "dtype", "zero_stage"):
+    for key in ("offload", "pin_memory", "save_16bit_weights", "micro_batch", "grad_accum", "dtype", "zero_stage", "save"):
         assert by_file["settings"][key] == by_keys["settings"][key] == by_command["settings"][key], key
     assert by_file["settings"]["attention"] == "fused"  # Llama supports SDPA: what transformers picks unasked

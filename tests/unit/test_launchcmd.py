@@ -47,9 +47,21 @@ def test_a_trainer_scripts_arguments_become_settings(tmp_path):
     )
     assert launch.tokens == [
         "layout=1x8", f"ds_config={ds}", "micro_batch=2", "grad_accum=4", "dtype=bf16", "activation_checkpointing=true",
-        "seq_len=1024", "attention=fused", "load=zero_init", "checkpoint_format=safetensors", "checkpoint_shards=2", "resume=true",
+        "seq_len=1024", "attention=fused", "load=zero_init", "checkpoint_format=safetensors", "checkpoint_shards=2", "resume=true", "save=true",
     ]
     assert launch.model_dir == model and launch.gaps == []
+
+
+@pytest.mark.parametrize("args, save", [
+    ("--output_dir out", "save=true"),  # TrainingArguments: save_strategy "steps", every 500
+    ("--output_dir out --save_strategy no", "save=false"),
+    ("--output_dir out --save_strategy=epoch", "save=true"),
+    ("--save_steps 200", "save=true"),
+    ("--bf16", None),  # not a Trainer's arguments: nothing said about saving
+])
+def test_whether_the_run_saves_is_read_from_the_trainers_arguments(args, save):
+    tokens = [t for t in read(f"torchrun --nproc_per_node 8 train.py {args}").tokens if t.startswith("save=")]
+    assert tokens == ([save] if save else [])
 
 
 def test_what_a_trainer_leaves_out_is_its_default_and_what_cannot_be_read_is_named():

@@ -1,6 +1,7 @@
 """The planner: exact parameter counts, the seed's decision, the DeepSpeed cross-check, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,24 @@ def test_bad_plan_input_is_one_line_and_exit_2(capsys, argv, needle):
     assert cli_main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
+
+
+def test_the_cases_maximum_length_is_not_another_models(tmp_path, capsys):
+    # Qwen2.5-7B-Instruct's shapes at 8k tokens: the case's Baichuan stops at 4096, this model does not
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1024,
+           "max_position_embeddings": 32768, "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    result = subprocess.run(
+        [sys.executable, "-m", "memdiag", "plan", "--json", "--host-ram", "1T", "--device-mem", "80G", "--model-config", str(path),
+         "seq_len=8192", "activation_checkpointing=true"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "MEMDIAG_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"]["seq_len"] == 8192
+    assert "use_cache" not in result.stderr  # transformers' advice to a training run is not printed by the count
+    assert cli_main(["plan", "--host-ram", "1T", "seq_len=8192"]) == 2  # the case's own model is held to it
+    assert "model.model_max_length=4096" in capsys.readouterr().err
 
 
 def test_parsers():
