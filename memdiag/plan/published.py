@@ -85,6 +85,10 @@ def parse_case(text: str, *, path: Path, line: int) -> PublishedCase:
         raise _refuse(path, line, "give exactly one of measured (a figure) or outcome (oom or fits)")
     try:
         nodes, per_node = int(row["nodes"]), int(row["devices_per_node"])
+        if str(row["device_memory"]).strip().upper().endswith(("KB", "MB", "GB", "TB")):
+            # an "80GB" A100 has 80 GiB (nvidia-smi: 81920MiB), as memdiag's own profiles say
+            raise UsageError(f"device_memory {row['device_memory']!r}: a card's memory as sold is binary; "
+                             f"write {str(row['device_memory']).strip()[:-1]}iB")
         device_memory = parse_size(row["device_memory"], name="device_memory")
         host_ram = None if row.get("host_ram") is None else parse_size(row["host_ram"], name="host_ram")
         fields: dict = {}

@@ -37,7 +37,7 @@ class Coefficients:
     allocator_reserve_fraction: float = 0.05
     """ZeRO-1/2: the caching allocator's reserve and fragmentation over the allocated peak
     (an assumption)."""
-    allocator_reserve_layers: float = 10.6
+    allocator_reserve_layers: float = 11.1
     """ZeRO-3: what the caching allocator holds reserved above the allocated peak, in decoder
     layers' worth of gathered 16-bit parameters (each layer's all-gather buffers are freed on
     a side stream, and their blocks stay cached). Fitted on the published device figures

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 PUBLISHED = REPO / "bench" / "published"
 GOOD = {
     "id": "x", "category": "host_offload", "source": "deepspeedai/DeepSpeed#3448", "quote": "I used 750G ~ 800G RAM",
-    "model": "llama-30b", "nodes": 1, "devices_per_node": 8, "device_memory": "40GB", "host_ram": None,
+    "model": "llama-30b", "nodes": 1, "devices_per_node": 8, "device_memory": "40GiB", "host_ram": None,
     "settings": {"offload": "params"}, "ambiguity": "G read as GiB",
     "measured": {"what": "host_node_peak", "value": "775G", "low": "750G", "high": "800G"},
 }
@@ -38,7 +38,7 @@ def line(**changes) -> str:
 
 def test_a_good_line_reads_with_its_units_and_range():
     case = parse_case(line(), path=Path("cases.jsonl"), line=1)
-    assert case.device_memory_bytes == 40 * 10**9
+    assert case.device_memory_bytes == 40 * 2**30
     assert case.measured_bytes == 775 * 2**30
     assert (case.measured_low_bytes, case.measured_high_bytes) == (750 * 2**30, 800 * 2**30)
     assert case.phases == ("load", "initialize", "training")
@@ -54,6 +54,7 @@ def test_a_good_line_reads_with_its_units_and_range():
         (line(outcome={"limit": "host", "result": "oom"}), "exactly one of measured"),
         (line(measured={"what": "rss", "value": "1G"}), "measured.what 'rss'"),
         (line(device_memory="40 gigs"), "device_memory='40 gigs'"),
+        (line(device_memory="80GB"), "write 80GiB"),  # an 80GB card has 80 GiB, as the profiles say
         (line(measured=None, outcome={"limit": "host", "result": "oom"}), "a host outcome needs host_ram"),
         (line(phases=["warmup"]), "phases ['warmup']"),
         (line(nodes=0), "must be positive"),
