@@ -24,7 +24,7 @@ from memdiag.cache import cache_root
 from memdiag.errors import UsageError
 from memdiag.plan.step_peaks import StepPeaks, decoder_layers
 
-CACHE_VERSION = 5
+CACHE_VERSION = 9
 PROBE_SEQ = (256, 512)
 """Sequence lengths the forward is run at; two points fit the s and s^2 terms exactly."""
 ATTN_IMPLEMENTATION = {"plain": "eager", "sdpa_math": "sdpa", "fused": "sdpa"}
@@ -278,6 +278,9 @@ def _count(config: dict, *, dtype: str, attention: str, model_class, trust_remot
     layers = decoder_layers(model)
     largest_layer = max((sum(p.numel() for p in layer.parameters()) for layer in layers), default=n)
     largest_tensor = max((p.numel() for p in unique.values()), default=0)
+    supports_sdpa = bool(getattr(type(model), "_supports_sdpa", False))
+    if attention == "auto":  # what transformers picks when attn_implementation is not given
+        attention = "fused" if supports_sdpa else "plain"
     text = getattr(hf_config, "text_config", None) or hf_config
     heads = int(getattr(text, "num_attention_heads", getattr(text, "n_head", 0)) or 0)
     facts_ = ModelFacts(
@@ -293,7 +296,7 @@ def _count(config: dict, *, dtype: str, attention: str, model_class, trust_remot
         num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
         intermediate_size=int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 0),
         vocab_size=int(getattr(text, "vocab_size", 0) or 0),
-        supports_sdpa=bool(getattr(type(model), "_supports_sdpa", False)),
+        supports_sdpa=supports_sdpa,
         tensor_numels=tuple(p.numel() for _, p in model.named_parameters()),
         saved=saved_bytes(config, hf_config_for=lambda **c: _hf_config(config, model_class, remote, **c),
                           layers_key=layers_key, model_class=model_class, remote=remote, dtype=dtype, attention=attention),

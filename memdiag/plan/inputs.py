@@ -81,17 +81,23 @@ def auto_attention(arch: Architecture) -> str:
     return "fused" if arch.facts is not None and arch.facts.supports_sdpa else "plain"
 
 
+def hf_model(model_config: Path, *, dtype: str, attention: str) -> tuple[Architecture, str]:
+    """A model of the user's and the attention path it runs, the step counted on that path
+    (``auto``: the one transformers picks for it)."""
+    arch = Architecture.from_hf_config(model_config, dtype=dtype, attention=attention)
+    return arch, attention if attention != "auto" else auto_attention(arch)
+
+
 def for_run(config, model_config: Path | None = None) -> tuple[Architecture, Settings]:
     """The architecture and planner settings of a composed run (``memdiag.config.RunConfig``);
-    ``model_config``: plan an HF model instead of the case's (``attention=auto`` is then plain)."""
+    ``model_config``: plan an HF model instead of the case's (``attention=auto``: the path
+    transformers picks for it, counted on that path)."""
     from memdiag import dsconfig
     from memdiag.config import load_ds_config
     from memdiag.registry import get_case
 
     if model_config is not None:
-        counted_on = "plain" if config.attention == "auto" else config.attention
-        arch = Architecture.from_hf_config(model_config, dtype=config.dtype, attention=counted_on)
-        attention = counted_on if config.attention != "auto" else auto_attention(arch)
+        arch, attention = hf_model(model_config, dtype=config.dtype, attention=config.attention)
     else:
         config.check_case_model_length()
         attention = config.attention_path

@@ -162,8 +162,7 @@ def generic_gpu(device_memory_bytes: int) -> HardwareProfile:
 def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Prediction:
     """memdiag's figure (or verdict) for the case and DeepSpeed's estimator's, on the same counts."""
     from memdiag.config import compose
-    from memdiag.plan.inputs import auto_attention, for_run, optimizer_path, planner_settings
-    from memdiag.plan.model import Architecture
+    from memdiag.plan.inputs import for_run, hf_model, optimizer_path, planner_settings
     from memdiag.plan.search import deepspeed_estimate, evaluate
     from memdiag.plan.terms import DTYPE_BYTES, Coefficients
     from memdiag.settings import PLAN, RunSettings, parse
@@ -197,12 +196,10 @@ def predict(case: PublishedCase, models_dir: Path, coefficients=None) -> Predict
             for key, value in dsconfig.settings_from(ds, ds_file, set(values)).items():
                 values.setdefault(key, value)
         run = RunSettings(**values)
-        counted_on = "plain" if run.attention == "auto" else run.attention
         path = models_dir / f"{case.model}.json"
         if not path.is_file():
             raise UsageError(f"line {case.line}: model {case.model!r}: no {path}")
-        arch = Architecture.from_hf_config(path, dtype=run.dtype, attention=counted_on)
-        attention = auto_attention(arch) if run.attention == "auto" else counted_on
+        arch, attention = hf_model(path, dtype=run.dtype, attention=run.attention)
         # the published zero keys over the file's; "auto" buckets follow the model, as the HF Trainer fills them
         ds["zero_optimization"] = (ds.get("zero_optimization") or {}) | case.ds_config
         dsconfig.fill_auto(ds, micro_batch=run.micro_batch, grad_accum=run.grad_accum, dtype=run.dtype, hidden_size=arch.hidden_size)

@@ -18,8 +18,14 @@ eager attention's forward, whose peak moves into a layer's scores past the probe
 exception, and it never binds under checkpointing. bench/step_peaks.py puts the step's peak beside
 a real bf16 CPU step's (0.99-1.03).
 
-Parameter gradients are freed as they are accumulated (``register_post_accumulate_grad_hook``),
-as ZeRO moves each into its reduce bucket: one parameter's gradient is live at a time.
+A parameter's gradient is live from the op that makes it until it is accumulated
+(``register_post_accumulate_grad_hook``), where ZeRO takes it: into its reduce bucket, or, when it
+is larger than the bucket (the lm_head's, the embedding's), reduce-scattered from its own storage
+(``stage3.__add_grad_to_ipg_bucket``; ``stage_1_and_2``'s extra-large parameter). The stage fits
+count the activations without it; each window in which a gradient of ``g`` bytes is live is fitted
+apart (``<stage>+grad:<g>``: the activations live while it is), so a plan adds ``g`` only to what is
+live beside it, never to the stage's peak elsewhere. A tied embedding's gradient is live from the
+head's backward until the embedding's part is added at the end.
 """
 
 from __future__ import annotations
@@ -76,17 +82,23 @@ class StepPeaks:
                    attention=data["attention"], dtype=data["dtype"])
 
 
+GRAD = "+grad:"
+"""Key of a gradient window's fit: ``head+grad:1089994752``."""
+
+
 class LiveBytes:
     """A dispatch mode's bookkeeping: the bytes of every storage an op creates, until it is freed
     (a weak reference to the storage), after every op, with the stage it ran in. Storages alive
-    before it starts (parameters, buffers) are not counted, nor are views of them; a parameter's
-    gradient is taken out of every sum it was in (``exclude``): ZeRO's buckets are planned apart."""
+    before it starts (parameters, buffers) are not counted, nor are views of them. A parameter's
+    gradient, once accumulated (``accumulated``), is taken out of the activations' sums it was in
+    and kept beside them, in ``grads``, from the op that made it."""
 
     def __init__(self, existing: set[int]):
         self.existing = existing
         self.live = 0
         self.stage = "forward"
         self.trace: list[int] = []
+        self.grads: list[int] = []
         self.stages: list[str] = []
         self._refs: dict[int, tuple[weakref.ref, int, int]] = {}
 
@@ -104,20 +116,26 @@ class LiveBytes:
         # born at the trace entry this op is about to write
         self._refs[key] = (weakref.ref(storage, lambda ref, key=key: self._free(key)), nbytes, len(self.trace))
 
-    def exclude(self, tensor) -> None:
-        entry = self._refs.pop(tensor.untyped_storage()._cdata, None)
+    def accumulated(self, grad) -> None:
+        """``grad`` was live from the op that made it until now: in ``grads``, not the activations."""
+        entry = self._refs.pop(grad.untyped_storage()._cdata, None)
         if entry is None:
             return
         _, nbytes, born = entry
         self.live -= nbytes
         for i in range(born, len(self.trace)):
             self.trace[i] -= nbytes
+            self.grads[i] += nbytes
 
     def peaks(self) -> dict[str, int]:
+        """Each stage's activation peak, and each gradient window's (``<stage>+grad:<bytes>``)."""
         out = dict.fromkeys(STAGES, 0)
-        for live, stage in zip(self.trace, self.stages):
+        for live, grad, stage in zip(self.trace, self.grads, self.stages):
             if live > out[stage]:
                 out[stage] = live
+            if grad:
+                key = f"{stage}{GRAD}{grad}"
+                out[key] = max(out.get(key, 0), live)
         return out
 
     def mode(self):
@@ -134,6 +152,7 @@ class LiveBytes:
                     if isinstance(t, torch.Tensor):
                         tracker._add(t.untyped_storage())
                 tracker.trace.append(tracker.live)
+                tracker.grads.append(0)
                 tracker.stages.append(tracker.stage)
                 return out
 
@@ -220,8 +239,7 @@ def measure(model, ids) -> dict[str, int]:
                 return
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    handles = [p.register_hook(lambda grad: tracker.exclude(grad)) for p in trainable]
-    handles += [p.register_post_accumulate_grad_hook(_drop_grad(tracker)) for p in trainable]
+    handles = [p.register_post_accumulate_grad_hook(_drop_grad(tracker)) for p in trainable]
     if last is not None:
         handles.append(last.register_forward_hook(last_done))
     handles.append(torch.nn.modules.module.register_module_forward_pre_hook(first_after_last))
@@ -238,9 +256,10 @@ def measure(model, ids) -> dict[str, int]:
 
 def _drop_grad(tracker: LiveBytes):
     def drop(param):
-        # AccumulateGrad may have stored a copy of the gradient the tensor hook saw
-        tracker.exclude(param.grad)
-        param.grad = None
+        # AccumulateGrad keeps the gradient the op made (or, when its layout differs from the
+        # parameter's, a copy, the original then freed as an activation would be)
+        tracker.accumulated(param.grad)
+        param.grad = None  # ZeRO has taken it
 
     return drop
 
@@ -252,7 +271,9 @@ def fit(measured: dict[tuple[int, int], dict[str, int]]) -> dict[str, StageFit]:
     l1, l2 = PROBE_LAYERS
     seqs = np.array(PROBE_SEQ, dtype=float)
     fits = {}
-    for stage in STAGES:
+    # a gradient window is fitted where every probe has it (the same parameters at any depth and length)
+    keys = [k for k in measured[l1, PROBE_SEQ[0]] if all(k in m for m in measured.values())]
+    for stage in keys:
         one = np.array([measured[l1, s][stage] for s in PROBE_SEQ], dtype=float)
         two = np.array([measured[l2, s][stage] for s in PROBE_SEQ], dtype=float)
         per_layer = (two - one) / (l2 - l1)

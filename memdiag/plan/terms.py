@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from memdiag.plan.model import Architecture
-from memdiag.plan.step_peaks import StageFit
+from memdiag.plan.step_peaks import GRAD, StageFit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -241,30 +241,37 @@ def activation_terms(arch: Architecture, s: Settings, c: Coefficients) -> dict[s
     if fits is not None:
         scale = DTYPE_BYTES[s.dtype] / DTYPE_BYTES[arch.facts.peaks.dtype]
         stages = {}
-        for stage, f in fits.items():
+        for key, f in fits.items():
+            stage, _, grad = key.partition(GRAD)
+            if s.fused_cross_entropy and grad and stage != "layers":
+                continue  # Liger makes the head's weight gradient in its forward: in its buffers below
             linear, squared = f.per_layer(seq)
-            stages[stage] = (L * b * linear * scale, L * b * squared * scale, f.once(seq, b) * scale)
+            stages[key] = (L * b * linear * scale, L * b * squared * scale, f.once(seq, b) * scale, int(grad or 0) * scale)
         if s.fused_cross_entropy:
             # no logits: the forward and the head's backward hold Liger's buffers over the kept tensors
             fused = fused_linear_ce_bytes(b * seq, arch.hidden_size, arch.vocab_size, DTYPE_BYTES[s.dtype])
-            kept, kept_scores, _ = stages["head"]
-            stages["forward"] = stages["head"] = (kept, kept_scores, fused)
+            kept, kept_scores, _, _ = stages["head"]
+            stages["forward"] = stages["head"] = (kept, kept_scores, fused, 0.0)
     else:
         kept, kept_scores, layer, scores, head = _saved_terms(arch, s, c)
         layer_transient = 0.0 if s.flash_attn else c.backward_transient_as2b * arch.num_heads * seq * seq * b * DTYPE_BYTES[s.dtype] / 2
         head_transient = 0.0 if s.fused_cross_entropy else c.backward_transient_sbv * seq * b * arch.vocab_size
-        stages = {"head": (L * kept, L * kept_scores, head + head_transient)}
+        stages = {"head": (L * kept, L * kept_scores, head + head_transient, 0.0)}
         if s.activation_checkpointing:
-            stages["layers"] = (L * kept, 0.0, layer + scores + layer_transient)
+            stages["layers"] = (L * kept, 0.0, layer + scores + layer_transient, 0.0)
         else:
-            stages["layers"] = (L * kept, L * kept_scores, layer_transient)
+            stages["layers"] = (L * kept, L * kept_scores, layer_transient, 0.0)
     binding = max(stages, key=lambda k: sum(stages[k]))
-    kept, kept_scores, once = (max(v, 0.0) for v in stages[binding])  # a fit's zero can come out as -1e-9
-    if binding == "layers":
+    kept, kept_scores, once, grad = (max(v, 0.0) for v in stages[binding])  # a fit's zero can come out as -1e-9
+    if binding.partition(GRAD)[0] == "layers":
         name = "recomputed_layer" if s.activation_checkpointing else "layer_backward"
     else:
         name = "fused_linear_cross_entropy" if s.fused_cross_entropy else "logits_and_loss"
-    return {"activations": kept, "attention_scores": kept_scores, name: once}
+    terms = {"activations": kept, "attention_scores": kept_scores, name: once}
+    if grad:
+        # a full parameter gradient before ZeRO takes it (the lm_head's, the embedding's)
+        terms["parameter_gradient_in_flight"] = grad
+    return terms
 
 
 def fused_linear_ce_bytes(tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> float:

@@ -174,6 +174,19 @@ def test_the_cases_maximum_length_is_not_another_models(tmp_path, capsys):
     assert "model.model_max_length=4096" in capsys.readouterr().err
 
 
+def test_a_users_model_on_auto_attention_is_counted_on_the_path_transformers_picks(tmp_path):
+    # Qwen2 supports SDPA: attention=auto plans what attention=fused plans, the step counted on it
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 1024,
+           "max_position_embeddings": 32768, "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    common = ["--host-ram", "1T", "--device-mem", "80G", "--model-config", str(path), "--layout", "1x8", "seq_len=2048"]
+    auto, fused = plan_json(*common), plan_json(*common, "attention=fused")
+    assert auto["settings"]["attention"] == "fused"
+    assert auto["layouts"][0]["terms"] == fused["layouts"][0]["terms"]
+
+
 def test_parsers():
     assert parse_range("1-4", "--nodes") == [1, 2, 3, 4]
     assert parse_layout("2x8", 16) == (2, 8)
