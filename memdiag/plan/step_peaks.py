@@ -24,8 +24,9 @@ is larger than the bucket (the lm_head's, the embedding's), reduce-scattered fro
 (``stage3.__add_grad_to_ipg_bucket``; ``stage_1_and_2``'s extra-large parameter). The stage fits
 count the activations without it; each window in which a gradient of ``g`` bytes is live is fitted
 apart (``<stage>+grad:<g>``: the activations live while it is), so a plan adds ``g`` only to what is
-live beside it, never to the stage's peak elsewhere. A tied embedding's gradient is live from the
-head's backward until the embedding's part is added at the end.
+live beside it, never to the stage's peak elsewhere. A tied embedding's head part is held by the
+autograd engine from the head's backward until the embedding's part is added to it at the end: it
+is counted there, in the layers' stage, as the engine's buffer.
 """
 
 from __future__ import annotations
