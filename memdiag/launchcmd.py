@@ -2,7 +2,7 @@
 
 ``memdiag plan -- torchrun --nnodes 2 --nproc_per_node 8 train.py --deepspeed ds.json ...``: the
 launcher's layout (torchrun / ``python -m torch.distributed.run``, the ``deepspeed`` launcher with
-its hostfile, ``accelerate launch``), and the HF ``TrainingArguments`` and model arguments a
+its hostfile, ``accelerate launch`` with its config file), and the HF ``TrainingArguments`` and model arguments a
 Trainer script takes. What it reads becomes memdiag settings (``key=value`` tokens, parsed by
 ``memdiag.settings`` like any other); what it cannot read is named with the key to give.
 """
@@ -96,7 +96,9 @@ def _split_launcher(argv: list[str]) -> tuple[str, dict[str, str | None], list[s
             i += 1
             break
         launcher.append(arg)
-        takes_value = "=" not in arg and arg not in ("--standalone", "--no_python", "--no_local_rank", "--force_multi", "--multi_gpu")
+        takes_value = "=" not in arg and arg.replace("-", "_") not in (
+            "__standalone", "__no_python", "__no_local_rank", "__force_multi", "__multi_gpu", "__use_deepspeed", "__use_fsdp",
+            "__use_megatron_lm", "__cpu", "__debug", "__quiet", "_q")
         if takes_value and i + 1 < len(rest) and not rest[i + 1].startswith("-"):
             launcher.append(rest[i + 1])
             i += 1
@@ -141,19 +143,104 @@ def read(argv: list[str]) -> Launch:
     """The settings a launch command decides; nothing is run."""
     launch = Launch()
     launcher, lopts, script_args = _split_launcher(argv)
+    accelerate = _with_flags(_accelerate_config(lopts, launch), lopts) if launcher == "accelerate" else {}
     try:
-        nodes, per_node = _layout(launcher, lopts, launch)
+        nodes, per_node = _layout(launcher, lopts, launch, accelerate)
     except _Unreadable as exc:
         nodes = per_node = None
         launch.gaps.append(str(exc))
     if nodes and per_node:
         launch.tokens.append(f"layout={nodes}x{per_node}")
         launch.read.append(f"{launcher} -> layout={nodes}x{per_node}")
+    _read_accelerate_deepspeed(accelerate, launch)
     _read_script_args(_options(script_args), launch)
     return launch
 
 
-def _layout(launcher: str, lopts: dict, launch: Launch) -> tuple[int | None, int | None]:
+def _accelerate_config(lopts: dict, launch: Launch) -> dict:
+    """``accelerate launch``'s config file: ``--config_file``, else accelerate's default one
+    (``$HF_HOME/accelerate/default_config.yaml``) when it exists, as accelerate reads it."""
+    import os
+
+    import yaml
+
+    given = lopts.get("--config_file")
+    if given:
+        path = Path(given)
+    else:
+        home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface")
+        path = Path(home) / "accelerate" / "default_config.yaml"
+        if not path.is_file():
+            return {}
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        launch.gaps.append(f"accelerate config {path}: not readable YAML ({str(exc).splitlines()[0]}); give --layout NxM and the keys")
+        return {}
+    if not isinstance(config, dict):
+        launch.gaps.append(f"accelerate config {path}: not a mapping of accelerate's keys; give --layout NxM and the keys")
+        return {}
+    launch.read.append(f"accelerate config {path}")
+    return config
+
+
+ACCELERATE_FLAGS = ("num_machines", "num_processes", "mixed_precision")
+ACCELERATE_DEEPSPEED_FLAGS = ("deepspeed_config_file", "zero_stage", "offload_optimizer_device", "offload_param_device",
+                              "gradient_accumulation_steps", "zero3_init_flag", "zero3_save_16bit_model")
+"""``accelerate launch``'s flags that stand for its config file's keys (the flags win)."""
+
+
+def _with_flags(config: dict, lopts: dict) -> dict:
+    def value(text):
+        lowered = str(text).strip().lower()
+        return {"true": True, "false": False}.get(lowered, int(lowered) if lowered.isdigit() else text)
+
+    out = dict(config) | {k: value(lopts[f"--{k}"]) for k in ACCELERATE_FLAGS if lopts.get(f"--{k}") is not None}
+    ds = dict(out.get("deepspeed_config") or {}) | {
+        k: value(lopts[f"--{k}"]) for k in ACCELERATE_DEEPSPEED_FLAGS if lopts.get(f"--{k}") is not None}
+    if "--use_deepspeed" in lopts or ds:
+        out["distributed_type"] = "DEEPSPEED" if "--use_deepspeed" in lopts else out.get("distributed_type")
+        out["deepspeed_config"] = ds
+    return out
+
+
+ACCELERATE_OFFLOAD = {("none", "none"): "none", ("cpu", "none"): "optimizer", ("cpu", "cpu"): "params", ("nvme", "nvme"): "nvme"}
+"""accelerate's DeepSpeed plugin (offload_optimizer_device, offload_param_device) as memdiag's ``offload``."""
+
+
+def _read_accelerate_deepspeed(config: dict, launch: Launch) -> None:
+    """accelerate's DeepSpeed plugin keys as settings (its ds_config file, when named, decides
+    instead: accelerate refuses the plugin keys beside one)."""
+    def take(source: str, token: str) -> None:
+        launch.tokens.append(token)
+        launch.read.append(f"{source} -> {token}")
+
+    precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(str(config.get("mixed_precision", "")).lower())
+    if precision:
+        take(f"mixed_precision: {config['mixed_precision']}", f"dtype={precision}")
+    ds = config.get("deepspeed_config")
+    if str(config.get("distributed_type", "")).upper() != "DEEPSPEED" or not isinstance(ds, dict):
+        return
+    if ds.get("deepspeed_config_file"):
+        take("deepspeed_config_file", f"ds_config={Path(str(ds['deepspeed_config_file'])).resolve()}")
+        return
+    stage = ds.get("zero_stage")
+    if stage is not None:
+        take(f"zero_stage: {stage}", f"zero.stage={stage}")
+    devices = (str(ds.get("offload_optimizer_device", "none")).lower(), str(ds.get("offload_param_device", "none")).lower())
+    if devices in ACCELERATE_OFFLOAD:
+        take(f"offload devices {devices[0]}/{devices[1]}", f"offload={ACCELERATE_OFFLOAD[devices]}")
+    else:
+        launch.gaps.append(f"offload_optimizer_device {devices[0]} with offload_param_device {devices[1]}: give offload=")
+    if ds.get("gradient_accumulation_steps") is not None:
+        take("gradient_accumulation_steps", f"grad_accum={ds['gradient_accumulation_steps']}")
+    if stage == 3 and ds.get("zero3_init_flag"):
+        take("zero3_init_flag: true", "load=zero_init")
+    if ds.get("zero3_save_16bit_model") is not None:
+        take(f"zero3_save_16bit_model: {ds['zero3_save_16bit_model']}", f"save_16bit_weights={str(bool(ds['zero3_save_16bit_model'])).lower()}")
+
+
+def _layout(launcher: str, lopts: dict, launch: Launch, accelerate: dict) -> tuple[int | None, int | None]:
     nodes = per_node = None
     if launcher == "torchrun":
         nnodes = lopts.get("--nnodes")
@@ -171,10 +258,12 @@ def _layout(launcher: str, lopts: dict, launch: Launch) -> tuple[int | None, int
         if per_node is None:
             launch.gaps.append("deepspeed without --num_gpus or a hostfile: every GPU of the machine; give --layout NxM")
     elif launcher == "accelerate":
-        nodes = _int(lopts, "--num_machines") or 1
-        total = _int(lopts, "--num_processes")
+        # the config file's keys with the command's flags over them, as accelerate takes them
+        options = {f"--{k}": str(v) for k, v in accelerate.items() if k in ("num_machines", "num_processes")}
+        nodes = _int(options, "--num_machines") or 1
+        total = _int(options, "--num_processes")
         if total is None:
-            launch.gaps.append("accelerate launch without --num_processes (its config file is not read): give --layout NxM")
+            launch.gaps.append("accelerate launch without --num_processes (nor a config file that sets it): give --layout NxM")
         else:
             per_node = max(1, total // nodes)
     elif launcher == "python":

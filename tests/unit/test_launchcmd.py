@@ -96,3 +96,56 @@ def test_an_empty_command_is_one_line():
 def test_a_value_that_cannot_be_read_is_a_named_gap_not_an_error(text, gap):
     launch = read(text)
     assert any(gap in g for g in launch.gaps), launch.gaps
+
+
+ACCELERATE_DS = """compute_environment: LOCAL_MACHINE
+deepspeed_config:
+  gradient_accumulation_steps: 4
+  offload_optimizer_device: cpu
+  offload_param_device: none
+  zero3_init_flag: true
+  zero3_save_16bit_model: true
+  zero_stage: 3
+distributed_type: DEEPSPEED
+machine_rank: 0
+mixed_precision: bf16
+num_machines: 2
+num_processes: 16
+"""
+
+
+def test_accelerates_config_file_gives_the_layout_and_its_deepspeed_plugin(tmp_path):
+    config = tmp_path / "ds_z3.yaml"
+    config.write_text(ACCELERATE_DS)
+    launch = read(f"accelerate launch --config_file {config} train.py --output_dir out --save_strategy no")
+    assert launch.tokens[:7] == ["layout=2x8", "dtype=bf16", "zero.stage=3", "offload=optimizer", "grad_accum=4", "load=zero_init",
+                                 "save_16bit_weights=true"]
+    assert f"accelerate config {config}" in launch.read
+
+
+def test_accelerates_flags_win_over_its_config_file_and_bare_flags_keep_the_script(tmp_path):
+    config = tmp_path / "ds_z3.yaml"
+    config.write_text(ACCELERATE_DS)
+    launch = read(f"accelerate launch --config_file {config} --use_deepspeed --num_processes 8 --num_machines 1 "
+                  "--zero_stage 2 --offload_optimizer_device none train.py --fp16")
+    assert "layout=1x8" in launch.tokens and "zero.stage=2" in launch.tokens and "offload=none" in launch.tokens
+    assert launch.tokens[-1] == "dtype=fp16"  # the script's own argument, read after --use_deepspeed
+
+
+def test_accelerates_named_ds_config_decides_and_its_default_file_is_read(tmp_path, monkeypatch):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    default = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    default.parent.mkdir(parents=True)
+    default.write_text(f"distributed_type: DEEPSPEED\nnum_processes: 4\ndeepspeed_config:\n  deepspeed_config_file: {ds}\n")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    launch = read("accelerate launch train.py")
+    assert launch.tokens[:2] == ["layout=1x4", f"ds_config={ds}"]
+
+
+def test_an_accelerate_config_that_is_not_yaml_is_a_named_gap(tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("num_processes: [8\n")
+    launch = read(f"accelerate launch --config_file {config} train.py")
+    assert any("not readable YAML" in gap for gap in launch.gaps)
+    assert not any(t.startswith("layout=") for t in launch.tokens)
