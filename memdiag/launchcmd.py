@@ -150,11 +150,16 @@ def read(argv: list[str]) -> Launch:
         nodes = per_node = None
         launch.gaps.append(str(exc))
     if nodes and per_node:
-        launch.tokens.append(f"layout={nodes}x{per_node}")
-        launch.read.append(f"{launcher} -> layout={nodes}x{per_node}")
+        _took(launch, launcher, f"layout={nodes}x{per_node}")
     _read_accelerate_deepspeed(accelerate, launch)
     _read_script_args(_options(script_args), launch)
     return launch
+
+
+def _took(launch: Launch, source: str, token: str) -> None:
+    """A setting read from the command, and the line that says where from."""
+    launch.tokens.append(token)
+    launch.read.append(f"{source} -> {token}")
 
 
 def _accelerate_config(lopts: dict, launch: Launch) -> dict:
@@ -198,8 +203,9 @@ def _with_flags(config: dict, lopts: dict) -> dict:
     out = dict(config) | {k: value(lopts[f"--{k}"]) for k in ACCELERATE_FLAGS if lopts.get(f"--{k}") is not None}
     ds = dict(out.get("deepspeed_config") or {}) | {
         k: value(lopts[f"--{k}"]) for k in ACCELERATE_DEEPSPEED_FLAGS if lopts.get(f"--{k}") is not None}
+    if "--use_deepspeed" in lopts:
+        out["distributed_type"] = "DEEPSPEED"
     if "--use_deepspeed" in lopts or ds:
-        out["distributed_type"] = "DEEPSPEED" if "--use_deepspeed" in lopts else out.get("distributed_type")
         out["deepspeed_config"] = ds
     return out
 
@@ -212,8 +218,7 @@ def _read_accelerate_deepspeed(config: dict, launch: Launch) -> None:
     """accelerate's DeepSpeed plugin keys as settings (its ds_config file, when named, decides
     instead: accelerate refuses the plugin keys beside one)."""
     def take(source: str, token: str) -> None:
-        launch.tokens.append(token)
-        launch.read.append(f"{source} -> {token}")
+        _took(launch, source, token)
 
     precision = {"bf16": "bf16", "fp16": "fp16", "no": "fp32"}.get(str(config.get("mixed_precision", "")).lower())
     if precision:
@@ -275,8 +280,7 @@ def _layout(launcher: str, lopts: dict, launch: Launch, accelerate: dict) -> tup
 
 def _read_script_args(opts: dict[str, str | None], launch: Launch) -> None:
     def take(arg: str, token: str) -> None:
-        launch.tokens.append(token)
-        launch.read.append(f"{arg}{'' if opts.get(arg) is None else ' ' + str(opts[arg])} -> {token}")
+        _took(launch, f"{arg}{'' if opts.get(arg) is None else ' ' + str(opts[arg])}", token)
 
     trainer = "--output_dir" in opts or "--deepspeed" in opts
     ds_path = opts.get("--deepspeed")
